@@ -1,0 +1,65 @@
+"""hf_comet: mixture-of-experts FFNs (COMET and learned gating) for GPT-2, ViT and BERT in Hugging Face Transformers.
+
+Importing the package registers every config and model with the Auto classes, so ``AutoConfig.for_model``,
+``AutoModel*.from_config`` and ``AutoModel*.from_pretrained`` work with the ``comet_*`` model types.
+"""
+
+from __future__ import annotations
+
+import transformers
+from transformers import AutoConfig
+
+from .modeling import (
+    FAMILIES,
+    ROUTINGS,
+    CometBertConfig,
+    CometBertForMaskedLM,
+    CometBertForSequenceClassification,
+    CometBertForTokenClassification,
+    CometBertModel,
+    CometGPT2Config,
+    CometGPT2ForCausalLM,
+    CometGPT2ForSequenceClassification,
+    CometGPT2Model,
+    CometMoEBlock,
+    CometRouter,
+    CometViTConfig,
+    CometViTForImageClassification,
+    CometViTModel,
+    RoutingDecision,
+    TopKRouter,
+)
+
+__version__ = "0.1.0"
+
+
+def _register_auto_classes() -> None:
+    """Register each family's config and heads with the matching transformers Auto classes (idempotent)."""
+    for model_type, (config_class, auto_classes) in FAMILIES.items():
+        AutoConfig.register(model_type, config_class, exist_ok=True)
+        for auto_name, model_class in auto_classes.items():
+            getattr(transformers, auto_name).register(config_class, model_class, exist_ok=True)
+
+
+_register_auto_classes()
+
+__all__ = [
+    "ROUTINGS",
+    "CometBertConfig",
+    "CometBertForMaskedLM",
+    "CometBertForSequenceClassification",
+    "CometBertForTokenClassification",
+    "CometBertModel",
+    "CometGPT2Config",
+    "CometGPT2ForCausalLM",
+    "CometGPT2ForSequenceClassification",
+    "CometGPT2Model",
+    "CometMoEBlock",
+    "CometRouter",
+    "CometViTConfig",
+    "CometViTForImageClassification",
+    "CometViTModel",
+    "RoutingDecision",
+    "TopKRouter",
+    "__version__",
+]

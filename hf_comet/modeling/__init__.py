@@ -1,0 +1,70 @@
+"""The part of hf_comet that travels with saved checkpoints: a flat folder of sibling modules (see design.md)."""
+
+from .configuration_comet import ROUTINGS, CometBertConfig, CometGPT2Config, CometMoEConfigMixin, CometViTConfig
+from .modeling_comet_bert import (
+    AUTO_CLASSES as BERT_AUTO_CLASSES,
+)
+from .modeling_comet_bert import (
+    CometBertForMaskedLM,
+    CometBertForSequenceClassification,
+    CometBertForTokenClassification,
+    CometBertModel,
+    CometBertPreTrainedModel,
+)
+from .modeling_comet_gpt2 import (
+    AUTO_CLASSES as GPT2_AUTO_CLASSES,
+)
+from .modeling_comet_gpt2 import (
+    CometGPT2ForCausalLM,
+    CometGPT2ForSequenceClassification,
+    CometGPT2Model,
+    CometGPT2PreTrainedModel,
+)
+from .modeling_comet_vit import (
+    AUTO_CLASSES as VIT_AUTO_CLASSES,
+)
+from .modeling_comet_vit import (
+    CometViTForImageClassification,
+    CometViTModel,
+    CometViTPreTrainedModel,
+)
+from .moe_block import CometMoEBlock, RoutingCollector, collect_routing
+from .moe_experts import CometExperts
+from .moe_routers import ROUTER_CLASSES, CometRouter, Router, RoutingDecision, TopKRouter
+
+FAMILIES = {
+    "comet_gpt2": (CometGPT2Config, GPT2_AUTO_CLASSES),
+    "comet_vit": (CometViTConfig, VIT_AUTO_CLASSES),
+    "comet_bert": (CometBertConfig, BERT_AUTO_CLASSES),
+}
+"""model type -> (config class, {Auto class name: model class})."""
+
+__all__ = [
+    "FAMILIES",
+    "ROUTER_CLASSES",
+    "ROUTINGS",
+    "CometBertConfig",
+    "CometBertForMaskedLM",
+    "CometBertForSequenceClassification",
+    "CometBertForTokenClassification",
+    "CometBertModel",
+    "CometBertPreTrainedModel",
+    "CometExperts",
+    "CometGPT2Config",
+    "CometGPT2ForCausalLM",
+    "CometGPT2ForSequenceClassification",
+    "CometGPT2Model",
+    "CometGPT2PreTrainedModel",
+    "CometMoEBlock",
+    "CometMoEConfigMixin",
+    "CometRouter",
+    "CometViTConfig",
+    "CometViTForImageClassification",
+    "CometViTModel",
+    "CometViTPreTrainedModel",
+    "Router",
+    "RoutingCollector",
+    "RoutingDecision",
+    "TopKRouter",
+    "collect_routing",
+]

@@ -1,0 +1,156 @@
+"""BERT with mixture-of-experts FFNs (model type ``comet_bert``).
+
+Only the FFN differs from upstream. BERT splits its FFN over two modules; for every block in
+``config.moe_layers``, ``layer.intermediate`` becomes a `CometMoEBlock` (both projections) and ``layer.output``
+becomes `CometBertOutput`, which keeps upstream's dropout and post-LN ``LayerNorm(h + input)`` under the same
+names and drops the dense projection. Embeddings, attention, pooler and heads are upstream modules, and forward
+passes are upstream's, wrapped to add routing outputs and the aux loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPoolingAndCrossAttentions,
+    MaskedLMOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+from transformers.models.bert.modeling_bert import (
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertModel,
+    BertOnlyMLMHead,
+    BertPreTrainedModel,
+)
+
+from .configuration_comet import CometBertConfig
+from .modeling_comet_common import CometPreTrainedMixin, MoEOutputFields, routed_forward
+from .moe_block import CometMoEBlock
+
+
+@dataclass
+class CometBertModelOutput(MoEOutputFields, BaseModelOutputWithPoolingAndCrossAttentions):
+    """`BaseModelOutputWithPoolingAndCrossAttentions` plus ``aux_loss`` and ``router_logits``."""
+
+
+@dataclass
+class CometBertMaskedLMOutput(MoEOutputFields, MaskedLMOutput):
+    """`MaskedLMOutput` plus ``aux_loss`` and ``router_logits``."""
+
+
+@dataclass
+class CometBertSequenceClassifierOutput(MoEOutputFields, SequenceClassifierOutput):
+    """`SequenceClassifierOutput` plus ``aux_loss`` and ``router_logits``."""
+
+
+@dataclass
+class CometBertTokenClassifierOutput(MoEOutputFields, TokenClassifierOutput):
+    """`TokenClassifierOutput` plus ``aux_loss`` and ``router_logits``."""
+
+
+class CometBertOutput(nn.Module):
+    """The part of `BertOutput` after the FFN: ``LayerNorm(dropout(ffn_out) + input)``; same parameter names."""
+
+    def __init__(self, config: CometBertConfig):
+        super().__init__()
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(hidden_states) + input_tensor)
+
+
+class CometBertPreTrainedModel(CometPreTrainedMixin, BertPreTrainedModel):
+    config_class = CometBertConfig
+    config: CometBertConfig
+
+
+class CometBertModel(CometBertPreTrainedModel, BertModel):
+    """`BertModel` whose FFNs in ``config.moe_layers`` are MoE blocks."""
+
+    def __init__(self, config: CometBertConfig, add_pooling_layer: bool = True):
+        super().__init__(config, add_pooling_layer=add_pooling_layer)
+        for layer_idx, layer in enumerate(self.encoder.layer):
+            if config.is_moe_layer(layer_idx):
+                layer.intermediate = CometMoEBlock(config, layer_idx, config.hidden_size, config.hidden_act)
+                layer.output = CometBertOutput(config)
+        self.post_init()
+
+    forward = routed_forward(BertModel.forward, CometBertModelOutput)
+
+
+class CometBertForMaskedLM(CometBertPreTrainedModel, BertForMaskedLM):
+    """`BertForMaskedLM` on a `CometBertModel`.
+
+    ``accepts_loss_kwargs = False`` (as for every BERT head): the upstream loss is a per-batch mean, so Trainer
+    must divide it by the gradient-accumulation steps itself.
+    """
+
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: CometBertConfig):
+        BertPreTrainedModel.__init__(self, config)
+        self.bert = CometBertModel(config, add_pooling_layer=False)
+        self.cls = BertOnlyMLMHead(config)
+        self.post_init()
+
+    forward = routed_forward(BertForMaskedLM.forward, CometBertMaskedLMOutput)
+
+
+class CometBertForSequenceClassification(CometBertPreTrainedModel, BertForSequenceClassification):
+    """`BertForSequenceClassification` on a `CometBertModel`."""
+
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: CometBertConfig):
+        BertPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.bert = CometBertModel(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    forward = routed_forward(BertForSequenceClassification.forward, CometBertSequenceClassifierOutput)
+
+
+class CometBertForTokenClassification(CometBertPreTrainedModel, BertForTokenClassification):
+    """`BertForTokenClassification` on a `CometBertModel`."""
+
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: CometBertConfig):
+        BertPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.bert = CometBertModel(config, add_pooling_layer=False)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    forward = routed_forward(BertForTokenClassification.forward, CometBertTokenClassifierOutput)
+
+
+AUTO_CLASSES = {
+    "AutoModel": CometBertModel,
+    "AutoModelForMaskedLM": CometBertForMaskedLM,
+    "AutoModelForSequenceClassification": CometBertForSequenceClassification,
+    "AutoModelForTokenClassification": CometBertForTokenClassification,
+}
+CometBertPreTrainedModel._comet_auto_classes = AUTO_CLASSES
+for _auto_name, _cls in AUTO_CLASSES.items():
+    _cls.register_for_auto_class(_auto_name)
+
+__all__ = [
+    "CometBertForMaskedLM",
+    "CometBertForSequenceClassification",
+    "CometBertForTokenClassification",
+    "CometBertModel",
+    "CometBertOutput",
+    "CometBertPreTrainedModel",
+]

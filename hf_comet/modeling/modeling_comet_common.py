@@ -1,0 +1,129 @@
+"""What the three model families share: weight init of the MoE modules, output fields, the routed forward wrapper
+and the complete ``auto_map`` written at save time. Travels with checkpoints (torch/transformers imports only).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import initialization as init
+
+from .moe_block import active_collector, collect_routing
+from .moe_experts import CometExperts
+from .moe_routers import CometRouter, TopKRouter
+
+
+@dataclass
+class MoEOutputFields:
+    """Fields every hf_comet output adds to its upstream output class.
+
+    Attributes:
+        aux_loss: the weighted router aux loss (mean over MoE layers of coef × loss); it is already part of ``loss``
+            in training mode. ``None`` for routers without aux losses (COMET).
+        router_logits: per MoE layer the router scores, when ``output_router_logits`` is set.
+    """
+
+    aux_loss: torch.FloatTensor | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+
+
+class CometPreTrainedMixin:
+    """Mixed into each family's ``PreTrainedModel``: MoE weight init, experts-kernel policy and remote-code saving."""
+
+    _can_set_experts_implementation_cached_value = True  # the experts class lives in a sibling file (notes §2.2)
+    _comet_auto_classes: dict[str, type] = {}  # Auto class name -> our class, filled by each modeling file
+
+    @torch.no_grad()
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, CometExperts):
+            init.normal_(module.up_proj, mean=0.0, std=std)
+            init.zeros_(module.up_proj_bias)
+            init.normal_(module.down_proj, mean=0.0, std=std * self._down_proj_std_factor)
+            init.zeros_(module.down_proj_bias)
+        elif isinstance(module, CometRouter):
+            init.copy_(module.projection, module.reset_projection(self.config.routing_seed))
+        elif isinstance(module, TopKRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+
+    @property
+    def _down_proj_std_factor(self) -> float:
+        """Scale of the output projection's init relative to ``initializer_range`` (GPT-2 overrides it)."""
+        return 1.0
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        if requested_experts == "batched_mm":
+            raise ValueError(
+                "experts_implementation='batched_mm' is refused by hf_comet: it gathers a weight matrix per token and "
+                "exhausts memory at training sizes; use 'grouped_mm' (default) or 'eager'."
+            )
+        return super().get_correct_experts_implementation(requested_experts)
+
+    def complete_auto_map(self) -> dict[str, str]:
+        """``auto_map`` naming the config and every Auto class of this family, so any head loads remotely."""
+        auto_map = {"AutoConfig": f"{type(self.config).__module__.rsplit('.', 1)[-1]}.{type(self.config).__name__}"}
+        for auto_name, cls in self._comet_auto_classes.items():
+            auto_map[auto_name] = f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+        return auto_map
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Upstream ``save_pretrained``, writing the complete ``auto_map`` (upstream writes only the saved class)."""
+        self.config.auto_map = self.complete_auto_map()
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+def routed_forward(upstream_forward, output_class):
+    """Wrap an upstream ``forward`` so it collects routing, adds the aux loss and returns ``output_class``.
+
+    The wrapper keeps the upstream signature (``inspect.signature`` follows ``__wrapped__``), so Trainer finds the
+    label names and generation its inputs. It accepts ``output_router_logits``. The aux loss joins ``loss`` only in
+    training mode; when Trainer passes ``num_items_in_batch`` to a head that honours it, the aux loss is weighted by
+    this micro-batch's share of the loss items, so gradient accumulation does not multiply it.
+    A call nested inside another routed forward (the base model inside a head) runs upstream unchanged.
+    """
+    signature = inspect.signature(upstream_forward)
+
+    @functools.wraps(upstream_forward)
+    def forward(self, *args, **kwargs):
+        output_router_logits = kwargs.pop("output_router_logits", None)
+        if active_collector() is not None:
+            return upstream_forward(self, *args, **kwargs)
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        return_dict = kwargs.pop("return_dict", None)
+        if return_dict is None:
+            return_dict = self.config.return_dict
+        arguments = signature.bind_partial(self, *args, **kwargs).arguments
+
+        with collect_routing(arguments.get("attention_mask")) as collector:
+            outputs = upstream_forward(self, *args, return_dict=True, **kwargs)
+        aux_loss = collector.aux_loss()
+        fields = dict(outputs)
+        if "loss" in fields and aux_loss is not None and self.training:
+            fields["loss"] = fields["loss"] + aux_loss * _aux_loss_share(self, arguments.get("labels"), kwargs)
+        result = output_class(
+            **fields,
+            aux_loss=aux_loss,
+            router_logits=collector.router_logits() if output_router_logits else None,
+        )
+        return result if return_dict else result.to_tuple()
+
+    return forward
+
+
+def _aux_loss_share(model, labels: torch.Tensor | None, kwargs: dict) -> torch.Tensor | float:
+    """This micro-batch's share of the loss items when the task loss is a sum over ``num_items_in_batch``, else 1."""
+    num_items_in_batch = kwargs.get("num_items_in_batch")
+    if num_items_in_batch is None or labels is None or not getattr(model, "accepts_loss_kwargs", True):
+        return 1.0
+    counted = kwargs.get("shift_labels")
+    if counted is None:
+        counted = labels[..., 1:] if model.loss_type == "ForCausalLM" else labels
+    return counted.ne(-100).sum().to(torch.float32) / num_items_in_batch
+
+
+__all__ = ["CometPreTrainedMixin", "MoEOutputFields", "routed_forward"]

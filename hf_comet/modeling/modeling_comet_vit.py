@@ -1,0 +1,76 @@
+"""ViT with mixture-of-experts FFNs (model type ``comet_vit``).
+
+Only the FFN differs from upstream: ``vit.layers[i].mlp`` becomes a `CometMoEBlock` for every block in
+``config.moe_layers`` (``ViTLayer`` keeps its own dropout and residual); patch embeddings, attention and the
+classifier are the upstream modules, and forward passes are upstream's, wrapped to add routing outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.models.vit.modeling_vit import ViTForImageClassification, ViTModel, ViTPreTrainedModel
+
+from .configuration_comet import CometViTConfig
+from .modeling_comet_common import CometPreTrainedMixin, MoEOutputFields, routed_forward
+from .moe_block import CometMoEBlock
+
+
+@dataclass
+class CometViTModelOutput(MoEOutputFields, BaseModelOutputWithPooling):
+    """`BaseModelOutputWithPooling` plus ``aux_loss`` and ``router_logits``."""
+
+
+@dataclass
+class CometViTImageClassifierOutput(MoEOutputFields, ImageClassifierOutput):
+    """`ImageClassifierOutput` plus ``aux_loss`` and ``router_logits``."""
+
+
+class CometViTPreTrainedModel(CometPreTrainedMixin, ViTPreTrainedModel):
+    config_class = CometViTConfig
+    config: CometViTConfig
+
+
+class CometViTModel(CometViTPreTrainedModel, ViTModel):
+    """`ViTModel` whose FFNs in ``config.moe_layers`` are MoE blocks."""
+
+    def __init__(self, config: CometViTConfig, add_pooling_layer: bool = True, use_mask_token: bool = False):
+        super().__init__(config, add_pooling_layer=add_pooling_layer, use_mask_token=use_mask_token)
+        for layer_idx, layer in enumerate(self.layers):
+            if config.is_moe_layer(layer_idx):
+                layer.mlp = CometMoEBlock(config, layer_idx, config.hidden_size, config.hidden_act)
+        self.post_init()
+
+    forward = routed_forward(ViTModel.forward, CometViTModelOutput)
+
+
+class CometViTForImageClassification(CometViTPreTrainedModel, ViTForImageClassification):
+    """`ViTForImageClassification` on a `CometViTModel`.
+
+    ``accepts_loss_kwargs = False``: Trainer then averages every problem type (single-label, multi-label,
+    regression) correctly under gradient accumulation by dividing the whole loss, aux loss included.
+    """
+
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: CometViTConfig):
+        ViTPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.vit = CometViTModel(config, add_pooling_layer=False)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    forward = routed_forward(ViTForImageClassification.forward, CometViTImageClassifierOutput)
+
+
+AUTO_CLASSES = {
+    "AutoModel": CometViTModel,
+    "AutoModelForImageClassification": CometViTForImageClassification,
+}
+CometViTPreTrainedModel._comet_auto_classes = AUTO_CLASSES
+for _auto_name, _cls in AUTO_CLASSES.items():
+    _cls.register_for_auto_class(_auto_name)
+
+__all__ = ["CometViTForImageClassification", "CometViTModel", "CometViTPreTrainedModel"]

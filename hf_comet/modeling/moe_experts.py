@@ -1,0 +1,60 @@
+"""Packed experts: the FFN units grouped into E experts, one tensor per weight with a leading expert dimension.
+
+Layout is ``nn.Linear``'s (out, in) for every family: ``up_proj`` (E, I, d), ``up_proj_bias`` (E, I),
+``down_proj`` (E, d, I), ``down_proj_bias`` (E, d). GPT-2's ``Conv1D`` (in, out) weights are transposed by the
+family adapter when converting. Sparse execution goes through transformers' experts-implementation kernels
+(``grouped_mm`` by default, ``eager`` below); unit-masked execution (COMET) is ``masked_dense_forward``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.integrations.moe import use_experts_implementation
+
+
+@use_experts_implementation(has_gate=False, has_bias=True, is_transposed=False)
+class CometExperts(nn.Module):
+    """E two-layer FFNs ``act(u W1_e^T + b1_e) W2_e^T + b2_e`` stored packed; no gating (GPT-2/ViT/BERT FFNs)."""
+
+    def __init__(self, config, num_experts: int, hidden_size: int, intermediate_size: int, activation: str):
+        super().__init__()
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.up_proj_bias = nn.Parameter(torch.empty(num_experts, intermediate_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.act_fn = ACT2FN[activation]
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Eager kernel: loop over the experts that received tokens. (T, d), (T, k), (T, k) -> (T, d)."""
+        output = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            hit = torch.bincount(top_k_index.flatten(), minlength=self.num_experts).nonzero().flatten().tolist()
+        for expert in hit:
+            token_idx, slot = torch.where(top_k_index == expert)
+            h = self.act_fn(F.linear(hidden_states[token_idx], self.up_proj[expert], self.up_proj_bias[expert]))
+            y = F.linear(h, self.down_proj[expert], self.down_proj_bias[expert])
+            output.index_add_(0, token_idx, y * top_k_weights[token_idx, slot, None].to(y.dtype))
+        return output
+
+    def masked_dense_forward(self, hidden_states: torch.Tensor, unit_mask: torch.Tensor) -> torch.Tensor:
+        """All units of a single-group FFN at once, intermediate activations multiplied by ``unit_mask`` (T, I).
+
+        Used by unit-level COMET: the mask is applied after the activation, with no rescaling.
+        """
+        if self.num_experts != 1:
+            raise ValueError(
+                f"masked_dense_forward needs one packed group of units, got num_experts={self.num_experts}."
+            )
+        h = self.act_fn(F.linear(hidden_states, self.up_proj[0], self.up_proj_bias[0]))
+        return F.linear(h * unit_mask.to(h.dtype), self.down_proj[0], self.down_proj_bias[0])
+
+
+__all__ = ["CometExperts"]
