@@ -1,0 +1,125 @@
+"""Checkpoints: safetensors round trips with identical outputs, complete auto_map, and remote code without hf_comet."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import transformers
+from conftest import ALL_HEADS, HEADS, main_output, tiny_inputs, tiny_model
+
+CODE_FILES = {"configuration_comet.py", "modeling_comet_common.py", "moe_block.py", "moe_experts.py", "moe_routers.py"}
+
+
+@pytest.mark.parametrize("family, head", ALL_HEADS)
+def test_save_and_load_give_identical_outputs(family, head, routing, tmp_path):
+    model = tiny_model(family, head, routing=routing).eval()
+    inputs = tiny_inputs(family, head)
+    model.save_pretrained(tmp_path)
+    files = set(os.listdir(tmp_path))
+    assert "model.safetensors" in files and "pytorch_model.bin" not in files
+    assert CODE_FILES | {f"modeling_{family}.py", "config.json"} <= files
+    loaded = getattr(transformers, head).from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(model)
+    with torch.no_grad():
+        before, after = model(**inputs, output_router_logits=True), loaded(**inputs, output_router_logits=True)
+    assert torch.equal(main_output(before), main_output(after))
+    for a, b in zip(before.router_logits, after.router_logits, strict=True):
+        assert torch.equal(a, b)  # same COMET masks / same gate scores
+    if "loss" in before:
+        assert torch.equal(before.loss, after.loss)
+
+
+@pytest.mark.parametrize("family", list(HEADS))
+def test_saved_config_has_a_complete_auto_map(family, tmp_path):
+    head = HEADS[family][1]
+    tiny_model(family, head).save_pretrained(tmp_path)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert set(auto_map) == {"AutoConfig", *HEADS[family]}
+    module = f"modeling_{family}"
+    assert auto_map["AutoConfig"].startswith("configuration_comet.")
+    assert all(auto_map[h].startswith(module + ".") for h in HEADS[family])
+
+
+REMOTE_LOADER = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+
+    class BlockHfComet(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "hf_comet" or name.startswith("hf_comet."):
+                raise ImportError("hf_comet is blocked in this process")
+
+    sys.meta_path.insert(0, BlockHfComet())
+    import torch, transformers
+    torch.set_num_threads(2)  # the same as the test process: thread count changes float reductions
+    try:
+        import hf_comet  # noqa: F401
+        raise SystemExit("hf_comet should not be importable here")
+    except ImportError:
+        pass
+    results = []
+    for case in json.load(open(sys.argv[1])):
+        inputs = torch.load(case["inputs"])
+        reference = torch.load(case["reference"])
+        for head in case["load_as"]:
+            model = getattr(transformers, head).from_pretrained(case["path"], trust_remote_code=True).eval()
+            assert "transformers_modules" in type(model).__module__, type(model).__module__
+            with torch.no_grad():
+                out = model(**inputs)
+            if head == case["saved_as"]:
+                got = out.logits if "logits" in out else out.last_hidden_state
+                results.append([case["path"], head, bool(torch.equal(got, reference))])
+            else:
+                results.append([case["path"], head, type(model).__name__])
+    print("RESULTS=" + json.dumps(results))
+    """
+)
+
+
+def test_every_head_loads_with_remote_code_where_hf_comet_is_not_importable(tmp_path):
+    cases = []
+    for routing in ("comet", "topk"):
+        for family, head in ALL_HEADS:
+            path = tmp_path / f"{family}-{head}-{routing}"
+            model = tiny_model(family, head, routing=routing).eval()
+            model.save_pretrained(path)
+            inputs = tiny_inputs(family, head, with_labels=False)
+            with torch.no_grad():
+                torch.save(main_output(model(**inputs)), path / "reference.pt")
+            torch.save(inputs, path / "inputs.pt")
+            # the checkpoint of one head must also serve every other head of its family
+            load_as = [head] + ([h for h in HEADS[family] if h != head] if head == HEADS[family][1] else [])
+            cases.append(
+                dict(
+                    path=str(path),
+                    saved_as=head,
+                    load_as=load_as,
+                    inputs=str(path / "inputs.pt"),
+                    reference=str(path / "reference.pt"),
+                )
+            )
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    (tmp_path / "loader.py").write_text(REMOTE_LOADER)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONNOUSERSITE="1")
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "loader.py"), str(tmp_path / "cases.json")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.split("RESULTS=")[-1])
+    assert len(results) == sum(len(c["load_as"]) for c in cases)
+    for path, head, outcome in results:
+        saved_head = next(c["saved_as"] for c in cases if c["path"] == path)
+        if head == saved_head:
+            assert outcome is True, f"{path} loaded as {head} gave different outputs"
+        else:
+            assert outcome.startswith("Comet"), (path, head, outcome)
