@@ -29,7 +29,7 @@ from transformers.models.bert.modeling_bert import (
 )
 
 from .configuration_comet import CometBertConfig
-from .modeling_comet_common import CometPreTrainedMixin, MoEOutputFields, routed_forward
+from .modeling_comet_common import CometPreTrainedMixin, MoEOutputFields, register_family, routed_forward
 from .moe_block import CometMoEBlock
 
 
@@ -142,9 +142,7 @@ AUTO_CLASSES = {
     "AutoModelForSequenceClassification": CometBertForSequenceClassification,
     "AutoModelForTokenClassification": CometBertForTokenClassification,
 }
-CometBertPreTrainedModel._comet_auto_classes = AUTO_CLASSES
-for _auto_name, _cls in AUTO_CLASSES.items():
-    _cls.register_for_auto_class(_auto_name)
+register_family(CometBertPreTrainedModel, AUTO_CLASSES)
 
 __all__ = [
     "CometBertForMaskedLM",

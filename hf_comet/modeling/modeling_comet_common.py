@@ -126,4 +126,11 @@ def _aux_loss_share(model, labels: torch.Tensor | None, kwargs: dict) -> torch.T
     return counted.ne(-100).sum().to(torch.float32) / num_items_in_batch
 
 
-__all__ = ["CometPreTrainedMixin", "MoEOutputFields", "routed_forward"]
+def register_family(pretrained_class: type, auto_classes: dict[str, type]) -> None:
+    """Record a family's Auto classes (for the complete ``auto_map``) and mark each class for remote-code saving."""
+    pretrained_class._comet_auto_classes = auto_classes
+    for auto_name, cls in auto_classes.items():
+        cls.register_for_auto_class(auto_name)
+
+
+__all__ = ["CometPreTrainedMixin", "MoEOutputFields", "register_family", "routed_forward"]

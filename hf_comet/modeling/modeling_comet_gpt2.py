@@ -24,7 +24,7 @@ from transformers.models.gpt2.modeling_gpt2 import (
 )
 
 from .configuration_comet import CometGPT2Config
-from .modeling_comet_common import CometPreTrainedMixin, MoEOutputFields, routed_forward
+from .modeling_comet_common import CometPreTrainedMixin, MoEOutputFields, register_family, routed_forward
 from .moe_block import CometMoEBlock
 
 
@@ -103,9 +103,7 @@ AUTO_CLASSES = {
     "AutoModelForCausalLM": CometGPT2ForCausalLM,
     "AutoModelForSequenceClassification": CometGPT2ForSequenceClassification,
 }
-CometGPT2PreTrainedModel._comet_auto_classes = AUTO_CLASSES
-for _auto_name, _cls in AUTO_CLASSES.items():
-    _cls.register_for_auto_class(_auto_name)
+register_family(CometGPT2PreTrainedModel, AUTO_CLASSES)
 
 __all__ = [
     "CometGPT2ForCausalLM",

@@ -14,7 +14,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClass
 from transformers.models.vit.modeling_vit import ViTForImageClassification, ViTModel, ViTPreTrainedModel
 
 from .configuration_comet import CometViTConfig
-from .modeling_comet_common import CometPreTrainedMixin, MoEOutputFields, routed_forward
+from .modeling_comet_common import CometPreTrainedMixin, MoEOutputFields, register_family, routed_forward
 from .moe_block import CometMoEBlock
 
 
@@ -69,8 +69,6 @@ AUTO_CLASSES = {
     "AutoModel": CometViTModel,
     "AutoModelForImageClassification": CometViTForImageClassification,
 }
-CometViTPreTrainedModel._comet_auto_classes = AUTO_CLASSES
-for _auto_name, _cls in AUTO_CLASSES.items():
-    _cls.register_for_auto_class(_auto_name)
+register_family(CometViTPreTrainedModel, AUTO_CLASSES)
 
 __all__ = ["CometViTForImageClassification", "CometViTModel", "CometViTPreTrainedModel"]
