@@ -55,8 +55,16 @@ HEADS = {
 ALL_HEADS = [(family, head) for family, heads in HEADS.items() for head in heads]
 
 
+ROUTING_NAMES = ["comet", "block_comet", "topk", "noisy_topk", "switch", "attentive", "deep"]
+"""Every router; ``block_comet`` is test shorthand for ``routing="comet", comet_block_size=BLOCK_SIZE``."""
+LEARNED = {"topk", "noisy_topk", "switch", "attentive", "deep"}
+BLOCK_SIZE = 16
+
+
 def tiny_config(family: str, **overrides):
     """A tiny config of ``family`` with dropout off (so outputs are comparable) and 3 labels."""
+    if overrides.get("routing") == "block_comet":
+        overrides = dict(overrides, routing="comet", comet_block_size=overrides.get("comet_block_size", BLOCK_SIZE))
     kwargs = dict(TINY[family], num_labels=3, num_experts=4, num_experts_per_tok=2)
     dropout_keys = {
         "comet_gpt2": ["resid_pdrop", "embd_pdrop", "attn_pdrop"],
@@ -102,7 +110,7 @@ def main_output(outputs):
     return outputs.logits if "logits" in outputs else outputs.last_hidden_state
 
 
-@pytest.fixture(params=["comet", "topk"])
+@pytest.fixture(params=ROUTING_NAMES)
 def routing(request):
     return request.param
 
@@ -123,7 +131,8 @@ DENSE_FFN_KEY = {
 
 def dense_twin(moe_model):
     """The stock transformers model with the same architecture and head as ``moe_model``, and its weights, with
-    every MoE FFN holding copies of the dense FFN (one group for COMET, ``num_experts`` copies for top-k)."""
+    every MoE FFN holding copies of the dense FFN (one group for COMET, ``num_experts`` copies for learned routers),
+    or, for block-COMET, the dense FFN split into consecutive blocks with the second bias as the shared output bias."""
     import re
 
     family = moe_model.config.model_type
@@ -152,9 +161,17 @@ def dense_twin(moe_model):
         target = f"{prefix}.{block_name}.experts.{which[module]}_proj" + ("_bias" if kind == "bias" else "")
         if family == "comet_gpt2" and kind == "weight":
             value = value.t()  # Conv1D stores (in, out); experts use nn.Linear's (out, in)
-        num_copies = moe_state[target].shape[0]
-        mapped[target] = value.unsqueeze(0).expand(num_copies, *value.shape).clone()
+        if target not in moe_state:  # block-COMET: the second bias is added once
+            mapped[target.replace("down_proj_bias", "output_bias")] = value.clone()
+            continue
+        num_experts, *expert_shape = moe_state[target].shape
+        if list(value.shape) == expert_shape:  # one copy per expert
+            mapped[target] = value.unsqueeze(0).expand(num_experts, *value.shape).clone()
+        elif which[module] == "up":  # (F, d) -> (E, F/E, d); (F,) -> (E, F/E)
+            mapped[target] = value.reshape(num_experts, *expert_shape).clone()
+        else:  # down weight (d, F) -> (E, d, F/E)
+            mapped[target] = value.reshape(value.shape[0], num_experts, -1).permute(1, 0, 2).clone()
     missing, unexpected = moe_model.load_state_dict(mapped, strict=False)
     assert not unexpected, unexpected
-    assert all(k.endswith(("router.weight", "router.projection")) for k in missing), missing
+    assert all(".router." in k for k in missing), missing
     return dense

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 import transformers
-from conftest import ALL_HEADS, HEADS, main_output, tiny_inputs, tiny_model
+from conftest import ALL_HEADS, HEADS, ROUTING_NAMES, main_output, tiny_inputs, tiny_model
 
 CODE_FILES = {"configuration_comet.py", "modeling_comet_common.py", "moe_block.py", "moe_experts.py", "moe_routers.py"}
 
@@ -26,11 +26,13 @@ def test_save_and_load_give_identical_outputs(family, head, routing, tmp_path):
     assert type(loaded) is type(model)
     with torch.no_grad():
         before, after = model(**inputs, output_router_logits=True), loaded(**inputs, output_router_logits=True)
-    assert torch.equal(main_output(before), main_output(after))
+    # Loaded weights are memory-mapped with another alignment, which can change the CPU kernels' summation order by
+    # an ulp (seen with switch); anything beyond float rounding would be a real difference.
+    torch.testing.assert_close(main_output(before), main_output(after), rtol=1e-5, atol=1e-6)
     for a, b in zip(before.router_logits, after.router_logits, strict=True):
-        assert torch.equal(a, b)  # same COMET masks / same gate scores
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # same COMET scores / same gate scores
     if "loss" in before:
-        assert torch.equal(before.loss, after.loss)
+        torch.testing.assert_close(before.loss, after.loss, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", list(HEADS))
@@ -72,7 +74,7 @@ REMOTE_LOADER = textwrap.dedent(
                 out = model(**inputs)
             if head == case["saved_as"]:
                 got = out.logits if "logits" in out else out.last_hidden_state
-                results.append([case["path"], head, bool(torch.equal(got, reference))])
+                results.append([case["path"], head, bool(torch.allclose(got, reference, rtol=1e-5, atol=1e-6))])
             else:
                 results.append([case["path"], head, type(model).__name__])
     print("RESULTS=" + json.dumps(results))
@@ -82,7 +84,7 @@ REMOTE_LOADER = textwrap.dedent(
 
 def test_every_head_loads_with_remote_code_where_hf_comet_is_not_importable(tmp_path):
     cases = []
-    for routing in ("comet", "topk"):
+    for routing in ROUTING_NAMES:
         for family, head in ALL_HEADS:
             path = tmp_path / f"{family}-{head}-{routing}"
             model = tiny_model(family, head, routing=routing).eval()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import transformers
-from conftest import ALL_HEADS, main_output, tiny_inputs, tiny_model
+from conftest import ALL_HEADS, BLOCK_SIZE, LEARNED, main_output, tiny_inputs, tiny_model
 from transformers.models.bert.modeling_bert import BertIntermediate, BertOutput
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 from transformers.models.vit.modeling_vit import ViTMLP
@@ -34,13 +34,15 @@ def test_forward_and_backward(family, head, routing):
     assert torch.isfinite(loss)
     loss.backward()
     expert_grads = [p.grad for n, p in model.named_parameters() if ".experts." in n]
-    assert len(expert_grads) == 2 * 4  # 2 MoE layers x (up, up bias, down, down bias)
+    assert len(expert_grads) == 2 * 4  # 2 MoE layers x (up, up bias, down, down bias or block-COMET output bias)
     assert all(g is not None and g.abs().sum() > 0 for g in expert_grads)
-    router_grads = [p.grad for n, p in model.named_parameters() if ".router." in n]
-    if routing == "topk":
-        assert len(router_grads) == 2 and all(g.abs().sum() > 0 for g in router_grads)
+    router_grads = {n: p.grad for n, p in model.named_parameters() if ".router." in n}
+    router_params_per_layer = {"topk": 1, "switch": 1, "noisy_topk": 2, "attentive": 4, "deep": 4}
+    if routing in LEARNED:
+        assert len(router_grads) == 2 * router_params_per_layer[routing]
+        assert all(g is not None and g.abs().sum() > 0 for g in router_grads.values()), router_grads.keys()
     else:
-        assert router_grads == []  # COMET adds no trainable parameter
+        assert router_grads == {}  # COMET adds no trainable parameter
 
 
 @pytest.mark.parametrize("family, head", ALL_HEADS)
@@ -50,8 +52,9 @@ def test_outputs_carry_moe_fields(family, head, routing):
     out = model(**inputs, output_router_logits=True)
     tokens = 3 * (5 if family == "comet_vit" else 7)
     assert len(out.router_logits) == 1  # only block 1 is MoE
-    assert out.router_logits[0].shape == (tokens, 4 if routing == "topk" else 128)
-    assert (out.aux_loss is None) == (routing == "comet")
+    scores = {"comet": 128, "block_comet": 128 // BLOCK_SIZE}.get(routing, 4)  # units, blocks or experts
+    assert out.router_logits[0].shape == (tokens, scores)
+    assert (out.aux_loss is None) == (routing in ("comet", "block_comet", "deep"))
     assert "router_logits" not in model(**inputs)  # off unless requested (config.output_router_logits)
     as_tuple = model(**inputs, return_dict=False)
     assert isinstance(as_tuple, tuple)

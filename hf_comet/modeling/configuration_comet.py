@@ -12,8 +12,14 @@ from dataclasses import dataclass
 from huggingface_hub.dataclasses import strict
 from transformers import BertConfig, GPT2Config, ViTConfig
 
-ROUTINGS = ("comet", "topk")
+ROUTINGS = ("comet", "topk", "noisy_topk", "switch", "attentive", "deep")
 """Values accepted by ``config.routing``."""
+
+LEARNED_ROUTINGS = ("topk", "noisy_topk", "switch", "attentive", "deep")
+"""Routings with a trainable gate over ``num_experts`` packed experts (everything except COMET)."""
+
+MIXTURE_ROUTINGS = ("attentive", "deep")
+"""Routings that mix every expert by default (dense soft mixture); ``mixture_top_k`` makes them top-k."""
 
 
 def comet_num_active(keep_rate: float, num_units: int) -> int:
@@ -29,20 +35,47 @@ class CometMoEConfigMixin:
     """MoE fields shared by the three families, and their validation.
 
     Args:
-        routing: ``"comet"`` (fixed random projection picks ``comet_keep_rate`` of the FFN units per token; no
-            trainable gate, no aux loss) or ``"topk"`` (Mixtral-style learned softmax top-k over ``num_experts``).
+        routing: which router decides (see ``moe_routers``): ``"comet"`` (fixed random projection picks
+            ``comet_keep_rate`` of the FFN units per token; no trainable gate, no aux loss), ``"topk"`` (Mixtral-style
+            softmax top-k), ``"noisy_topk"`` (Shazeer et al. 2017), ``"switch"`` (Fedus et al. 2021, top-1),
+            ``"attentive"`` (Krishnamurthy et al. 2023) or ``"deep"`` (Eigen et al. 2013).
         num_experts: experts per MoE layer for learned routers.
-        num_experts_per_tok: experts each token is sent to (top-k).
+        num_experts_per_tok: experts each token is sent to by ``topk`` and ``noisy_topk``.
         norm_topk_prob: renormalise the kept top-k probabilities to sum to 1 (Mixtral); needed for exact upcycling.
         moe_intermediate_size: width of one expert. ``None`` splits the dense FFN width evenly over
             ``num_experts`` (same parameter count as the dense model); set it to the FFN width for full-size experts.
         comet_keep_rate: fraction of FFN units kept per token by COMET, in (0, 1].
         moe_layers: indices of the blocks whose FFN becomes an MoE block; ``None`` means every block.
-        router_aux_loss_coef: weight of the load-balancing loss (learned routers only).
+        router_aux_loss_coef: weight of the router's balance losses (learned routers only): the Switch load-balancing
+            loss (``topk``, ``switch``), importance + load cv^2 (``noisy_topk``), importance cv^2 (``attentive``;
+            the paper used 0.2). ``deep`` balances with its constraint instead.
         router_z_loss_coef: weight of the ST-MoE router z-loss (learned routers only; 0 disables it).
         output_router_logits: return every MoE layer's router scores as ``router_logits``.
         routing_seed: seed of every random routing quantity (the COMET projections); recorded so a model built from
             this config gets the same routing everywhere.
+        comet_block_size: COMET only. 1 (default) masks single FFN units, as in the paper. ``b > 1`` is block-COMET:
+            the projection scores blocks of ``b`` consecutive units (experts = disjoint slices of the FFN), keeps the
+            top ``comet_keep_rate`` fraction of blocks per token with weight 1 and runs only those through the
+            packed-expert kernels. Must divide the FFN width.
+        capacity_factor: ``switch`` only. ``None`` (default) is dropless; a float caps each expert at
+            ``ceil(capacity_factor * tokens / num_experts)`` tokens per forward, in token order. Dropped tokens get
+            a zero FFN output, so they pass through the residual connection, and are counted in the statistics.
+        router_jitter_noise: ``switch`` only. Multiplicative jitter ``U(1 - eps, 1 + eps)`` on the router input in
+            training (Fedus et al. 2021 used 1e-2); 0 disables it.
+        gate_hidden_size: hidden width of the two-layer gate trunk of ``attentive`` (H, paper 32) and ``deep``
+            (paper 20-50).
+        mixture_top_k: ``attentive``/``deep`` only. ``None`` (default, paper-faithful) mixes every expert; ``k`` keeps
+            the k highest-scoring experts with renormalised weights (for ``deep`` this also makes inference sparse;
+            ``attentive`` must still run every expert to score it).
+        deep_constraint_steps: ``deep`` only. Length of the balancing-constraint phase (Eigen et al. 2013, §3) in
+            training forward passes of the layer; afterwards the constraint is lifted for good. 0 disables it.
+        deep_constraint_margin: ``deep`` only. An expert whose running assignment total exceeds the mean total by more
+            than ``margin * mean`` is switched off for the next batch (the paper's absolute margin m, expressed
+            relative to the mean so it does not have to grow with the step count; the paper does not report m).
+        similarity_beta_s: weight of the same-expert term of the sample-similarity regulariser L_s (Krishnamurthy et
+            al. 2023): distant tokens sharing an expert are penalised. Learned routers only; 0 disables.
+        similarity_beta_d: weight of the different-expert reward of L_s: distant tokens sent to different experts.
+        similarity_num_pairs: token pairs sampled per layer and forward for L_s (memory linear in this, not in T^2).
     """
 
     routing: str = "comet"
@@ -56,6 +89,16 @@ class CometMoEConfigMixin:
     router_z_loss_coef: float | int = 0.0
     output_router_logits: bool = False
     routing_seed: int = 0
+    comet_block_size: int = 1
+    capacity_factor: float | int | None = None
+    router_jitter_noise: float | int = 0.01
+    gate_hidden_size: int = 32
+    mixture_top_k: int | None = None
+    deep_constraint_steps: int = 1000
+    deep_constraint_margin: float | int = 0.1
+    similarity_beta_s: float | int = 0.0
+    similarity_beta_d: float | int = 0.0
+    similarity_num_pairs: int = 1024
 
     _ffn_width_field = "intermediate_size"  # config field that holds the FFN width, named in error messages
 
@@ -109,14 +152,73 @@ class CometMoEConfigMixin:
                 raise ValueError(f"moe_layers={self.moe_layers} repeats a block index.")
         if self.moe_intermediate_size is not None and self.moe_intermediate_size < 1:
             raise ValueError(f"moe_intermediate_size={self.moe_intermediate_size} must be >= 1 or None.")
-        if self.routing == "topk" and self.moe_intermediate_size is None and self.ffn_width % self.num_experts:
+        if (
+            self.routing in LEARNED_ROUTINGS
+            and self.moe_intermediate_size is None
+            and self.ffn_width % self.num_experts
+        ):
             raise ValueError(
                 f"the FFN width {self.ffn_width} ({self._ffn_width_field}) is not divisible by num_experts="
                 f"{self.num_experts}; pick num_experts dividing it or set moe_intermediate_size explicitly."
             )
-        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
+        for name in (
+            "router_aux_loss_coef",
+            "router_z_loss_coef",
+            "router_jitter_noise",
+            "deep_constraint_margin",
+            "deep_constraint_steps",
+            "similarity_beta_s",
+            "similarity_beta_d",
+        ):
+            if isinstance(getattr(self, name), bool) or getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a number >= 0.")
+        self._validate_router_fields()
+
+    def _validate_router_fields(self) -> None:
+        """Range checks of the router-specific fields, and refusal of fields the chosen routing would ignore."""
+        if self.comet_block_size < 1:
+            raise ValueError(f"comet_block_size={self.comet_block_size} must be >= 1 (1 = unit-level COMET).")
+        if self.comet_block_size > 1:
+            if self.routing != "comet":
+                raise ValueError(
+                    f"comet_block_size={self.comet_block_size} only applies to routing='comet' (got routing="
+                    f"{self.routing!r}); leave it at 1."
+                )
+            if self.ffn_width % self.comet_block_size:
+                raise ValueError(
+                    f"comet_block_size={self.comet_block_size} does not divide the FFN width {self.ffn_width} "
+                    f"({self._ffn_width_field}); pick a divisor of it."
+                )
+        if self.capacity_factor is not None:
+            if self.routing != "switch":
+                raise ValueError(
+                    f"capacity_factor={self.capacity_factor} only applies to routing='switch' (got routing="
+                    f"{self.routing!r}); use None."
+                )
+            if isinstance(self.capacity_factor, bool) or self.capacity_factor <= 0:
+                raise ValueError(f"capacity_factor={self.capacity_factor!r} must be > 0, or None for dropless.")
+        if self.router_jitter_noise >= 1:
+            raise ValueError(f"router_jitter_noise={self.router_jitter_noise} must be in [0, 1).")
+        if self.gate_hidden_size < 1:
+            raise ValueError(f"gate_hidden_size={self.gate_hidden_size} must be >= 1.")
+        if self.mixture_top_k is not None:
+            if self.routing not in MIXTURE_ROUTINGS:
+                raise ValueError(
+                    f"mixture_top_k={self.mixture_top_k} only applies to routing in {MIXTURE_ROUTINGS} (got routing="
+                    f"{self.routing!r}); use num_experts_per_tok for the other learned routers."
+                )
+            if not 1 <= self.mixture_top_k <= self.num_experts:
+                raise ValueError(
+                    f"mixture_top_k={self.mixture_top_k} must be between 1 and num_experts={self.num_experts}, or None."
+                )
+        if self.routing == "comet" and (self.similarity_beta_s or self.similarity_beta_d):
+            raise ValueError(
+                f"similarity_beta_s={self.similarity_beta_s}, similarity_beta_d={self.similarity_beta_d}: the "
+                "sample-similarity regulariser needs gate probabilities, which routing='comet' does not have; set both "
+                "to 0 or pick a learned routing."
+            )
+        if self.similarity_num_pairs < 1:
+            raise ValueError(f"similarity_num_pairs={self.similarity_num_pairs} must be >= 1.")
 
 
 @strict
@@ -161,6 +263,8 @@ CometViTConfig.register_for_auto_class()
 CometBertConfig.register_for_auto_class()
 
 __all__ = [
+    "LEARNED_ROUTINGS",
+    "MIXTURE_ROUTINGS",
     "ROUTINGS",
     "CometBertConfig",
     "CometGPT2Config",

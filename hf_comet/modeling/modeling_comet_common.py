@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 from transformers import initialization as init
 
-from .moe_block import active_collector, collect_routing
+from .moe_block import CometMoEBlock, ExpertMerge, active_collector, collect_routing
 from .moe_experts import CometExperts
-from .moe_routers import CometRouter, TopKRouter
+from .moe_routers import AttentiveRouter, CometRouter, DeepRouter, NoisyTopKRouter, SwitchRouter, TopKRouter
 
 
 @dataclass
@@ -45,10 +45,20 @@ class CometPreTrainedMixin:
             init.zeros_(module.up_proj_bias)
             init.normal_(module.down_proj, mean=0.0, std=std * self._down_proj_std_factor)
             init.zeros_(module.down_proj_bias)
+            if module.output_bias is not None:
+                init.zeros_(module.output_bias)
         elif isinstance(module, CometRouter):
             init.copy_(module.projection, module.reset_projection(self.config.routing_seed))
-        elif isinstance(module, TopKRouter):
+        elif isinstance(module, (TopKRouter, SwitchRouter)):
             init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, NoisyTopKRouter):
+            init.zeros_(module.weight)  # Shazeer et al. 2017: both gate matrices start at zero
+            init.zeros_(module.noise_weight)
+        elif isinstance(module, AttentiveRouter):
+            init.normal_(module.key_proj, mean=0.0, std=std)  # gate_proj / query are nn.Linear: upstream init
+        elif isinstance(module, DeepRouter):
+            init.zeros_(module.assignment_totals)
+            init.zeros_(module.constraint_steps_done)
 
     @property
     def _down_proj_std_factor(self) -> float:
@@ -62,6 +72,76 @@ class CometPreTrainedMixin:
                 "exhausts memory at training sizes; use 'grouped_mm' (default) or 'eager'."
             )
         return super().get_correct_experts_implementation(requested_experts)
+
+    # -- routing state: statistics, expert merging, Deep-MoE constraint -----------------------------------------------
+    def moe_blocks(self) -> list[CometMoEBlock]:
+        """The model's MoE blocks in layer order."""
+        return [module for module in self.modules() if isinstance(module, CometMoEBlock)]
+
+    def _moe_block(self, layer_idx: int) -> CometMoEBlock:
+        blocks = {block.layer_idx: block for block in self.moe_blocks()}
+        if layer_idx not in blocks:
+            raise ValueError(f"layer {layer_idx} has no MoE block; MoE layers are {sorted(blocks)}.")
+        return blocks[layer_idx]
+
+    def routing_statistics(self, reset: bool = False) -> dict[int, dict]:
+        """Per MoE layer (by block index) the routing statistics accumulated since the last reset (see
+        `CometMoEBlock.routing_statistics` for the keys). Statistics accumulate in every routed forward, training and
+        evaluation, without host syncs; reading them syncs once per layer. ``reset`` starts a fresh window."""
+        result = {block.layer_idx: block.routing_statistics() for block in self.moe_blocks()}
+        if reset:
+            self.reset_routing_statistics()
+        return result
+
+    def reset_routing_statistics(self) -> None:
+        """Start a fresh statistics window in every MoE layer."""
+        for block in self.moe_blocks():
+            block.reset_statistics()
+
+    def merge_experts(self, layer_idx: int, source_a: int, source_b: int, into: int, how: str = "mean") -> ExpertMerge:
+        """Overwrite expert ``into`` of block ``layer_idx`` with the merge of ``source_a`` and ``source_b`` (Park
+        2024); see `CometMoEBlock.merge_experts`. ``parameters`` of the result carry model-qualified names."""
+        merge = self._moe_block(layer_idx).merge_experts(source_a, source_b, into, how=how)
+        return self._qualify(merge)
+
+    def merge_most_used_into_least_used(self, how: str = "mean") -> list[ExpertMerge]:
+        """In every learned-gating layer, merge the two most selected experts into the least selected other one
+        (ties go to the lower index) and reset the counts (Park 2024, methods.md §3.4). Layers with no training
+        forward since their last merge are skipped. Reset the optimizer state of the returned parameters' slices
+        (`hf_comet.reset_merged_optimizer_state`); the Trainer callback does both."""
+        blocks = self.moe_blocks()
+        learned = [block for block in blocks if block.learned]
+        if not learned:
+            raise ValueError(
+                "this model has no learned-gating MoE layer (routing='comet' everywhere): COMET's experts are "
+                "overlapping unit masks of one FFN, so there is nothing to merge."
+            )
+        if learned[0].experts.num_experts < 3:
+            raise ValueError(
+                f"num_experts={learned[0].experts.num_experts}: merging the two most used experts into a third needs "
+                "at least 3 experts per layer."
+            )
+        merges = []
+        for block in learned:
+            counts = block.selection_counts.tolist()
+            if sum(counts) == 0:
+                continue
+            ranked = sorted(range(len(counts)), key=lambda e: (-counts[e], e))
+            source_a, source_b = ranked[0], ranked[1]
+            into = min((e for e in range(len(counts)) if e not in (source_a, source_b)), key=lambda e: (counts[e], e))
+            merges.append(self._qualify(block.merge_experts(source_a, source_b, into, how=how)))
+        return merges
+
+    def _qualify(self, merge: ExpertMerge) -> ExpertMerge:
+        names = {id(param): name for name, param in self.named_parameters()}
+        merge.parameters = {names.get(id(t), name): t for name, t in merge.parameters.items()}
+        return merge
+
+    def lift_deep_constraint(self) -> None:
+        """End the Deep-MoE balancing-constraint phase in every ``deep`` layer now, for good."""
+        for block in self.moe_blocks():
+            if isinstance(block.router, DeepRouter):
+                block.router.lift_constraint()
 
     def complete_auto_map(self) -> dict[str, str]:
         """``auto_map`` naming the config and every Auto class of this family, so any head loads remotely."""
@@ -102,6 +182,7 @@ def routed_forward(upstream_forward, output_class):
         with collect_routing(arguments.get("attention_mask")) as collector:
             outputs = upstream_forward(self, *args, return_dict=True, **kwargs)
         aux_loss = collector.aux_loss()
+        collector.commit(self.training)
         fields = dict(outputs)
         if "loss" in fields and aux_loss is not None and self.training:
             fields["loss"] = fields["loss"] + aux_loss * _aux_loss_share(self, arguments.get("labels"), kwargs)
@@ -133,4 +214,4 @@ def register_family(pretrained_class: type, auto_classes: dict[str, type]) -> No
         cls.register_for_auto_class(auto_name)
 
 
-__all__ = ["CometPreTrainedMixin", "MoEOutputFields", "register_family", "routed_forward"]
+__all__ = ["CometPreTrainedMixin", "ExpertMerge", "MoEOutputFields", "register_family", "routed_forward"]

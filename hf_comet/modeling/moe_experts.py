@@ -3,7 +3,12 @@
 Layout is ``nn.Linear``'s (out, in) for every family: ``up_proj`` (E, I, d), ``up_proj_bias`` (E, I),
 ``down_proj`` (E, d, I), ``down_proj_bias`` (E, d). GPT-2's ``Conv1D`` (in, out) weights are transposed by the
 family adapter when converting. Sparse execution goes through transformers' experts-implementation kernels
-(``grouped_mm`` by default, ``eager`` below); unit-masked execution (COMET) is ``masked_dense_forward``.
+(``grouped_mm`` by default, ``eager`` below); unit-masked execution (COMET) is ``masked_dense_forward``; dense
+mixtures (attentive, deep) run every expert with ``expert_activations`` + ``mix``.
+
+With ``shared_output_bias`` (block-COMET, whose experts are slices of one FFN) the experts have no bias of their own
+on the output: ``down_proj_bias`` is a zero buffer (the kernels still read it) and ``output_bias`` (d,) is added once
+per token by the block, exactly as the dense FFN adds its second bias.
 """
 
 from __future__ import annotations
@@ -19,7 +24,15 @@ from transformers.integrations.moe import use_experts_implementation
 class CometExperts(nn.Module):
     """E two-layer FFNs ``act(u W1_e^T + b1_e) W2_e^T + b2_e`` stored packed; no gating (GPT-2/ViT/BERT FFNs)."""
 
-    def __init__(self, config, num_experts: int, hidden_size: int, intermediate_size: int, activation: str):
+    def __init__(
+        self,
+        config,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        activation: str,
+        shared_output_bias: bool = False,
+    ):
         super().__init__()
         self.num_experts = num_experts
         self.hidden_size = hidden_size
@@ -27,7 +40,12 @@ class CometExperts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.up_proj_bias = nn.Parameter(torch.empty(num_experts, intermediate_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-        self.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden_size))
+        if shared_output_bias:
+            self.register_buffer("down_proj_bias", torch.zeros(num_experts, hidden_size), persistent=False)
+            self.output_bias = nn.Parameter(torch.empty(hidden_size))
+        else:
+            self.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden_size))
+            self.output_bias = None
         self.act_fn = ACT2FN[activation]
 
     def forward(
@@ -55,6 +73,17 @@ class CometExperts(nn.Module):
             )
         h = self.act_fn(F.linear(hidden_states, self.up_proj[0], self.up_proj_bias[0]))
         return F.linear(h * unit_mask.to(h.dtype), self.down_proj[0], self.down_proj_bias[0])
+
+    def expert_activations(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Every expert's post-activation intermediate units: (T, d) -> (T, E, I). Dense: E x the work of one expert."""
+        pre = torch.einsum("td,eid->tei", hidden_states, self.up_proj) + self.up_proj_bias
+        return self.act_fn(pre)
+
+    def mix(self, activations: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
+        """``sum_e w_e (z_e W2_e^T + b2_e)`` from `expert_activations` (T, E, I) and weights (T, E) -> (T, d)."""
+        weights = expert_weights.to(activations.dtype)
+        output = torch.einsum("tei,edi->td", activations * weights.unsqueeze(-1), self.down_proj)
+        return output + weights @ self.down_proj_bias
 
 
 __all__ = ["CometExperts"]
