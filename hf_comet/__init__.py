@@ -9,6 +9,8 @@ from __future__ import annotations
 import transformers
 from transformers import AutoConfig
 
+from .distill import attentive_to_softmax_gates, distill_attentive_gates  # noqa: E402  (after the models)
+from .merging import reset_merged_optimizer_state  # noqa: E402
 from .modeling import (
     FAMILIES,
     ROUTINGS,
@@ -29,6 +31,8 @@ from .modeling import (
     RoutingDecision,
     TopKRouter,
 )
+from .modeling.moe_block import ExpertMerge
+from .modeling.moe_routers import AttentiveRouter, DeepRouter, NoisyTopKRouter, SwitchRouter
 
 __version__ = "0.1.0"
 
@@ -45,6 +49,14 @@ _register_auto_classes()
 
 __all__ = [
     "ROUTINGS",
+    "AttentiveRouter",
+    "DeepRouter",
+    "ExpertMerge",
+    "NoisyTopKRouter",
+    "SwitchRouter",
+    "attentive_to_softmax_gates",
+    "distill_attentive_gates",
+    "reset_merged_optimizer_state",
     "CometBertConfig",
     "CometBertForMaskedLM",
     "CometBertForSequenceClassification",

@@ -55,6 +55,22 @@ def test_config_json_round_trip(family, tmp_path):
         ({"routing": "topk", "num_experts": 3, "num_experts_per_tok": 1}, "num_experts=3"),
         ({"moe_intermediate_size": 0}, "moe_intermediate_size"),
         ({"router_aux_loss_coef": -1.0}, "router_aux_loss_coef"),
+        ({"routing": "comet", "comet_block_size": 0}, "comet_block_size=0"),
+        ({"routing": "comet", "comet_block_size": 48}, "comet_block_size=48 does not divide"),
+        ({"routing": "topk", "comet_block_size": 16}, "only applies to routing='comet'"),
+        ({"routing": "switch", "capacity_factor": 0.0}, "capacity_factor=0.0"),
+        ({"routing": "topk", "capacity_factor": 1.25}, "only applies to routing='switch'"),
+        ({"routing": "switch", "router_jitter_noise": 1.5}, "router_jitter_noise"),
+        ({"routing": "switch", "router_jitter_noise": -0.1}, "router_jitter_noise"),
+        ({"routing": "attentive", "gate_hidden_size": 0}, "gate_hidden_size"),
+        ({"routing": "attentive", "mixture_top_k": 5}, "mixture_top_k=5"),
+        ({"routing": "topk", "mixture_top_k": 2}, "num_experts_per_tok"),
+        ({"routing": "deep", "deep_constraint_steps": -1}, "deep_constraint_steps"),
+        ({"routing": "deep", "deep_constraint_margin": -0.5}, "deep_constraint_margin"),
+        ({"routing": "topk", "similarity_beta_s": -1.0}, "similarity_beta_s"),
+        ({"routing": "comet", "similarity_beta_d": 0.1}, "gate probabilities"),
+        ({"routing": "attentive", "similarity_num_pairs": 0}, "similarity_num_pairs"),
+        ({"routing": "noisy_topk", "num_experts": 3, "num_experts_per_tok": 1}, "num_experts=3"),
     ],
 )
 def test_bad_moe_fields_raise_value_error_naming_the_field(family, overrides, field):
@@ -101,3 +117,37 @@ def test_expert_width_defaults_to_an_even_split_of_the_ffn():
 )
 def test_comet_active_units_is_floor_with_minimum_one(keep_rate, units, expected):
     assert comet_num_active(keep_rate, units) == expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_router_fields_round_trip_through_json(family, tmp_path):
+    config = tiny_config(
+        family,
+        routing="deep",
+        gate_hidden_size=12,
+        mixture_top_k=2,
+        deep_constraint_steps=17,
+        deep_constraint_margin=0.25,
+        similarity_beta_s=0.5,
+        similarity_beta_d=0.01,
+        similarity_num_pairs=99,
+    )
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    for field in (
+        "routing",
+        "gate_hidden_size",
+        "mixture_top_k",
+        "deep_constraint_steps",
+        "deep_constraint_margin",
+        "similarity_beta_s",
+        "similarity_beta_d",
+        "similarity_num_pairs",
+    ):
+        assert getattr(loaded, field) == getattr(config, field), field
+    switch = tiny_config(family, routing="switch", capacity_factor=1.25, router_jitter_noise=0.0)
+    block = tiny_config(family, routing="comet", comet_block_size=16, comet_keep_rate=0.25)
+    for cfg, fields in ((switch, ("capacity_factor", "router_jitter_noise")), (block, ("comet_block_size",))):
+        cfg.save_pretrained(tmp_path / cfg.routing)
+        again = AutoConfig.from_pretrained(tmp_path / cfg.routing)
+        assert all(getattr(again, f) == getattr(cfg, f) for f in fields)

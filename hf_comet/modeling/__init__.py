@@ -28,9 +28,19 @@ from .modeling_comet_vit import (
     CometViTModel,
     CometViTPreTrainedModel,
 )
-from .moe_block import CometMoEBlock, RoutingCollector, collect_routing
+from .moe_block import CometMoEBlock, ExpertMerge, RoutingCollector, collect_routing
 from .moe_experts import CometExperts
-from .moe_routers import ROUTER_CLASSES, CometRouter, Router, RoutingDecision, TopKRouter
+from .moe_routers import (
+    ROUTER_CLASSES,
+    AttentiveRouter,
+    CometRouter,
+    DeepRouter,
+    NoisyTopKRouter,
+    Router,
+    RoutingDecision,
+    SwitchRouter,
+    TopKRouter,
+)
 
 FAMILIES = {
     "comet_gpt2": (CometGPT2Config, GPT2_AUTO_CLASSES),
@@ -40,6 +50,11 @@ FAMILIES = {
 """model type -> (config class, {Auto class name: model class})."""
 
 __all__ = [
+    "AttentiveRouter",
+    "DeepRouter",
+    "ExpertMerge",
+    "NoisyTopKRouter",
+    "SwitchRouter",
     "FAMILIES",
     "ROUTER_CLASSES",
     "ROUTINGS",

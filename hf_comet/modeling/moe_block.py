@@ -77,6 +77,14 @@ class CometMoEBlock(nn.Module):
         self._statistics: dict[str, torch.Tensor] | None = None
         self._selection_counts: torch.Tensor | None = None
 
+    def replace_router(self, router: nn.Module, routing: str) -> None:
+        """Swap in another router over the same experts (used by gate distillation) and its loss weights."""
+        self.router = router
+        self.routing = routing
+        self.loss_weights = dict(router.loss_weights)
+        if any(self.similarity_betas):
+            self.loss_weights["similarity_loss"] = 1.0
+
     @property
     def learned(self) -> bool:
         """Whether this block has a trainable gate over experts (everything but COMET)."""

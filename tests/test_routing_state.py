@@ -1,0 +1,272 @@
+"""Routing state that lives across forwards: Deep-MoE constraint phase, routing statistics, expert merging, gate
+distillation, and activation checkpointing replaying all of it exactly."""
+
+import math
+
+import pytest
+import torch
+import transformers
+from conftest import LEARNED, ROUTING_NAMES, tiny_config, tiny_inputs, tiny_model
+
+from hf_comet import (
+    CometMoEBlock,
+    DeepRouter,
+    RoutingDecision,
+    attentive_to_softmax_gates,
+    distill_attentive_gates,
+    reset_merged_optimizer_state,
+)
+
+VIT = ("comet_vit", "AutoModelForImageClassification")
+
+
+def train_steps(model, steps: int, head=VIT, lr: float = 1e-2):
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for step in range(steps):
+        out = model(**tiny_inputs(*head, seed=step))
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    return optimizer
+
+
+# -- Deep-MoE balancing constraint ---------------------------------------------------------------------------------
+def test_deep_constraint_phase_counts_training_forwards_then_switches_off_and_stays_off(tmp_path):
+    model = tiny_model(*VIT, routing="deep", deep_constraint_steps=3)
+    routers = [block.router for block in model.moe_blocks()]
+    model.eval()(**tiny_inputs(*VIT))  # evaluation neither counts nor accumulates
+    assert all(int(r.constraint_steps_done) == 0 and r.assignment_totals.sum() == 0 for r in routers)
+    train_steps(model, 3)
+    tokens_per_forward = 3 * 5  # batch 3, 4 patches + CLS
+    for router in routers:
+        assert int(router.constraint_steps_done) == 3 and not router.constraint_active
+        # totals are the sums of the gates actually used: one unit of gate mass per token and forward
+        assert router.assignment_totals.sum().item() == pytest.approx(3 * tokens_per_forward, rel=1e-5)
+    totals = [r.assignment_totals.clone() for r in routers]
+    train_steps(model, 2)
+    assert all(torch.equal(r.assignment_totals, t) for r, t in zip(routers, totals, strict=True))
+    # lifted for good: even a hugely unbalanced total no longer switches anything off, and a reload stays lifted
+    with torch.no_grad():
+        routers[0].assignment_totals.copy_(torch.tensor([1e6, 0.0, 0.0, 0.0]))
+    x = torch.randn(4, 32)
+    routers[0].train()
+    torch.testing.assert_close(routers[0](x).expert_weights, routers[0].eval()(x).expert_weights)
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert all(not block.router.constraint_active for block in loaded.moe_blocks())
+
+
+def test_deep_constraint_is_active_during_the_phase_and_can_be_lifted_early():
+    model = tiny_model(*VIT, routing="deep", deep_constraint_steps=100)
+    router = model.moe_blocks()[0].router
+    with torch.no_grad():
+        router.assignment_totals.copy_(torch.tensor([50.0, 0.0, 0.0, 0.0]))
+    model.train()
+    with torch.no_grad():
+        out = model(**tiny_inputs(*VIT), output_router_logits=True)
+    del out
+    x = torch.randn(4, 32)
+    router.refresh_state()
+    assert (router(x).expert_weights[:, 0] == 0).all()
+    model.lift_deep_constraint()
+    assert not router.constraint_active
+    assert (router(x).expert_weights[:, 0] > 0).all()
+
+
+@pytest.mark.parametrize("routing", ROUTING_NAMES)
+def test_activation_checkpointing_gives_the_same_gradients_and_state(routing):
+    extra = {"deep_constraint_steps": 5, "deep_constraint_margin": 0.0} if routing == "deep" else {}
+    extra |= {"router_jitter_noise": 0.1} if routing == "switch" else {}
+    plain = tiny_model(*VIT, routing=routing, **extra)
+    checkpointed = tiny_model(*VIT, routing=routing, **extra)
+    checkpointed.activation_checkpointing_enable()
+    for model in (plain, checkpointed):
+        torch.manual_seed(3)
+        train_steps(model, 2)  # the second step routes with state (deep totals) committed by the first
+        model.zero_grad()
+        torch.manual_seed(4)
+        model(**tiny_inputs(*VIT, seed=9)).loss.backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+    for a, b in zip(plain.moe_blocks(), checkpointed.moe_blocks(), strict=True):
+        torch.testing.assert_close(a.statistics_tensors(), b.statistics_tensors())  # recompute counted nothing
+        if routing in LEARNED:
+            assert torch.equal(a.selection_counts, b.selection_counts)
+
+
+# -- routing statistics ----------------------------------------------------------------------------------------
+def test_statistics_match_a_hand_computation_and_skip_padding():
+    block = CometMoEBlock(tiny_config("comet_vit", routing="topk"), 0, 32, "gelu")
+    probs = torch.tensor([[0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 0.0, 1.0]])
+    decision = RoutingDecision(
+        router_logits=probs.log(), top_k_index=torch.tensor([[0], [0], [1], [3]]), router_probs=probs
+    )
+    inputs = torch.randn(4, 32)
+    token_mask = torch.tensor([True, True, True, False])  # the last token is padding
+    block.commit(decision, inputs, token_mask, training=True)
+    stats = block.routing_statistics()
+    assert stats["tokens"] == 3
+    assert stats["tokens_per_expert"] == [2.0, 1.0, 0.0, 0.0]
+    assert stats["max_load_share"] == pytest.approx(2 / 3) and stats["min_load_share"] == 0.0
+    assert stats["dead_experts"] == 2
+    assert stats["gate_entropy"] == pytest.approx((1.0 + 0.0 + 2.0) / 3)  # bits
+    mean_gate = [(0.5 + 1.0 + 0.25) / 3, (0.5 + 0.25) / 3, 0.25 / 3, 0.25 / 3]
+    assert stats["usage_entropy"] == pytest.approx(-sum(p * math.log2(p) for p in mean_gate))
+    assert stats["max_usage_entropy"] == 2.0
+    assert block.selection_counts.tolist() == [2.0, 1.0, 0.0, 0.0]  # what merging ranks by
+    block.commit(decision, inputs, token_mask, training=False)  # evaluation: statistics yes, merge counts no
+    assert block.routing_statistics()["tokens"] == 6 and block.selection_counts.tolist() == [2.0, 1.0, 0.0, 0.0]
+
+
+def test_mask_overlap_is_one_for_identical_selections_and_correlation_needs_variation():
+    block = CometMoEBlock(tiny_config("comet_vit", routing="topk"), 0, 32, "gelu")
+    decision = RoutingDecision(
+        router_logits=torch.zeros(10, 4),
+        top_k_index=torch.tensor([[1, 2]] * 10),
+        router_probs=torch.full((10, 4), 0.25),
+    )
+    block.commit(decision, torch.randn(10, 32), None, training=False)
+    stats = block.routing_statistics()
+    assert stats["mask_overlap"] == pytest.approx(1.0)
+    assert stats["overlap_similarity_correlation"] is None  # constant overlap: correlation undefined
+
+
+def test_comet_masks_overlap_more_for_similar_inputs():
+    """The COMET paper's central claim, measured by the statistics on inputs with graded similarity."""
+    model = tiny_model("comet_vit", "AutoModel", routing="comet", comet_keep_rate=0.25).eval()
+    block = model.moe_blocks()[0]
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 32, generator=g)
+    tokens = torch.cat([centres[i] + s * torch.randn(64, 32, generator=g) for i in range(4) for s in (0.3,)])
+    decision = block.router(tokens)
+    block.commit(decision, tokens, None, training=False)
+    stats = model.routing_statistics(reset=True)[0]
+    assert stats["overlap_similarity_correlation"] > 0.5
+    assert 0.1 < stats["mask_overlap"] < 1.0
+    assert stats["gate_entropy"] == pytest.approx(math.log2(32))  # uniform over the 32 kept units
+    assert model.routing_statistics()[0]["tokens"] == 0  # reset
+
+
+@pytest.mark.parametrize("routing", ROUTING_NAMES)
+def test_statistics_accumulate_per_layer_for_every_router(routing):
+    model = tiny_model("comet_gpt2", "AutoModelForCausalLM", routing=routing).train()
+    inputs = tiny_inputs("comet_gpt2", "AutoModelForCausalLM")
+    model(**inputs)
+    stats = model.routing_statistics()
+    assert sorted(stats) == [0, 1]
+    valid = int(inputs["attention_mask"].sum())
+    # selections per token: k for top-k routers, the kept units/blocks for COMET, 1 for top-1 and dense mixtures
+    per_token = {"topk": 2, "noisy_topk": 2, "comet": 64, "block_comet": 4}.get(routing, 1)
+    for layer in stats.values():
+        assert layer["tokens"] == valid
+        assert sum(layer["tokens_per_expert"]) == pytest.approx(valid * per_token)
+        assert 0 <= layer["usage_entropy"] <= layer["max_usage_entropy"] + 1e-9
+        assert 0 <= layer["mask_overlap"] <= 1
+
+
+# -- expert merging (Park 2024) ----------------------------------------------------------------------------------
+def test_merge_writes_the_mean_of_the_two_sources_and_resets_counts():
+    model = tiny_model("comet_bert", "AutoModelForMaskedLM", routing="attentive")
+    train_steps(model, 1, head=("comet_bert", "AutoModelForMaskedLM"))
+    block = model.moe_blocks()[1]
+    assert block.selection_counts.sum() > 0
+    before = {name: t.detach().clone() for name, t in block.expert_tensors().items()}
+    query = block.router.query.weight.detach().clone()
+    assert set(before) == {
+        "experts.up_proj",
+        "experts.up_proj_bias",
+        "experts.down_proj",
+        "experts.down_proj_bias",
+        "router.key_proj",
+    }
+    merge = model.merge_experts(1, 0, 2, into=3)
+    for name, tensor in block.expert_tensors().items():
+        torch.testing.assert_close(tensor[3], (before[name][0] + before[name][2]) / 2)
+        for e in (0, 1, 2):
+            assert torch.equal(tensor[e], before[name][e])
+    assert block.selection_counts.sum() == 0
+    assert merge.into == 3 and merge.sources == (0, 2)
+    assert set(merge.parameters) == {f"bert.encoder.layer.1.intermediate.{n}" for n in before}
+    assert torch.equal(block.router.query.weight, query)  # the gate itself is untouched
+
+
+def test_count_weighted_merge_weights_sources_by_their_selection_counts():
+    model = tiny_model(*VIT, routing="topk")
+    block = model.moe_blocks()[0]
+    block.selection_counts.copy_(torch.tensor([30.0, 10.0, 0.0, 5.0]))
+    up = block.experts.up_proj.detach().clone()
+    model.merge_experts(0, 0, 1, into=2, how="count_weighted")
+    torch.testing.assert_close(block.experts.up_proj[2], 0.75 * up[0] + 0.25 * up[1])
+
+
+def test_merge_most_used_into_least_used_picks_per_layer_and_resets_optimizer_state():
+    model = tiny_model(*VIT, routing="switch")
+    optimizer = train_steps(model, 2)
+    blocks = model.moe_blocks()
+    blocks[0].selection_counts.copy_(torch.tensor([5.0, 9.0, 1.0, 7.0]))  # top two 1, 3; least used other: 2
+    blocks[1].selection_counts.copy_(torch.tensor([4.0, 4.0, 4.0, 0.0]))  # ties go to the lower index
+    up = [b.experts.up_proj.detach().clone() for b in blocks]
+    merges = model.merge_most_used_into_least_used()
+    assert [(m.layer_idx, m.sources, m.into) for m in merges] == [(0, (1, 3), 2), (1, (0, 1), 3)]
+    torch.testing.assert_close(blocks[0].experts.up_proj[2], (up[0][1] + up[0][3]) / 2)
+    param = blocks[0].experts.up_proj
+    assert optimizer.state[param]["exp_avg"][2].abs().sum() > 0
+    reset = reset_merged_optimizer_state(optimizer, merges)
+    assert reset == 2 * 2 * 4  # 2 layers x (exp_avg, exp_avg_sq) x 4 expert tensors
+    assert optimizer.state[param]["exp_avg"][2].abs().sum() == 0
+    assert optimizer.state[param]["exp_avg_sq"][1].abs().sum() > 0  # other experts keep their state
+    assert model.merge_most_used_into_least_used() == []  # counts were reset: nothing to rank
+
+
+def test_merging_refuses_comet_layers_and_bad_arguments():
+    comet = tiny_model(*VIT, routing="comet")
+    with pytest.raises(ValueError, match="nothing to merge"):
+        comet.merge_most_used_into_least_used()
+    with pytest.raises(ValueError, match="nothing to merge"):
+        comet.merge_experts(0, 0, 1, into=2)
+    learned = tiny_model(*VIT, routing="topk")
+    with pytest.raises(ValueError, match="into=4"):
+        learned.merge_experts(0, 0, 1, into=4)
+    with pytest.raises(ValueError, match="two different experts"):
+        learned.merge_experts(0, 1, 1, into=2)
+    with pytest.raises(ValueError, match="how='median'"):
+        learned.merge_experts(0, 0, 1, into=2, how="median")
+    with pytest.raises(ValueError, match="layer 5"):
+        learned.merge_experts(5, 0, 1, into=2)
+    two = tiny_model(*VIT, routing="topk", num_experts=2, num_experts_per_tok=1)
+    with pytest.raises(ValueError, match="at least 3 experts"):
+        two.merge_most_used_into_least_used()
+
+
+# -- distillation of attentive gates -------------------------------------------------------------------------------
+def test_distillation_swaps_in_sparse_softmax_gates_trains_only_them_and_reloads(tmp_path):
+    model = tiny_model(*VIT, routing="attentive")
+    train_steps(model, 2)
+    trunk = model.moe_blocks()[0].router.gate_proj.weight.detach().clone()
+    experts = {n: p.detach().clone() for n, p in model.named_parameters() if ".router." not in n}
+    batches = [tiny_inputs(*VIT, seed=s) for s in range(5)]
+    losses = distill_attentive_gates(model, batches, top_k=1)
+    assert len(losses) == 5 and all(math.isfinite(v) for v in losses)
+    assert model.config.routing == "deep" and model.config.mixture_top_k == 1
+    assert model.config.deep_constraint_steps == 0
+    for block in model.moe_blocks():
+        assert isinstance(block.router, DeepRouter) and not block.router.reads_expert_activations
+    assert not torch.equal(model.moe_blocks()[0].router.gate_proj.weight, trunk)  # the gate trained ...
+    for name, param in model.named_parameters():  # ... and nothing else did
+        if ".router." not in name:
+            assert torch.equal(param, experts[name]), name
+    decision = model.moe_blocks()[0].router(torch.randn(3, 32))
+    assert decision.top_k_index.shape == (3, 1)  # sparse: one expert per token at inference
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    inputs = tiny_inputs(*VIT, with_labels=False)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(**inputs).logits, loaded(**inputs).logits)
+
+
+def test_distillation_refuses_models_without_attentive_gates():
+    with pytest.raises(ValueError, match="routing='attentive'"):
+        attentive_to_softmax_gates(tiny_model(*VIT, routing="topk"))
+    with pytest.raises(ValueError, match="top_k=5"):
+        attentive_to_softmax_gates(tiny_model(*VIT, routing="attentive"), top_k=5)
