@@ -89,14 +89,15 @@ def test_smooth_load_estimator_matches_the_normal_cdf_by_hand():
 def test_noisy_top_k_aux_losses_are_cv_squared_of_importance_and_load_over_valid_tokens():
     config = tiny_config("comet_gpt2", routing="noisy_topk", num_experts=3, num_experts_per_tok=1, n_inner=96)
     router = NoisyTopKRouter(config, 0, hidden_size=2)
-    gates = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    gates = torch.tensor([[0.6, 0.4, 0.0], [0.0, 1.0, 0.0], [0.0, 0.3, 0.7], [1.0, 0.0, 0.0]])
     load = torch.tensor([[0.9, 0.1, 0.2], [0.2, 0.8, 0.1], [0.3, 0.3, 0.7], [0.5, 0.5, 0.5]])
     decision = RoutingDecision(router_logits=torch.zeros(4, 3), router_probs=gates, extras={"load": load})
     mask = torch.tensor([True, True, True, False])
     losses = router.aux_losses(decision, mask)
-    importance = [1.0, 1.0, 1.0]
+    importance = [0.6, 0.4 + 1.0 + 0.3, 0.7]  # the padding row is left out
     load_sums = [0.9 + 0.2 + 0.3, 0.1 + 0.8 + 0.3, 0.2 + 0.1 + 0.7]
-    assert losses["importance_loss"].item() == pytest.approx(statistics.variance(importance), abs=1e-7)
+    expected_importance = statistics.variance(importance) / statistics.mean(importance) ** 2
+    assert losses["importance_loss"].item() == pytest.approx(expected_importance, rel=1e-5)
     expected = statistics.variance(load_sums) / statistics.mean(load_sums) ** 2
     assert losses["load_loss"].item() == pytest.approx(expected, rel=1e-5)
     assert router.loss_weights["importance_loss"] == router.loss_weights["load_loss"] == config.router_aux_loss_coef
@@ -122,7 +123,7 @@ def test_switch_routes_top_1_scaled_by_its_probability():
 
 
 def test_switch_capacity_drops_overflow_in_token_order_and_dropped_tokens_get_zero_output():
-    router = switch_router(capacity_factor=1.0).eval()
+    router = switch_router(capacity_factor=1.0, router_jitter_noise=0.0).train()
     x = torch.tensor([[1.0, 0.0]] * 5 + [[0.0, 1.0]])  # five tokens want expert 0, one wants expert 1
     assert router.capacity(6) == 2  # ceil(1.0 * 6 / 4)
     decision = router(x)
@@ -132,9 +133,16 @@ def test_switch_capacity_drops_overflow_in_token_order_and_dropped_tokens_get_ze
     probs = decision.router_probs
     expected = 4 * (5 / 6 * probs[:, 0].mean() + 1 / 6 * probs[:, 1].mean())
     torch.testing.assert_close(router.aux_losses(decision, None)["load_balancing_loss"], expected)
+    # padding takes no place in a queue, and capacity counts only real tokens: ceil(5 / 4) = 2, ceil(4 / 4) = 1
+    padding = torch.tensor([True, False, True, True, True, True])
+    assert router(x, token_mask=padding).extras["dropped"].tolist() == [False, False, False, True, True, False]
+    padding_first = torch.tensor([False, False, True, True, True, True])
+    assert router(x, token_mask=padding_first).extras["dropped"].tolist()[2:] == [False, True, True, False]
+    # evaluation (and generation) is dropless: a token's output never depends on its batch neighbours
+    assert "dropped" not in router.eval()(x).extras
 
-    config = tiny_config("comet_gpt2", routing="switch", num_experts=4, capacity_factor=1.0)
-    block = filled_block(config).eval()
+    config = tiny_config("comet_gpt2", routing="switch", num_experts=4, capacity_factor=1.0, router_jitter_noise=0.0)
+    block = filled_block(config).train()
     with torch.no_grad():
         block.router.weight.copy_(torch.zeros(4, 32))
         block.router.weight[0, 0] = 5.0
@@ -142,6 +150,19 @@ def test_switch_capacity_drops_overflow_in_token_order_and_dropped_tokens_get_ze
         tokens[:, 0] = 3.0  # every token prefers expert 0: capacity 2 keeps the first two
         out = block(tokens)
     assert out[:2].abs().sum() > 0 and torch.equal(out[2:], torch.zeros(4, 32))  # residual carries them
+
+
+def test_switch_capacity_counts_drops_in_the_statistics_and_ignores_padding_in_a_model():
+    model = tiny_model("comet_bert", "AutoModelForMaskedLM", routing="switch", capacity_factor=0.5).train()
+    inputs = tiny_inputs("comet_bert", "AutoModelForMaskedLM")
+    model(**inputs)
+    stats = model.routing_statistics()
+    valid = int(inputs["attention_mask"].sum())
+    capacity = math.ceil(0.5 * valid / 4)
+    for layer in stats.values():
+        kept = sum(layer["tokens_per_expert"])
+        assert layer["dropped_tokens"] == valid - kept > 0
+        assert max(layer["tokens_per_expert"]) <= capacity
 
 
 def test_switch_jitter_perturbs_the_router_input_only_in_training():
@@ -188,6 +209,7 @@ def test_attentive_importance_loss_is_std_over_mean_squared_and_gradients_reach_
     config = tiny_config("comet_vit", routing="attentive", num_experts=4, router_aux_loss_coef=0.2)
     router = AttentiveRouter(config, 0, hidden_size=32)
     probs = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.4, 0.4, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25]])
+    assert len(set(probs.sum(0).tolist())) > 1  # unequal importance: the mean normalisation matters
     decision = RoutingDecision(router_logits=probs, expert_weights=probs, router_probs=probs)
     importance = probs.sum(0).tolist()
     expected = (statistics.stdev(importance) / statistics.mean(importance)) ** 2
@@ -245,8 +267,10 @@ def test_similarity_betas_add_the_regulariser_to_the_aux_loss_of_a_learned_route
     assert all("similarity_loss" in layer for layer in losses)
     # the pairs come from the block's private generator: sampling them leaves the global RNG (training noise) alone
     state = torch.get_rng_state()
-    collector.layer_losses()
+    collector._layer_losses = None  # sample the pairs again
+    again = [layer_losses["similarity_loss"] for _, layer_losses in collector.layer_losses()]
     assert torch.equal(state, torch.get_rng_state())
+    assert all(torch.isfinite(v) for v in again)
 
 
 # -- Deep MoE gate (Eigen et al. 2013) ----------------------------------------------------------------------------

@@ -76,7 +76,9 @@ def test_deep_constraint_is_active_during_the_phase_and_can_be_lifted_early():
 
 @pytest.mark.parametrize("routing", ROUTING_NAMES)
 def test_activation_checkpointing_gives_the_same_gradients_and_state(routing):
-    extra = {"deep_constraint_steps": 5, "deep_constraint_margin": 0.0} if routing == "deep" else {}
+    # deep: 2 constraint steps, so the third forward below routes unconstrained while the phase ends
+    # at the second commit, the step where recompute would see the updated phase without the snapshot
+    extra = {"deep_constraint_steps": 2, "deep_constraint_margin": 0.0} if routing == "deep" else {}
     extra |= {"router_jitter_noise": 0.1} if routing == "switch" else {}
     plain = tiny_model(*VIT, routing=routing, **extra)
     checkpointed = tiny_model(*VIT, routing=routing, **extra)
@@ -212,11 +214,22 @@ def test_merge_most_used_into_least_used_picks_per_layer_and_resets_optimizer_st
     torch.testing.assert_close(blocks[0].experts.up_proj[2], (up[0][1] + up[0][3]) / 2)
     param = blocks[0].experts.up_proj
     assert optimizer.state[param]["exp_avg"][2].abs().sum() > 0
+    assert model.merge_most_used_into_least_used() == []  # counts were reset: nothing to rank
+    second = optimizer.state[param]["exp_avg_sq"].clone()
+    first = optimizer.state[param]["exp_avg"].clone()
     reset = reset_merged_optimizer_state(optimizer, merges)
     assert reset == 2 * 2 * 4  # 2 layers x (exp_avg, exp_avg_sq) x 4 expert tensors
-    assert optimizer.state[param]["exp_avg"][2].abs().sum() == 0
-    assert optimizer.state[param]["exp_avg_sq"][1].abs().sum() > 0  # other experts keep their state
-    assert model.merge_most_used_into_least_used() == []  # counts were reset: nothing to rank
+    assert optimizer.state[param]["exp_avg"][2].abs().sum() == 0  # no stale direction
+    torch.testing.assert_close(optimizer.state[param]["exp_avg_sq"][2], (second[1] + second[3]) / 2)  # scale
+    for e in (0, 1, 3):  # the other experts keep their state
+        assert torch.equal(optimizer.state[param]["exp_avg"][e], first[e])
+        assert torch.equal(optimizer.state[param]["exp_avg_sq"][e], second[e])
+    # the next Adam step of the merged expert is smaller than a normal one, not ~3x larger
+    before = param.detach().clone()
+    model(**tiny_inputs(*VIT, seed=11)).loss.backward()
+    optimizer.step()
+    moved = (param.detach() - before).abs().flatten(1).mean(-1)
+    assert moved[2] < moved[[0, 1, 3]].min()
 
 
 def test_merging_refuses_comet_layers_and_bad_arguments():
@@ -270,3 +283,39 @@ def test_distillation_refuses_models_without_attentive_gates():
         attentive_to_softmax_gates(tiny_model(*VIT, routing="topk"))
     with pytest.raises(ValueError, match="top_k=5"):
         attentive_to_softmax_gates(tiny_model(*VIT, routing="attentive"), top_k=5)
+
+
+def test_deep_totals_stay_float32_in_a_half_precision_model():
+    model = tiny_model(*VIT, routing="deep", deep_constraint_steps=10).to(torch.bfloat16)
+    router = model.moe_blocks()[0].router
+    assert router.assignment_totals.dtype == torch.float32 and router.gate_proj.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        router.assignment_totals.fill_(1e6)  # far beyond bf16's integer resolution and fp16's range
+    model.train()
+    inputs = tiny_inputs(*VIT)
+    model(pixel_values=inputs["pixel_values"].to(torch.bfloat16), labels=inputs["labels"])
+    assert router.assignment_totals.sum().item() == pytest.approx(4e6 + 15, abs=1e-3)  # 15 tokens added exactly
+
+
+def _merge_on_rank(rank: int, world_size: int, init_file: str, results):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        model = tiny_model(*VIT, routing="topk")
+        block = model.moe_blocks()[0]
+        local = [[5.0, 0.0, 1.0, 4.0], [0.0, 6.0, 1.0, 1.0]][rank]  # locally rank 0 would pick (0, 3), rank 1 (1, 3)
+        block.selection_counts.copy_(torch.tensor(local))
+        model.moe_blocks()[1].selection_counts.copy_(torch.tensor([1.0, 1.0, 1.0, 1.0]))
+        merges = model.merge_most_used_into_least_used()
+        results[rank] = [(m.layer_idx, m.sources, m.into) for m in merges]
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_merging_under_distributed_training_sums_counts_so_every_rank_merges_the_same(tmp_path):
+    import torch.multiprocessing as mp
+
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_merge_on_rank, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
+    # global counts (5, 6, 2, 5): top two 1, then 0 (tie with 3 goes to the lower index); least used other: 2
+    assert results[0] == results[1] == [(0, (1, 0), 2), (1, (0, 1), 2)]

@@ -101,14 +101,17 @@ class CometPreTrainedMixin:
     def merge_experts(self, layer_idx: int, source_a: int, source_b: int, into: int, how: str = "mean") -> ExpertMerge:
         """Overwrite expert ``into`` of block ``layer_idx`` with the merge of ``source_a`` and ``source_b`` (Park
         2024); see `CometMoEBlock.merge_experts`. ``parameters`` of the result carry model-qualified names."""
-        merge = self._moe_block(layer_idx).merge_experts(source_a, source_b, into, how=how)
-        return self._qualify(merge)
+        block = self._moe_block(layer_idx)
+        if how == "count_weighted" and block.learned:
+            _global_counts(block)  # every rank must weight the sources alike
+        return self._qualify(block.merge_experts(source_a, source_b, into, how=how))
 
     def merge_most_used_into_least_used(self, how: str = "mean") -> list[ExpertMerge]:
         """In every learned-gating layer, merge the two most selected experts into the least selected other one
         (ties go to the lower index) and reset the counts (Park 2024, methods.md §3.4). Layers with no training
-        forward since their last merge are skipped. Reset the optimizer state of the returned parameters' slices
-        (`hf_comet.reset_merged_optimizer_state`); the Trainer callback does both."""
+        forward since their last merge are skipped. Then reset the optimizer state of the returned parameters'
+        slices (`hf_comet.reset_merged_optimizer_state`). Under torch.distributed the counts are summed over ranks
+        first, so every rank merges the same experts: call it on every rank at the same step."""
         blocks = self.moe_blocks()
         learned = [block for block in blocks if block.learned]
         if not learned:
@@ -123,7 +126,7 @@ class CometPreTrainedMixin:
             )
         merges = []
         for block in learned:
-            counts = block.selection_counts.tolist()
+            counts = _global_counts(block).tolist()
             if sum(counts) == 0:
                 continue
             ranked = sorted(range(len(counts)), key=lambda e: (-counts[e], e))
@@ -133,6 +136,7 @@ class CometPreTrainedMixin:
         return merges
 
     def _qualify(self, merge: ExpertMerge) -> ExpertMerge:
+        """Replace block-relative parameter names by the model's qualified names."""
         names = {id(param): name for name, param in self.named_parameters()}
         merge.parameters = {names.get(id(t), name): t for name, t in merge.parameters.items()}
         return merge
@@ -205,6 +209,16 @@ def _aux_loss_share(model, labels: torch.Tensor | None, kwargs: dict) -> torch.T
     if counted is None:
         counted = labels[..., 1:] if model.loss_type == "ForCausalLM" else labels
     return counted.ne(-100).sum().to(torch.float32) / num_items_in_batch
+
+
+def _global_counts(block: CometMoEBlock) -> torch.Tensor:
+    """The block's selection counts summed over every rank of the default process group (local ones otherwise)."""
+    counts = block.selection_counts
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        counts = counts.clone()
+        torch.distributed.all_reduce(counts)
+        block.selection_counts.copy_(counts)  # count_weighted merges read them too
+    return counts
 
 
 def register_family(pretrained_class: type, auto_classes: dict[str, type]) -> None:

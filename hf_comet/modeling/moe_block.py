@@ -76,6 +76,7 @@ class CometMoEBlock(nn.Module):
         self._pair_generator: torch.Generator | None = None
         self._statistics: dict[str, torch.Tensor] | None = None
         self._selection_counts: torch.Tensor | None = None
+        self._last_token_mask: torch.Tensor | None = None
 
     def replace_router(self, router: nn.Module, routing: str) -> None:
         """Swap in another router over the same experts (used by gate distillation) and its loss weights."""
@@ -97,23 +98,36 @@ class CometMoEBlock(nn.Module):
         collector = _ACTIVE_COLLECTOR.get()
         if collector is not None:
             self.router.refresh_state()
-        if self.router.reads_expert_activations:
+        activations = None
+        if self.router.reads_expert_activations:  # attentive: keys come from every expert's activations
             activations = self.experts.expert_activations(tokens)
             decision = self.router(tokens, activations)
-            output = self.experts.mix(activations, decision.expert_weights)
+        elif self.router.accepts_token_mask:  # switch: padding takes no place in the capacity queues
+            decision = self.router(tokens, token_mask=self._routing_token_mask(collector, batch_shape))
         else:
             decision = self.router(tokens)
-            if decision.unit_mask is not None:
-                output = self.experts.masked_dense_forward(tokens, decision.unit_mask)
-            elif decision.expert_weights is not None:
-                output = self.experts.mix(self.experts.expert_activations(tokens), decision.expert_weights)
-            else:
-                output = self.experts(tokens, decision.top_k_index, decision.top_k_weights)
+
+        if decision.unit_mask is not None:  # unit-level COMET
+            output = self.experts.masked_dense_forward(tokens, decision.unit_mask)
+        elif decision.expert_weights is not None:  # dense mixture
+            if activations is None:
+                activations = self.experts.expert_activations(tokens)
+            output = self.experts.mix(activations, decision.expert_weights)
+        else:  # sparse: packed-expert kernels
+            output = self.experts(tokens, decision.top_k_index, decision.top_k_weights)
         if self.experts.output_bias is not None:
             output = output + self.experts.output_bias
         if collector is not None:
             collector.record(self, decision, batch_shape, tokens)
         return self.dropout(output.view(*batch_shape, self.hidden_size))
+
+    def _routing_token_mask(self, collector, batch_shape: torch.Size) -> torch.Tensor | None:
+        """The non-padding mask for routers that need it in the forward. Kept from the routed forward so that an
+        activation-checkpointing recompute (which runs without the collector) routes the same way."""
+        if collector is not None:
+            self._last_token_mask = collector.token_mask(batch_shape)
+        mask = self._last_token_mask
+        return mask if mask is not None and mask.numel() == batch_shape.numel() else None
 
     # -- losses --------------------------------------------------------------------------------------------------
     def aux_losses(
@@ -159,8 +173,10 @@ class CometMoEBlock(nn.Module):
         if training:
             if self.learned:
                 counts = masked_sum(selection, token_mask)
-                if self._selection_counts is None or self._selection_counts.device != counts.device:
+                if self._selection_counts is None:
                     self._selection_counts = _fresh_zeros(counts.shape, counts.device)
+                elif self._selection_counts.device != counts.device:  # the model moved: keep the counts
+                    self._selection_counts = self._selection_counts.to(counts.device)
                 self._selection_counts += counts
             self.router.commit(decision, token_mask)
         if self.track_statistics:
@@ -174,8 +190,10 @@ class CometMoEBlock(nn.Module):
         token_mask: torch.Tensor | None,
     ) -> None:
         device = selection.device
-        if self._statistics is None or self._statistics["tokens"].device != device:
+        if self._statistics is None:
             self.reset_statistics(device)
+        elif self._statistics["tokens"].device != device:  # the model moved: keep the window
+            self._statistics = {name: value.to(device) for name, value in self._statistics.items()}
         stats = self._statistics
         valid = torch.ones(selection.shape[0], device=device) if token_mask is None else token_mask.float()
         probs = decision.router_probs

@@ -134,9 +134,8 @@ def noisy_top_k_load(
     threshold_if_in = top_values[:, k : k + 1]
     threshold_if_out = top_values[:, k - 1 : k]
     is_in = noisy_logits > threshold_if_in
-    normal = torch.distributions.Normal(0.0, 1.0)
-    prob_if_in = normal.cdf((clean_logits - threshold_if_in) / noise_std)
-    prob_if_out = normal.cdf((clean_logits - threshold_if_out) / noise_std)
+    prob_if_in = torch.special.ndtr((clean_logits - threshold_if_in) / noise_std)  # no validation, no host sync
+    prob_if_out = torch.special.ndtr((clean_logits - threshold_if_out) / noise_std)
     return torch.where(is_in, prob_if_in, prob_if_out)
 
 
@@ -190,6 +189,7 @@ class Router(nn.Module):
 
     loss_weights: dict[str, float] = {}
     reads_expert_activations: bool = False
+    accepts_token_mask: bool = False  # forward(hidden_states, token_mask=...) with the (T,) non-padding mask
 
     @classmethod
     def expert_layout(cls, config) -> tuple[int, int]:
@@ -374,11 +374,15 @@ class SwitchRouter(Router):
     probability (not renormalised).
 
     In training the router input is multiplied by ``U(1 - eps, 1 + eps)`` jitter (``router_jitter_noise``). With
-    ``capacity_factor`` each expert takes at most ``ceil(capacity_factor * T / E)`` tokens of the T in the forward,
-    first come first served in token order (padding included); the rest are dropped: their FFN output is zero, so
-    they ride the residual connection (``extras["dropped"]``, counted by the statistics). Dropless by default.
-    Aux losses: the Switch load-balancing loss (on the pre-capacity assignment) and the optional z-loss.
+    ``capacity_factor``, in training, each expert takes at most ``ceil(capacity_factor * T / E)`` of the T
+    non-padding tokens of the forward, first come first served in token order (padding takes no place in a queue);
+    the rest are dropped: their FFN output is zero, so they ride the residual connection (``extras["dropped"]``,
+    counted by the statistics). Evaluation and generation are dropless, so a token's output never depends on the
+    other tokens of the batch or on the KV cache. Dropless by default. Aux losses: the Switch load-balancing loss
+    (on the pre-capacity assignment) and the optional z-loss.
     """
+
+    accepts_token_mask = True
 
     def __init__(self, config, layer_idx: int, hidden_size: int):
         super().__init__()
@@ -397,12 +401,18 @@ class SwitchRouter(Router):
         return config.num_experts, config.expert_intermediate_size
 
     def capacity(self, num_tokens: int) -> int | None:
-        """Tokens each expert accepts per forward, or ``None`` when dropless."""
+        """Tokens each expert accepts per training forward of ``num_tokens`` tokens, or ``None`` when dropless."""
         if self.capacity_factor is None:
             return None
         return max(1, math.ceil(self.capacity_factor * num_tokens / self.num_experts))
 
-    def forward(self, hidden_states: torch.Tensor) -> RoutingDecision:
+    def capacity_tensor(self, token_mask: torch.Tensor) -> torch.Tensor:
+        """`capacity` over the non-padding tokens, as a 0-d tensor (no host sync)."""
+        valid = token_mask.sum().to(torch.float64)
+        return torch.ceil(self.capacity_factor * valid / self.num_experts).clamp_min(1)
+
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> RoutingDecision:
+        """``token_mask`` (T,) bool marks non-padding tokens; only they queue for expert capacity."""
         router_input = hidden_states
         if self.training and self.jitter_noise > 0:
             jitter = torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
@@ -411,9 +421,12 @@ class SwitchRouter(Router):
         probs = logits.float().softmax(dim=-1)
         top_prob, top_index = probs.max(dim=-1)
         extras = {}
-        capacity = self.capacity(hidden_states.shape[0])
+        capacity = self.capacity(hidden_states.shape[0]) if self.training else None
         if capacity is not None:
             one_hot = F.one_hot(top_index, self.num_experts)
+            if token_mask is not None:
+                one_hot = one_hot * token_mask.unsqueeze(-1)
+                capacity = self.capacity_tensor(token_mask)
             position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1)  # 1-based place in the expert's queue
             dropped = position > capacity
             top_prob = top_prob.masked_fill(dropped, 0.0)
@@ -517,6 +530,15 @@ class DeepRouter(Router):
         self.register_buffer("assignment_totals", torch.zeros(config.num_experts), persistent=True)
         self.register_buffer("constraint_steps_done", torch.zeros((), dtype=torch.long), persistent=True)
         self._totals_snapshot: torch.Tensor | None = None
+        self._on_snapshot: torch.Tensor | None = None
+
+    def _apply(self, fn, recurse: bool = True):
+        # The running totals count tokens: in fp16 they overflow at 65504 and in bf16 they stop growing past 2^8
+        # relative steps. Keep them float32 whatever dtype the model is cast to.
+        result = super()._apply(fn, recurse)
+        if self.assignment_totals.dtype != torch.float32:
+            self.assignment_totals = self.assignment_totals.float()
+        return result
 
     @classmethod
     def expert_layout(cls, config) -> tuple[int, int]:
@@ -533,10 +555,13 @@ class DeepRouter(Router):
     def lift_constraint(self) -> None:
         """End the constraint phase now, for good."""
         self.constraint_steps_done.clamp_(min=self.constraint_steps)
+        self._on_snapshot = None
 
     def refresh_state(self) -> None:
-        # Freeze G for this forward, so activation-checkpointing recompute (after commit) sees the same G.
+        # Freeze G and the phase for this forward, so activation-checkpointing recompute (which runs after commit
+        # has updated both) sees exactly what the forward saw.
         self._totals_snapshot = self.assignment_totals.detach().clone()
+        self._on_snapshot = self._constraint_on().clone()
 
     def allowed_experts(self) -> torch.Tensor:
         """(E,) bool: experts the constraint leaves on for the next batch."""
@@ -550,7 +575,8 @@ class DeepRouter(Router):
         if self.training and self.constraint_steps > 0:
             constrained = gates * self.allowed_experts().to(gates.dtype)
             constrained = constrained / constrained.sum(dim=-1, keepdim=True)
-            gates = torch.where(self._constraint_on(), constrained, gates)
+            on = self._on_snapshot if self._on_snapshot is not None else self._constraint_on()
+            gates = torch.where(on, constrained, gates)
         if self.top_k is None or self.top_k == self.num_experts:
             return RoutingDecision(
                 router_logits=logits, expert_weights=gates.to(hidden_states.dtype), router_probs=gates
@@ -570,7 +596,7 @@ class DeepRouter(Router):
         if self.constraint_steps == 0:
             return
         on = self._constraint_on()
-        increment = masked_sum(decision.router_probs.detach(), token_mask).to(self.assignment_totals)
+        increment = masked_sum(decision.router_probs.detach().float(), token_mask)
         self.assignment_totals += increment * on.to(increment.dtype)
         self.constraint_steps_done += on.long()
 
