@@ -2,7 +2,8 @@
 
 Ratios against the dense FFN measured in the same process (median of repeats after warm-up). Unit-level COMET
 computes every unit and masks (it costs the dense FFN plus the router); block-COMET runs only the kept blocks
-through the packed-expert kernels, so its FFN work scales with the keep rate.
+through the packed-expert kernels, so its FFN work scales with the keep rate, and switches to masked dense compute
+when more than half the blocks are kept (the block's one strategy choice, ``CometMoEBlock._dense_is_cheaper``).
 
     python benchmarks/bench_block_comet.py [--tokens 2048] [--hidden 768] [--threads 2] [--backward]
 """
@@ -74,7 +75,7 @@ def main() -> None:
     print(f"{'dense FFN':42s} {baseline:9.1f} {1.0:9.2f}")
     rows = [("unit COMET, keep 0.5", dict(comet_keep_rate=0.5))]
     for block_size in (64, 256):
-        for keep in (0.25, 0.5, 1.0):
+        for keep in (0.25, 0.5, 0.75, 1.0):
             rows.append(
                 (f"block-COMET b={block_size}, keep {keep}", dict(comet_keep_rate=keep, comet_block_size=block_size))
             )

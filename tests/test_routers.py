@@ -336,19 +336,23 @@ def test_block_comet_with_keep_rate_one_equals_the_dense_ffn(family, head):
         torch.testing.assert_close(main_output(model(**inputs)), main_output(dense(**inputs)), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("implementation", ["eager", "grouped_mm"])
-def test_block_comet_is_the_dense_ffn_with_whole_blocks_masked_and_the_bias_added_once(implementation):
-    config = tiny_config("comet_vit", routing="comet", comet_block_size=16, comet_keep_rate=0.25)
+@pytest.mark.parametrize(
+    "implementation, keep_rate", [("eager", 0.25), ("grouped_mm", 0.25), ("grouped_mm", 0.75)]
+)  # 2 of 8 blocks run through the kernels, 6 of 8 through masked dense compute
+def test_block_comet_is_the_dense_ffn_with_whole_blocks_masked_and_the_bias_added_once(implementation, keep_rate):
+    config = tiny_config("comet_vit", routing="comet", comet_block_size=16, comet_keep_rate=keep_rate)
     config._experts_implementation = implementation
     block = filled_block(config).eval()
-    assert block.experts.num_experts == 8 and block.router.num_active == 2
+    kept = int(keep_rate * 8)
+    assert block.experts.num_experts == 8 and block.router.num_active == kept
     x = torch.randn(6, 32)
     with torch.no_grad():
         decision = block.router(x)
-        assert torch.equal(decision.top_k_weights, torch.ones(6, 2))
+        assert block._dense_is_cheaper(decision) == (keep_rate > 0.5)
+        assert torch.equal(decision.top_k_weights, torch.ones(6, kept))
         scores = x @ block.router.projection.T  # (T, 8 blocks)
         assert set(map(tuple, decision.top_k_index.sort(-1).values.tolist())) == set(
-            map(tuple, scores.topk(2, dim=-1).indices.sort(-1).values.tolist())
+            map(tuple, scores.topk(kept, dim=-1).indices.sort(-1).values.tolist())
         )
         w1 = block.experts.up_proj.reshape(128, 32)
         b1 = block.experts.up_proj_bias.reshape(128)

@@ -29,6 +29,12 @@ STATISTICS_PAIRS = 64
 
 MERGE_METHODS = ("mean", "count_weighted")
 
+DENSE_BLOCK_FRACTION = 0.5
+"""Block-COMET keeping more than this fraction of blocks runs as masked dense compute: the token-choice kernels copy
+each token once per kept block, which costs more than the FLOPs they save once over half the blocks are on
+(benchmarks/bench_block_comet.py: at keep 1.0 kernels 2.4x the dense FFN, masked dense 1.3x; at keep 0.25 kernels
+0.4x)."""
+
 
 @dataclass
 class ExpertMerge:
@@ -109,6 +115,11 @@ class CometMoEBlock(nn.Module):
 
         if decision.unit_mask is not None:  # unit-level COMET
             output = self.experts.masked_dense_forward(tokens, decision.unit_mask)
+        elif self._dense_is_cheaper(decision):  # block-COMET keeping most blocks
+            block_mask = torch.zeros(tokens.shape[0], self.experts.num_experts, device=tokens.device)
+            block_mask.scatter_(1, decision.top_k_index, 1.0)
+            unit_mask = block_mask.repeat_interleave(self.experts.intermediate_size, dim=1)
+            output = self.experts.masked_dense_forward(tokens, unit_mask)
         elif decision.expert_weights is not None:  # dense mixture
             if activations is None:
                 activations = self.experts.expert_activations(tokens)
@@ -120,6 +131,14 @@ class CometMoEBlock(nn.Module):
         if collector is not None:
             collector.record(self, decision, batch_shape, tokens)
         return self.dropout(output.view(*batch_shape, self.hidden_size))
+
+    def _dense_is_cheaper(self, decision: RoutingDecision) -> bool:
+        """The one place that picks the execution strategy of a sparse decision with weight-1 blocks (block-COMET):
+        masked dense compute when more than ``DENSE_BLOCK_FRACTION`` of the blocks are kept per token, the
+        packed-expert kernels otherwise (see benchmarks/bench_block_comet.py)."""
+        if self.routing != "comet" or decision.top_k_index is None:
+            return False
+        return decision.top_k_index.shape[1] > DENSE_BLOCK_FRACTION * self.experts.num_experts
 
     def _routing_token_mask(self, collector, batch_shape: torch.Size) -> torch.Tensor | None:
         """The non-padding mask for routers that need it in the forward. Kept from the routed forward so that an

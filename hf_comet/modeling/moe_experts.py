@@ -63,16 +63,21 @@ class CometExperts(nn.Module):
         return output
 
     def masked_dense_forward(self, hidden_states: torch.Tensor, unit_mask: torch.Tensor) -> torch.Tensor:
-        """All units of a single-group FFN at once, intermediate activations multiplied by ``unit_mask`` (T, I).
+        """Every unit of the experts at once, as one FFN of width E * I, intermediate activations multiplied by
+        ``unit_mask`` (T, E * I) after the activation, with no rescaling.
 
-        Used by unit-level COMET: the mask is applied after the activation, with no rescaling.
+        Used by unit-level COMET (E = 1) and by block-COMET when most blocks are kept (the experts are then consecutive
+        slices of one FFN and this is cheaper than gathering each token once per kept block). Per-expert output
+        biases are added with the mask's per-expert weight; block-COMET's are zero and its bias is ``output_bias``.
         """
-        if self.num_experts != 1:
-            raise ValueError(
-                f"masked_dense_forward needs one packed group of units, got num_experts={self.num_experts}."
-            )
-        h = self.act_fn(F.linear(hidden_states, self.up_proj[0], self.up_proj_bias[0]))
-        return F.linear(h * unit_mask.to(h.dtype), self.down_proj[0], self.down_proj_bias[0])
+        if self.num_experts == 1:
+            h = self.act_fn(F.linear(hidden_states, self.up_proj[0], self.up_proj_bias[0]))
+            return F.linear(h * unit_mask.to(h.dtype), self.down_proj[0], self.down_proj_bias[0])
+        width = self.num_experts * self.intermediate_size
+        up = self.up_proj.reshape(width, self.hidden_size)
+        down = self.down_proj.permute(1, 0, 2).reshape(self.hidden_size, width)
+        h = self.act_fn(F.linear(hidden_states, up, self.up_proj_bias.reshape(width)))
+        return F.linear(h * unit_mask.to(h.dtype), down)
 
     def expert_activations(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Every expert's post-activation intermediate units: (T, d) -> (T, E, I). Dense: E x the work of one expert."""
