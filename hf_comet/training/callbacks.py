@@ -1,0 +1,113 @@
+"""Trainer callbacks that act on routing state: expert merging (Park 2024) and the Deep-MoE constraint phase."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from transformers import TrainerCallback
+
+from ..merging import reset_merged_optimizer_state
+from ..modeling.moe_routers import DeepRouter
+
+logger = logging.getLogger(__name__)
+
+
+class ExpertMergingCallback(TrainerCallback):
+    """Merge the two most used experts into the least used one in every learned-gating layer (Park 2024), at
+    epoch ends, at given optimizer steps (task boundaries), and/or every N optimizer steps, then reset the
+    optimizer state of the overwritten expert slices (`hf_comet.reset_merged_optimizer_state`).
+
+    Under DDP every rank runs the callback at the same step and the model sums the selection counts over ranks,
+    so the replicas stay identical. ``history`` records each event: ``{"step", "merges": [(layer, (a, b), into)]}``.
+
+    Args:
+        every_n_steps: merge every N optimizer steps.
+        at_steps: optimizer steps after which to merge (e.g. the ends of the tasks of a sequence).
+        at_epoch_end: merge at the end of every epoch (the paper's per-task cadence when one epoch is one task).
+        how: ``"mean"`` or ``"count_weighted"``.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        at_steps: Iterable[int] = (),
+        at_epoch_end: bool = False,
+        how: str = "mean",
+    ):
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"every_n_steps={every_n_steps} must be >= 1 or None.")
+        at_steps = sorted(set(at_steps))
+        if any(step < 1 for step in at_steps):
+            raise ValueError(f"at_steps={at_steps} must hold optimizer steps >= 1.")
+        if every_n_steps is None and not at_steps and not at_epoch_end:
+            raise ValueError("ExpertMergingCallback needs a trigger: every_n_steps, at_steps or at_epoch_end=True.")
+        if how not in ("mean", "count_weighted"):
+            raise ValueError(f"how={how!r} is not a merge method; choose 'mean' or 'count_weighted'.")
+        self.every_n_steps = every_n_steps
+        self.at_steps = set(at_steps)
+        self.at_epoch_end = at_epoch_end
+        self.how = how
+        self.history: list[dict[str, Any]] = []
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        step = state.global_step
+        if step in self.at_steps or (self.every_n_steps and step % self.every_n_steps == 0):
+            self.merge(model, optimizer, step)
+
+    def on_epoch_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.at_epoch_end:
+            self.merge(model, optimizer, state.global_step)
+
+    def merge(self, model, optimizer, step: int) -> None:
+        """Merge now and reset the optimizer state of the overwritten slices."""
+        merges = model.merge_most_used_into_least_used(how=self.how)
+        if optimizer is not None:
+            reset_merged_optimizer_state(getattr(optimizer, "optimizer", optimizer), merges)
+        event = {"step": step, "merges": [(m.layer_idx, m.sources, m.into) for m in merges]}
+        self.history.append(event)
+        logger.info("expert merging at step %d: %s", step, event["merges"])
+
+
+class DeepConstraintCallback(TrainerCallback):
+    """Drive the Deep-MoE balancing-constraint phase (Eigen et al. 2013) by optimizer steps instead of forwards.
+
+    On its own a ``deep`` router counts training forwards (micro-batches). With this callback the routers keep the
+    constraint until ``constraint_steps`` optimizer steps (default: the config's ``deep_constraint_steps``) have
+    passed, whatever the gradient accumulation, and then lift it for good.
+    """
+
+    def __init__(self, constraint_steps: int | None = None):
+        if constraint_steps is not None and constraint_steps < 0:
+            raise ValueError(f"constraint_steps={constraint_steps} must be >= 0 or None.")
+        self.constraint_steps = constraint_steps
+        self.lifted_at: int | None = None
+
+    def _routers(self, model) -> list[DeepRouter]:
+        return [b.router for b in model.moe_blocks() if isinstance(b.router, DeepRouter)]
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        routers = self._routers(model)
+        if not routers:
+            raise ValueError("DeepConstraintCallback needs a model with routing='deep' layers.")
+        if self.constraint_steps is None:
+            self.constraint_steps = model.config.deep_constraint_steps
+        for router in routers:
+            if router.constraint_active:  # the step count, not the forward count, ends the phase from now on
+                router.constraint_steps = max(router.constraint_steps, 2**62)
+        if state.global_step >= self.constraint_steps:
+            self._lift(model, state.global_step)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.lifted_at is None and state.global_step >= self.constraint_steps:
+            self._lift(model, state.global_step)
+
+    def _lift(self, model, step: int) -> None:
+        for router in self._routers(model):
+            router.constraint_steps = model.config.deep_constraint_steps
+            router.lift_constraint()
+        self.lifted_at = step
+
+
+__all__ = ["DeepConstraintCallback", "ExpertMergingCallback"]

@@ -1,0 +1,161 @@
+"""`CometTrainer`: transformers' Trainer plus routing telemetry in ``log_history`` and every reporter.
+
+Training itself needs nothing from this class: hf_comet models fold their aux loss into ``loss`` (once per optimizer
+step under gradient accumulation) and keep ``eval_loss`` the task loss. The subclass exists because Trainer appends a
+log line to ``log_history`` before callbacks see it, so only ``log`` itself can add keys that reach every reporter
+(transformers-v5-notes §4).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from ..modeling.modeling_comet_common import _aux_loss_share
+
+SUMMARY_KEYS = ("max_load_share", "min_load_share", "dead_experts", "gate_entropy", "usage_entropy")
+SUMMARY_KEYS += ("dropped_tokens", "mask_overlap", "overlap_similarity_correlation")
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def reduce_routing_statistics(model: torch.nn.Module) -> None:
+    """Sum every MoE block's statistics accumulators over the ranks of the default process group (in place).
+
+    The accumulators are sums (tokens, selections, entropy and pair moments), so the reduced window is exactly the
+    window of the global batch. A no-op outside torch.distributed. Every rank must call it at the same point.
+    """
+    if not _distributed() or not hasattr(model, "moe_blocks"):
+        return
+    for block in model.moe_blocks():
+        for tensor in block.statistics_tensors().values():
+            torch.distributed.all_reduce(tensor)
+
+
+def flatten_routing_statistics(statistics: dict[int, dict[str, Any]], prefix: str = "routing") -> dict[str, float]:
+    """Scalar log entries from `routing_statistics()`: ``{prefix}/layer_{i}/{key}`` per layer and model summaries
+    ``{prefix}/{key}`` (max of ``max_load_share``, min of ``min_load_share``, sum of ``dead_experts`` and
+    ``dropped_tokens``, mean of the rest). Lists and ``None`` values are left out (reporters take scalars)."""
+    logs: dict[str, float] = {}
+    per_key: dict[str, list[float]] = {key: [] for key in SUMMARY_KEYS}
+    for layer, stats in sorted(statistics.items()):
+        for key in SUMMARY_KEYS:
+            value = stats.get(key)
+            if value is None:
+                continue
+            logs[f"{prefix}/layer_{layer}/{key}"] = float(value)
+            per_key[key].append(float(value))
+    reducers = {"max_load_share": max, "min_load_share": min, "dead_experts": sum, "dropped_tokens": sum}
+    for key, values in per_key.items():
+        if values:
+            reduce = reducers.get(key, lambda v: sum(v) / len(v))
+            logs[f"{prefix}/{key}"] = float(reduce(values))
+    return logs
+
+
+class CometTrainer(Trainer):
+    """`Trainer` that logs the routers' telemetry every ``logging_steps``.
+
+    Each training log line gains ``aux_loss`` (mean weighted router aux loss of the window) and, from the MoE
+    blocks' statistics over the window (summed over ranks under DDP): per layer and as model summaries the max/min
+    load share, dead experts, gate entropy H_s and usage entropy H_u (bits), dropped tokens, and the mask overlap
+    between token pairs with its correlation to their input similarity (COMET's claim). The window then restarts.
+    ``routing_history`` keeps, per logging step, each layer's tokens per expert (for load heatmaps). Evaluation does
+    not count into the training window.
+
+    When a label smoother or ``compute_loss_func`` replaces the model's loss, the aux loss is added back (weighted
+    like the model does), so label smoothing does not silently drop load balancing.
+
+    Args:
+        routing_telemetry: set ``False`` to log like a plain Trainer.
+    """
+
+    def __init__(self, *args, routing_telemetry: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.routing_telemetry = routing_telemetry
+        self.routing_history: list[dict[str, Any]] = []
+        self._aux_sum: torch.Tensor | None = None
+        self._aux_count = 0
+
+    # -- loss ----------------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        replaces_model_loss = (self.label_smoother is not None or self.compute_loss_func is not None) and (
+            "labels" in inputs
+        )
+        labels = inputs.get("labels")
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        aux_loss = outputs.get("aux_loss") if isinstance(outputs, dict) else None
+        if aux_loss is not None and model.training:
+            if replaces_model_loss:
+                unwrapped = self.accelerator.unwrap_model(model)
+                kwargs = {"num_items_in_batch": num_items_in_batch} if self.model_accepts_loss_kwargs else {}
+                loss = loss + aux_loss * _aux_loss_share(unwrapped, labels, kwargs)
+            detached = aux_loss.detach().float()
+            self._aux_sum = detached if self._aux_sum is None else self._aux_sum + detached
+            self._aux_count += 1
+        return (loss, outputs) if return_outputs else loss
+
+    # -- telemetry -----------------------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.routing_telemetry and "loss" in logs:
+            logs.update(self.routing_logs())
+        super().log(logs, start_time)
+
+    def routing_logs(self) -> dict[str, float]:
+        """The telemetry of the window since the last call (collective under DDP: every rank calls it), then reset."""
+        logs: dict[str, float] = {}
+        if self._aux_count:
+            aux = self._aux_sum / self._aux_count
+            if _distributed():
+                torch.distributed.all_reduce(aux)
+                aux = aux / torch.distributed.get_world_size()
+            logs["aux_loss"] = float(aux)
+            self._aux_sum, self._aux_count = None, 0
+        model = self.accelerator.unwrap_model(self.model)
+        if not hasattr(model, "moe_blocks"):
+            return logs
+        reduce_routing_statistics(model)
+        statistics = model.routing_statistics(reset=True)
+        logs.update(flatten_routing_statistics(statistics))
+        self.routing_history.append(
+            {
+                "step": self.state.global_step,
+                "tokens_per_expert": {layer: stats["tokens_per_expert"] for layer, stats in statistics.items()},
+                **{k: v for k, v in logs.items() if not math.isnan(v)},
+            }
+        )
+        return logs
+
+    def _set_tracking(self, enabled: bool) -> list:
+        model = self.accelerator.unwrap_model(self.model)
+        blocks = model.moe_blocks() if hasattr(model, "moe_blocks") else []
+        previous = [block.track_statistics for block in blocks]
+        for block in blocks:
+            block.track_statistics = enabled
+        return previous
+
+    def evaluate(self, *args, **kwargs):
+        """Upstream ``evaluate``; evaluation forwards stay out of the training statistics window."""
+        previous = self._set_tracking(False)
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            for block, enabled in zip(self.accelerator.unwrap_model(self.model).moe_blocks(), previous, strict=False):
+                block.track_statistics = enabled
+
+    def predict(self, *args, **kwargs):
+        """Upstream ``predict``; prediction forwards stay out of the training statistics window."""
+        previous = self._set_tracking(False)
+        try:
+            return super().predict(*args, **kwargs)
+        finally:
+            for block, enabled in zip(self.accelerator.unwrap_model(self.model).moe_blocks(), previous, strict=False):
+                block.track_statistics = enabled
+
+
+__all__ = ["CometTrainer", "flatten_routing_statistics", "reduce_routing_statistics"]

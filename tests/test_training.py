@@ -1,0 +1,270 @@
+"""Training through transformers' Trainer and multi-process DDP: aux loss once per optimizer step, pure eval loss,
+telemetry in log_history, merge and constraint callbacks, 2-process CPU DDP equal to one process."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import ROUTING_NAMES, tiny_inputs, tiny_model
+from transformers import TrainingArguments
+
+from hf_comet.training import CometTrainer, DeepConstraintCallback, ExpertMergingCallback
+
+HERE = Path(__file__).resolve().parent
+HEAD = {"comet_gpt2": "AutoModelForCausalLM", "comet_vit": "AutoModelForImageClassification"}
+HEAD["comet_bert"] = "AutoModelForMaskedLM"
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def rows_of(family: str, n: int, seed: int = 0) -> list[dict]:
+    inputs = tiny_inputs(family, HEAD[family], batch=n, seed=seed)
+    return [{k: v[i] for k, v in inputs.items()} for i in range(n)]
+
+
+def args(tmp_path, **overrides) -> TrainingArguments:
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        train_sampling_strategy="sequential",
+        per_device_train_batch_size=8,
+        max_steps=1,
+        learning_rate=0.5,
+        optim="sgd",
+        logging_steps=1,
+        seed=0,
+    )
+    base.update(overrides)
+    return TrainingArguments(**base)
+
+
+@pytest.mark.parametrize("family", list(HEAD))
+def test_gradient_accumulation_counts_the_aux_loss_once_per_optimizer_step(family, tmp_path):
+    # two identical halves: each micro-batch of GA=2 has the same task and aux loss as the full batch, so one SGD
+    # step must land on the same weights; counting the aux loss per micro-batch would double its gradient
+    rows = rows_of(family, 4)
+    rows = rows + rows
+    results = []
+    for batch, accumulation in ((8, 1), (4, 2)):
+        model = tiny_model(family, HEAD[family], routing="topk", router_aux_loss_coef=5.0)
+        trainer = CometTrainer(
+            model=model,
+            args=args(tmp_path, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation),
+            train_dataset=ListDataset(rows),
+        )
+        trainer.train()
+        logged = next(e for e in trainer.state.log_history if "loss" in e)
+        results.append((model, logged))
+    (one, log_one), (two, log_two) = results
+    for (name, a), b in zip(one.named_parameters(), two.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert log_one["aux_loss"] == pytest.approx(log_two["aux_loss"], rel=1e-5)
+    assert log_one["loss"] == pytest.approx(log_two["loss"], rel=1e-5)
+
+
+def test_eval_loss_is_the_task_loss_and_metrics_receive_plain_logits(tmp_path):
+    model = tiny_model("comet_vit", "AutoModelForImageClassification", routing="topk", router_aux_loss_coef=5.0)
+    model.config.output_router_logits = True  # router outputs must still not reach the metrics
+    rows = rows_of("comet_vit", 6)
+    seen = {}
+
+    def compute_metrics(prediction):
+        seen["logits"] = prediction.predictions
+        return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+    trainer = CometTrainer(
+        model=model,
+        args=args(tmp_path, per_device_eval_batch_size=6),
+        eval_dataset=ListDataset(rows),
+        compute_metrics=compute_metrics,
+    )
+    metrics = trainer.evaluate()
+    assert model.routing_statistics()[0]["tokens"] == 0  # evaluation stays out of the training window
+    assert isinstance(seen["logits"], np.ndarray) and seen["logits"].shape == (6, 3)
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    with torch.no_grad():
+        task = torch.nn.functional.cross_entropy(
+            model.eval()(pixel_values=batch["pixel_values"]).logits, batch["labels"]
+        )
+    assert metrics["eval_loss"] == pytest.approx(task.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("routing", ["comet", "topk", "deep"])
+def test_routing_telemetry_reaches_log_history_every_logging_step(routing, tmp_path):
+    model = tiny_model("comet_gpt2", "AutoModelForCausalLM", routing=routing)
+    trainer = CometTrainer(
+        model=model,
+        args=args(tmp_path, max_steps=4, logging_steps=2, per_device_train_batch_size=4, learning_rate=1e-3),
+        train_dataset=ListDataset(rows_of("comet_gpt2", 16)),
+    )
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert [e["step"] for e in logs] == [2, 4]
+    for entry in logs:
+        for key in ("max_load_share", "min_load_share", "dead_experts", "gate_entropy", "usage_entropy"):
+            assert f"routing/{key}" in entry and f"routing/layer_0/{key}" in entry and f"routing/layer_1/{key}" in entry
+        assert "routing/mask_overlap" in entry and "routing/overlap_similarity_correlation" in entry
+        assert ("aux_loss" in entry) == (routing == "topk")
+    # each window holds exactly its two steps' real tokens (padding excluded, then reset)
+    valid = sum(int(r["attention_mask"].sum()) for r in rows_of("comet_gpt2", 16)[:8])
+    per_token = {"comet": 64, "topk": 2, "deep": 1}[routing]
+    assert sum(trainer.routing_history[0]["tokens_per_expert"][0]) == pytest.approx(valid * per_token)
+
+
+def test_label_smoothing_keeps_the_aux_loss(tmp_path):
+    rows = rows_of("comet_vit", 8)
+    losses = {}
+    for coef in (0.0, 5.0):
+        model = tiny_model("comet_vit", "AutoModelForImageClassification", routing="topk", router_aux_loss_coef=coef)
+        trainer = CometTrainer(
+            model=model, args=args(tmp_path, label_smoothing_factor=0.1), train_dataset=ListDataset(rows)
+        )
+        batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        model.train()
+        loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
+        losses[coef] = (loss.item(), outputs.aux_loss.item())
+    assert losses[5.0][0] == pytest.approx(losses[0.0][0] + losses[5.0][1], rel=1e-5)
+
+
+def test_expert_merging_callback_merges_at_the_set_step_and_resets_optimizer_state(tmp_path):
+    model = tiny_model("comet_vit", "AutoModelForImageClassification", routing="topk")
+    callback = ExpertMergingCallback(at_steps=[3])
+    trainer = CometTrainer(
+        model=model,
+        args=args(tmp_path, max_steps=3, per_device_train_batch_size=4, optim="adamw_torch", learning_rate=1e-2),
+        train_dataset=ListDataset(rows_of("comet_vit", 12)),
+        callbacks=[callback],
+    )
+    trainer.train()
+    assert [event["step"] for event in callback.history] == [3]
+    (layer, (a, b), into), *_ = callback.history[0]["merges"]
+    block = model.moe_blocks()[layer]
+    torch.testing.assert_close(block.experts.up_proj[into], (block.experts.up_proj[a] + block.experts.up_proj[b]) / 2)
+    state = trainer.optimizer.state[block.experts.up_proj]
+    assert state["exp_avg"][into].abs().sum() == 0 and state["exp_avg"][a].abs().sum() > 0
+    assert block.selection_counts.sum() == 0
+
+
+def test_expert_merging_callback_refuses_a_missing_trigger():
+    with pytest.raises(ValueError, match="needs a trigger"):
+        ExpertMergingCallback()
+    with pytest.raises(ValueError, match="every_n_steps=0"):
+        ExpertMergingCallback(every_n_steps=0)
+
+
+def test_deep_constraint_callback_ends_the_phase_by_optimizer_steps(tmp_path):
+    model = tiny_model("comet_vit", "AutoModelForImageClassification", routing="deep", deep_constraint_steps=3)
+    callback = DeepConstraintCallback()
+    states = []
+
+    class Probe(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            states.append(model.moe_blocks()[0].router.constraint_active)
+
+    trainer = CometTrainer(
+        model=model,
+        args=args(tmp_path, max_steps=5, per_device_train_batch_size=2, gradient_accumulation_steps=2),
+        train_dataset=ListDataset(rows_of("comet_vit", 20)),
+        callbacks=[callback, Probe()],
+    )
+    trainer.train()
+    # 3 optimizer steps = 6 forwards: on its own the router would have lifted the constraint after step 2
+    assert states == [True, True, False, False, False] and callback.lifted_at == 3
+    assert int(model.moe_blocks()[0].router.constraint_steps_done) >= 3
+
+
+def test_activation_checkpointing_in_trainer_gives_the_same_weights(tmp_path):
+    rows = rows_of("comet_bert", 8)
+    models = []
+    for checkpointing in (False, True):
+        model = tiny_model("comet_bert", "AutoModelForMaskedLM", routing="switch", router_jitter_noise=0.1)
+        CometTrainer(
+            model=model,
+            args=args(tmp_path, max_steps=2, per_device_train_batch_size=4, activation_checkpointing=checkpointing),
+            train_dataset=ListDataset(rows),
+        ).train()
+        models.append(model)
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# -- multi-process -------------------------------------------------------------------------------------------------
+def _ddp_steps(rank: int, world_size: int, init_file: str, routings: list[str], results):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        for routing in routings:
+            model = tiny_model("comet_gpt2", "AutoModelForCausalLM", routing=routing, moe_layers=[1])
+            ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+            optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+            for step in range(3):  # an unused parameter fails at the second step's reduction
+                out = ddp(**tiny_inputs("comet_gpt2", "AutoModelForCausalLM", seed=10 * rank + step))
+                optimizer.zero_grad()
+                out.loss.backward()
+                optimizer.step()
+            results[(rank, routing)] = float(sum(p.double().sum() for p in model.parameters()))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_without_unused_parameter_search_works_for_every_routing(tmp_path):
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_ddp_steps, args=(2, str(tmp_path / "init"), ROUTING_NAMES, results), nprocs=2, join=True)
+    for routing in ROUTING_NAMES:
+        assert results[(0, routing)] == results[(1, routing)], routing  # replicas stay identical
+
+
+def _run_script(out: Path, routing: str, batch: int, processes: int) -> dict:
+    out.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    command = [sys.executable, str(HERE / "ddp_train_script.py"), str(out), routing, str(batch)]
+    if processes > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        command = launcher + command[1:]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {rank: json.loads((out / f"rank{rank}.json").read_text()) for rank in range(processes)}
+
+
+@pytest.mark.parametrize("routing", ["comet", "topk"])
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(routing, tmp_path):
+    ddp = _run_script(tmp_path / "ddp", routing, batch=8, processes=2)
+    single = _run_script(tmp_path / "single", routing, batch=16, processes=1)
+    assert ddp[0]["world_size"] == 2 and ddp[0]["ddp"] == "DistributedDataParallel"
+    weights = [torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1)]
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name  # both ranks end identical
+    # telemetry is reduced over ranks: the same windows as the single process with the global batch
+    assert ddp[0]["tokens_per_expert"] == single[0]["tokens_per_expert"]
+    assert ddp[0]["routing_keys"] == single[0]["routing_keys"]
+    if routing == "comet":  # no batch-dependent aux loss: the loss curve is the single-process one
+        np.testing.assert_allclose(ddp[0]["losses"], single[0]["losses"], rtol=1e-5)
+        reference = torch.load(tmp_path / "single" / "rank0.pt")
+        for name in reference:
+            # Adam divides by sqrt(v): float-order differences of ~1e-7 in the gradients grow to ~1e-5 in the
+            # weights; a wrong batch split would move them by ~lr = 1e-2
+            torch.testing.assert_close(weights[0][name], reference[name], rtol=1e-3, atol=1e-4)
+    else:  # the Switch/top-k aux loss is a per-rank batch statistic: close, not equal
+        np.testing.assert_allclose(ddp[0]["losses"], single[0]["losses"], rtol=1e-2)
+    assert all(math.isfinite(v) for v in ddp[0]["losses"])
