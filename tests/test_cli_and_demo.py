@@ -1,5 +1,6 @@
-"""The ``hf-comet`` command and the demo (main job) in a fast setting."""
+"""The ``hf-comet`` command, the recipes and the demo (main job) in their fast settings."""
 
+import json
 import subprocess
 import sys
 
@@ -8,9 +9,9 @@ import torch
 import transformers
 
 import hf_comet
-from hf_comet.data import digits_images, english_text_bytes
-from hf_comet.demo import run_demo
+from hf_comet.data import digits_images, english_text_bytes, stdlib_docstrings
 from hf_comet.io import atomic_save_pretrained
+from hf_comet.training.recipes import RECIPES, run_recipe
 
 
 def run_cli(*args):
@@ -26,10 +27,31 @@ def test_version_and_info():
         assert name in info.stdout
 
 
-def test_bad_steps_is_refused_before_any_work(tmp_path):
-    proc = run_cli("demo", "--steps", "0", "--output-dir", str(tmp_path / "out"))
-    assert proc.returncode == 2 and "--steps 0" in proc.stderr
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "vit_digits", "--steps", "0"], "steps=0"),
+        (["train", "vit_digits", "--variants", "dense,hash"], "'hash'"),
+        (["train", "vit_digits", "--set", "comet_keep_rate=1.5"], "comet_keep_rate=1.5"),
+        (["train", "vit_digits", "--set", "comet_keep_rate"], "KEY=VALUE"),
+        (["train", "gpt2_text", "--setting", "epochs=3"], "epochs"),
+    ],
+)
+def test_bad_train_arguments_are_refused_before_any_work(tmp_path, args, message, capsys):
+    from hf_comet.cli import main
+
+    assert main([*args, "--output-dir", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_unknown_recipe_is_refused(capsys):
+    from hf_comet.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "resnet_imagenet"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "invalid choice" in err and "vit_digits" in err
 
 
 def test_bundled_datasets_are_real_and_offline():
@@ -40,16 +62,59 @@ def test_bundled_datasets_are_real_and_offline():
     assert len(text) > 100_000 and b"the" in text[:20_000].tobytes()
 
 
-def test_demo_fast_trains_saves_and_reloads_every_family(tmp_path):
-    results = run_demo(tmp_path, steps=3, log=lambda line: None)
-    assert {(r.family, r.routing) for r in results} == {
-        (f, r) for f in ("comet_vit", "comet_gpt2", "comet_bert") for r in ("comet", "topk")
-    }
-    assert all(r.reload_identical for r in results)
-    vit = next(r for r in results if r.family == "comet_vit" and r.routing == "comet")
-    model = transformers.AutoModelForImageClassification.from_pretrained(vit.checkpoint)
+def test_stdlib_docstrings_are_a_real_four_topic_task():
+    texts, labels, names = stdlib_docstrings()
+    assert len(names) == 4 and len(texts) == len(labels) > 800
+    assert all(labels.count(k) > 100 for k in range(4))
+    assert len(set(texts)) == len(texts)
+    assert any("decimal" in t.lower() for t, label in zip(texts, labels, strict=True) if label == 2)
+
+
+def test_demo_fast_compares_comet_topk_and_dense_and_leaves_loadable_checkpoints(tmp_path):
+    proc = run_cli("demo", "--fast", "--no-progress", "--output-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "comet" in proc.stdout and "dense" in proc.stdout and "(as trained)" in proc.stdout
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(summary["variants"]) == {"dense", "comet", "topk"}
+    for name in ("loss_curves.png", "expert_load_comet.png", "overlap_similarity_comet.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    model = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "comet")
     assert type(model).__name__ == "CometViTForImageClassification"
+    card = (tmp_path / "comet" / "README.md").read_text()
+    assert card.startswith("---") and "library_name: transformers" in card and "- moe" in card
+    assert "COMET routing" in card and "test_accuracy" in card and "(expert_load_comet.png)" in card
+    assert (tmp_path / "comet" / "expert_load_comet.png").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging folder is left behind"
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipes_fast_setting_runs_end_to_end_and_writes_its_files(recipe, tmp_path):
+    summary = run_recipe(recipe, tmp_path, fast=True, progress=False, log=lambda line: None)
+    assert summary["setting"] == "fast" and json.loads((tmp_path / "metrics.json").read_text()) == summary
+    for variant, entry in summary["variants"].items():
+        assert all(isinstance(v, float) for v in entry["metrics"].values())
+        assert (tmp_path / variant / "config.json").exists()
+        if variant != "dense":
+            assert (tmp_path / f"expert_load_{variant}.png").exists()
+            assert entry["last_routing"]["routing/max_load_share"] > 0
+    metric = {"vit_digits": "test_accuracy", "gpt2_text": "val_perplexity", "bert_mlm_cls": "topic_test_accuracy"}
+    assert all(metric[recipe] in entry["metrics"] for entry in summary["variants"].values())
+
+
+def test_recipe_overrides_reach_the_moe_config(tmp_path):
+    summary = run_recipe(
+        "vit_digits",
+        tmp_path,
+        fast=True,
+        variants=["block_comet"],
+        overrides={"comet_keep_rate": 0.25},
+        settings={"steps": 3},
+        progress=False,
+        log=lambda line: None,
+    )
+    config = json.loads((tmp_path / "block_comet" / "config.json").read_text())
+    assert config["comet_keep_rate"] == 0.25 and config["comet_block_size"] == 32
+    assert summary["settings"]["steps"] == 3
 
 
 def test_atomic_save_replaces_a_checkpoint_and_keeps_the_old_one_on_failure(tmp_path):

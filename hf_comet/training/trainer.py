@@ -8,6 +8,7 @@ log line to ``log_history`` before callbacks see it, so only ``log`` itself can 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -131,31 +132,32 @@ class CometTrainer(Trainer):
         )
         return logs
 
-    def _set_tracking(self, enabled: bool) -> list:
+    def _moe_blocks(self) -> list:
         model = self.accelerator.unwrap_model(self.model)
-        blocks = model.moe_blocks() if hasattr(model, "moe_blocks") else []
+        return model.moe_blocks() if hasattr(model, "moe_blocks") else []
+
+    @contextlib.contextmanager
+    def _statistics_paused(self):
+        """Keep the forwards inside out of the training statistics window."""
+        blocks = self._moe_blocks()
         previous = [block.track_statistics for block in blocks]
         for block in blocks:
-            block.track_statistics = enabled
-        return previous
+            block.track_statistics = False
+        try:
+            yield
+        finally:
+            for block, enabled in zip(blocks, previous, strict=True):
+                block.track_statistics = enabled
 
     def evaluate(self, *args, **kwargs):
         """Upstream ``evaluate``; evaluation forwards stay out of the training statistics window."""
-        previous = self._set_tracking(False)
-        try:
+        with self._statistics_paused():
             return super().evaluate(*args, **kwargs)
-        finally:
-            for block, enabled in zip(self.accelerator.unwrap_model(self.model).moe_blocks(), previous, strict=False):
-                block.track_statistics = enabled
 
     def predict(self, *args, **kwargs):
         """Upstream ``predict``; prediction forwards stay out of the training statistics window."""
-        previous = self._set_tracking(False)
-        try:
+        with self._statistics_paused():
             return super().predict(*args, **kwargs)
-        finally:
-            for block, enabled in zip(self.accelerator.unwrap_model(self.model).moe_blocks(), previous, strict=False):
-                block.track_statistics = enabled
 
 
 __all__ = ["CometTrainer", "flatten_routing_statistics", "reduce_routing_statistics"]
