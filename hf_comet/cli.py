@@ -75,29 +75,30 @@ def _report(summary: dict, output_dir: str, check_reload: bool = False) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from hf_comet.training.recipes import parse_overrides, run_recipe
+    from hf_comet.training.recipes import RecipeArgumentError, parse_overrides, run_recipe, validate_recipe_arguments
 
-    try:
+    variants = args.variants.split(",") if args.variants else None
+    try:  # every argument is checked here, before anything is trained or written
         overrides = parse_overrides(args.set)
         settings = parse_overrides(args.setting)
         if args.steps is not None:
             settings["steps"] = args.steps
-        variants = args.variants.split(",") if args.variants else None
-        _quiet_transformers()
-        output_dir = args.output_dir or f"runs/{args.recipe}"
-        summary = run_recipe(
-            args.recipe,
-            output_dir,
-            fast=args.fast,
-            variants=variants,
-            overrides=overrides,
-            settings=settings,
-            seed=args.seed,
-            progress=not args.no_progress,
-        )
-    except ValueError as error:
+        validate_recipe_arguments(args.recipe, args.fast, variants, overrides, settings)
+    except RecipeArgumentError as error:
         print(f"hf-comet train: {error}", file=sys.stderr)
         return 2
+    _quiet_transformers()
+    output_dir = args.output_dir or f"runs/{args.recipe}"
+    summary = run_recipe(
+        args.recipe,
+        output_dir,
+        fast=args.fast,
+        variants=variants,
+        overrides=overrides,
+        settings=settings,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
     return _report(summary, output_dir)
 
 

@@ -34,6 +34,18 @@ def english_text_bytes() -> np.ndarray:
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
 
 
+def english_text_split(every: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """`english_text_bytes` split by topic: every ``every``-th topic (sorted keys) is held out for validation, so the
+    two parts share no topic. Returns ``(train_bytes, validation_bytes)``."""
+    from pydoc_data import topics
+
+    keys = sorted(topics.topics)
+    train = "\n\n".join(topics.topics[k] for i, k in enumerate(keys) if i % every)
+    held_out = "\n\n".join(topics.topics[k] for i, k in enumerate(keys) if not i % every)
+    as_bytes = lambda text: np.frombuffer(text.encode("utf-8"), dtype=np.uint8)  # noqa: E731
+    return as_bytes(train), as_bytes(held_out)
+
+
 def byte_windows(data: np.ndarray, seq_len: int, num: int, seed: int) -> torch.Tensor:
     """``num`` random windows of ``seq_len`` bytes from ``data`` as a (num, seq_len) long tensor."""
     rng = np.random.default_rng(seed)

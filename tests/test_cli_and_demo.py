@@ -35,6 +35,11 @@ def test_version_and_info():
         (["train", "vit_digits", "--set", "comet_keep_rate=1.5"], "comet_keep_rate=1.5"),
         (["train", "vit_digits", "--set", "comet_keep_rate"], "KEY=VALUE"),
         (["train", "gpt2_text", "--setting", "epochs=3"], "epochs"),
+        (["train", "gpt2_text", "--setting", "steps=abc"], "steps='abc'"),
+        (["train", "gpt2_text", "--setting", "num_train=0"], "num_train=0"),
+        (["train", "bert_mlm_cls", "--fast", "--setting", "finetune_steps=0"], "finetune_steps=0"),
+        (["train", "vit_digits", "--set", "comet_keep_rat=0.25"], "misspelt"),
+        (["train", "vit_digits", "--variants", "block_comet", "--set", "comet_block_size=48"], "comet_block_size=48"),
     ],
 )
 def test_bad_train_arguments_are_refused_before_any_work(tmp_path, args, message, capsys):

@@ -145,6 +145,36 @@ def test_label_smoothing_keeps_the_aux_loss(tmp_path):
     assert losses[5.0][0] == pytest.approx(losses[0.0][0] + losses[5.0][1], rel=1e-5)
 
 
+@pytest.mark.parametrize("family", ["comet_vit", "comet_gpt2"])
+def test_a_custom_loss_function_keeps_the_aux_loss_once_per_optimizer_step(family, tmp_path):
+    """With ``compute_loss_func`` Trainer treats the loss as normalised over the accumulated batch (no division by
+    the accumulation steps); the aux loss CometTrainer adds back must follow suit."""
+    rows = rows_of(family, 4)
+    rows = rows + rows
+
+    def summed_cross_entropy(outputs, labels, num_items_in_batch=None):
+        logits = outputs.logits
+        if family == "comet_gpt2":
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        return loss / num_items_in_batch
+
+    models = []
+    for batch, accumulation in ((8, 1), (4, 2)):
+        model = tiny_model(family, HEAD[family], routing="topk", router_aux_loss_coef=5.0)
+        CometTrainer(
+            model=model,
+            args=args(tmp_path, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation),
+            train_dataset=ListDataset(rows),
+            compute_loss_func=summed_cross_entropy,
+        ).train()
+        models.append(model)
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_expert_merging_callback_merges_at_the_set_step_and_resets_optimizer_state(tmp_path):
     model = tiny_model("comet_vit", "AutoModelForImageClassification", routing="topk")
     callback = ExpertMergingCallback(at_steps=[3])
@@ -190,6 +220,32 @@ def test_deep_constraint_callback_ends_the_phase_by_optimizer_steps(tmp_path):
     # 3 optimizer steps = 6 forwards: on its own the router would have lifted the constraint after step 2
     assert states == [True, True, False, False, False] and callback.lifted_at == 3
     assert int(model.moe_blocks()[0].router.constraint_steps_done) >= 3
+
+
+def test_deep_constraint_callback_keeps_the_phase_when_training_resumes(tmp_path):
+    def run(max_steps, resume=None, save=False):
+        model = tiny_model("comet_vit", "AutoModelForImageClassification", routing="deep", deep_constraint_steps=3)
+        states = []
+
+        class Probe(transformers.TrainerCallback):  # is the constraint on while this step's forwards run?
+            def on_step_begin(self, args, state, control, model=None, **kwargs):
+                states.append(model.moe_blocks()[0].router.constraint_active)
+
+        overrides = dict(max_steps=max_steps, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+        if save:
+            overrides.update(save_strategy="steps", save_steps=2)
+        trainer = CometTrainer(
+            model=model,
+            args=args(tmp_path, **overrides),
+            train_dataset=ListDataset(rows_of("comet_vit", 20)),
+            callbacks=[DeepConstraintCallback(), Probe()],
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return states
+
+    assert run(2, save=True) == [True, True]
+    # the checkpoint holds 4 counted forwards (> the 3 constraint steps); the phase must still last 3 optimizer steps
+    assert run(5, resume=str(tmp_path / "out" / "checkpoint-2")) == [True, False, False]
 
 
 def test_activation_checkpointing_in_trainer_gives_the_same_weights(tmp_path):

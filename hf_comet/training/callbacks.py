@@ -93,11 +93,13 @@ class DeepConstraintCallback(TrainerCallback):
             raise ValueError("DeepConstraintCallback needs a model with routing='deep' layers.")
         if self.constraint_steps is None:
             self.constraint_steps = model.config.deep_constraint_steps
-        for router in routers:
-            if router.constraint_active:  # the step count, not the forward count, ends the phase from now on
-                router.constraint_steps = max(router.constraint_steps, 2**62)
         if state.global_step >= self.constraint_steps:
             self._lift(model, state.global_step)
+            return
+        for router in routers:
+            # From now on the optimizer step count, not the routers' forward count, ends the phase (also after a
+            # resume, where the saved forward count may already exceed the config's steps under accumulation).
+            router.constraint_steps = 2**62
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.lifted_at is None and state.global_step >= self.constraint_steps:

@@ -14,6 +14,7 @@ pre-training on the same text, then sequence classification of standard-library 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -32,7 +33,7 @@ from transformers import AutoConfig, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..cards import write_model_card
-from ..data import byte_windows, digits_images, encode_bytes, english_text_bytes, stdlib_docstrings
+from ..data import byte_windows, digits_images, encode_bytes, english_text_split, stdlib_docstrings
 from ..io import atomic_save_pretrained
 from ..modeling.configuration_comet import ROUTINGS
 from .callbacks import DeepConstraintCallback
@@ -210,13 +211,33 @@ def _train(
 
 
 # -- the three recipes ---------------------------------------------------------------------------------------------
-def _vit_digits(settings: Settings, variant: str, overrides: dict, seed: int, workdir: Path, progress: bool):
-    train, test = digits_images(seed=seed)
-    shared = dict(
+def _vit_shared(settings: Settings) -> dict:
+    return dict(
         image_size=8, patch_size=2, num_channels=1, num_labels=10, hidden_size=settings.hidden_size,
         num_hidden_layers=settings.num_layers, num_attention_heads=settings.num_heads,
         intermediate_size=4 * settings.hidden_size, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0,
     )  # fmt: skip
+
+
+def _gpt2_shared(settings: Settings) -> dict:
+    return dict(
+        vocab_size=256, n_positions=settings.seq_len, n_embd=settings.hidden_size, n_layer=settings.num_layers,
+        n_head=settings.num_heads, bos_token_id=10, eos_token_id=10, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.0,
+    )  # fmt: skip
+
+
+def _bert_shared(settings: Settings) -> dict:
+    return dict(
+        vocab_size=BYTE_VOCAB, pad_token_id=PAD_ID, max_position_embeddings=settings.seq_len,
+        hidden_size=settings.hidden_size, num_hidden_layers=settings.num_layers,
+        num_attention_heads=settings.num_heads, intermediate_size=4 * settings.hidden_size, hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+
+
+def _vit_digits(settings: Settings, variant: str, overrides: dict, seed: int, workdir: Path, progress: bool):
+    train, test = digits_images(seed=seed)
+    shared = _vit_shared(settings)
     model = build_model("comet_vit", "AutoModelForImageClassification", variant, shared, overrides, seed)
     trainer, metrics, seconds = _train(
         model, _Rows(train), _Rows(test), settings, workdir, seed, progress, compute_metrics=_accuracy
@@ -225,20 +246,26 @@ def _vit_digits(settings: Settings, variant: str, overrides: dict, seed: int, wo
     return trainer, {"test_accuracy": metrics["eval_accuracy"], "test_loss": metrics["eval_loss"]}, seconds, sample
 
 
-def _text_windows(settings: Settings, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    data = english_text_bytes()
-    split = int(len(data) * 0.9)  # the last 10% of the text is held out
-    train = byte_windows(data[:split], settings.seq_len, settings.num_train, seed=seed)
-    evaluation = byte_windows(data[split:], settings.seq_len, settings.num_eval, seed=seed + 1)
+def _text_windows(settings: Settings, seed: int, prefix: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Byte windows of the bundled documentation: every 10th topic is held out, and held-out windows whose bytes
+    also occur in the training text (the topics repeat some paragraphs) are dropped, so evaluation is unseen text.
+    With ``prefix`` each window starts with that token id (BERT's [CLS])."""
+    train_text, eval_text = english_text_split()
+    length = settings.seq_len - (prefix is not None)
+    train = byte_windows(train_text, length, settings.num_train, seed=seed)
+    candidates = byte_windows(eval_text, length, 4 * settings.num_eval, seed=seed + 1)
+    train_bytes = train_text.tobytes()
+    unseen = [row for row in candidates if bytes(row.to(torch.uint8).tolist()) not in train_bytes]
+    evaluation = torch.stack(unseen[: settings.num_eval])
+    if prefix is not None:
+        train = torch.cat([torch.full((len(train), 1), prefix), train], dim=1)
+        evaluation = torch.cat([torch.full((len(evaluation), 1), prefix), evaluation], dim=1)
     return train, evaluation
 
 
 def _gpt2_text(settings: Settings, variant: str, overrides: dict, seed: int, workdir: Path, progress: bool):
     train, evaluation = _text_windows(settings, seed)
-    shared = dict(
-        vocab_size=256, n_positions=settings.seq_len, n_embd=settings.hidden_size, n_layer=settings.num_layers,
-        n_head=settings.num_heads, bos_token_id=10, eos_token_id=10, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.0,
-    )  # fmt: skip
+    shared = _gpt2_shared(settings)
     model = build_model("comet_gpt2", "AutoModelForCausalLM", variant, shared, overrides, seed)
     columns = lambda ids: {"input_ids": ids, "labels": ids.clone()}  # noqa: E731
     trainer, metrics, seconds = _train(
@@ -275,13 +302,8 @@ def mask_bytes(ids: torch.Tensor, attention_mask: torch.Tensor, generator: torch
 
 
 def _bert_mlm_cls(settings: Settings, variant: str, overrides: dict, seed: int, workdir: Path, progress: bool):
-    train, evaluation = _text_windows(settings, seed)
-    shared = dict(
-        vocab_size=BYTE_VOCAB, pad_token_id=PAD_ID, max_position_embeddings=settings.seq_len,
-        hidden_size=settings.hidden_size, num_hidden_layers=settings.num_layers,
-        num_attention_heads=settings.num_heads, intermediate_size=4 * settings.hidden_size, hidden_dropout_prob=0.1,
-        attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
+    train, evaluation = _text_windows(settings, seed, prefix=CLS_ID)  # [CLS] is seen in pre-training too
+    shared = _bert_shared(settings)
     model = build_model("comet_bert", "AutoModelForMaskedLM", variant, shared, overrides, seed)
     ones = torch.ones_like
     eval_masked = mask_bytes(evaluation, ones(evaluation), torch.Generator().manual_seed(seed + 7))
@@ -301,6 +323,11 @@ def _bert_mlm_cls(settings: Settings, variant: str, overrides: dict, seed: int, 
     pretrained = workdir / "mlm_checkpoint"
     model.save_pretrained(pretrained)
     texts, labels, names = stdlib_docstrings()
+    seen: dict[bytes, int] = {}  # texts identical once truncated would leak from train to test: keep one
+    for index, text in enumerate(texts):
+        seen.setdefault(text.encode("utf-8")[: settings.seq_len - 1], index)
+    kept = sorted(seen.values())
+    texts, labels = [texts[i] for i in kept], [labels[i] for i in kept]
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))
     ids, mask = encode_bytes(texts, settings.seq_len, prefix=CLS_ID, pad=PAD_ID)
     labels = torch.tensor(labels)
@@ -353,13 +380,77 @@ DATA_DESCRIPTIONS = {
 }
 
 
+class RecipeArgumentError(ValueError):
+    """A recipe argument is out of range; raised before any training starts."""
+
+
+SHARED = {"vit_digits": _vit_shared, "gpt2_text": _gpt2_shared, "bert_mlm_cls": _bert_shared}
+FAMILY = {"vit_digits": "comet_vit", "gpt2_text": "comet_gpt2", "bert_mlm_cls": "comet_bert"}
+MIN_SETTINGS = {"steps": 1, "batch_size": 1, "hidden_size": 8, "num_layers": 1, "num_heads": 1, "eval_steps": 1}
+MIN_SETTINGS |= {"logging_steps": 1, "seq_len": 8, "num_eval": 1}
+
+
+def validate_recipe_arguments(
+    name: str, fast: bool, variants: list[str] | None, overrides: dict | None, settings: dict | None
+) -> tuple[list[str], Settings, dict]:
+    """Check every argument of `run_recipe` (and build each MoE config at the recipe's real sizes) before any work.
+
+    Raises `RecipeArgumentError` naming the bad value and what is allowed.
+    """
+    if name not in PRESETS:
+        raise RecipeArgumentError(f"recipe {name!r} does not exist; choose one of {', '.join(RECIPES)}.")
+    variants = list(variants or DEFAULT_VARIANTS[name])
+    allowed = ("dense", "block_comet", *ROUTINGS)
+    bad = [v for v in variants if v not in allowed]
+    if bad or not variants or len(set(variants)) != len(variants):
+        raise RecipeArgumentError(
+            f"variants {bad or variants} are not allowed; choose distinct ones from {', '.join(allowed)}."
+        )
+    preset = PRESETS[name]["fast" if fast else "full"]
+    known = asdict(preset)
+    for key, value in (settings or {}).items():
+        if key not in known:
+            raise RecipeArgumentError(f"setting {key!r} does not exist; known: {', '.join(known)}.")
+        expected = type(known[key])
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (expected is int and value != int(value)):
+            raise RecipeArgumentError(f"setting {key}={value!r} must be a {expected.__name__}.")
+    chosen = replace(preset, **{k: type(known[k])(v) for k, v in (settings or {}).items()})
+    minimum = dict(MIN_SETTINGS)
+    if name != "vit_digits":
+        minimum["num_train"] = 1
+    if name == "bert_mlm_cls":
+        minimum["finetune_steps"] = 1
+    for key, low in minimum.items():
+        if getattr(chosen, key) < low:
+            raise RecipeArgumentError(f"setting {key}={getattr(chosen, key)} must be >= {low}.")
+    if chosen.learning_rate <= 0:
+        raise RecipeArgumentError(f"setting learning_rate={chosen.learning_rate} must be > 0.")
+    if name != "vit_digits" and chosen.seq_len > 4096:
+        raise RecipeArgumentError(f"setting seq_len={chosen.seq_len} must be <= 4096 for the bundled text.")
+    overrides = dict(overrides or {})
+    family = FAMILY[name]
+    config_fields = {f.name for f in dataclasses.fields(AutoConfig.for_model(family).__class__)}
+    unknown = sorted(set(overrides) - config_fields)
+    if unknown:
+        raise RecipeArgumentError(f"{unknown} are not {family} config fields (misspelt?); e.g. comet_keep_rate.")
+    shared = SHARED[name](chosen)
+    for variant in variants:
+        if variant == "dense":
+            continue
+        try:
+            _moe_config(family, variant, shared, overrides)
+        except (ValueError, TypeError) as error:
+            raise RecipeArgumentError(f"variant {variant!r}: {error}") from error
+    return variants, chosen, overrides
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["comet_keep_rate=0.25", "moe_layers=[0,2]"]`` -> a dict; values are JSON when they parse, else strings."""
     overrides = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"override {item!r} is not KEY=VALUE (e.g. comet_keep_rate=0.25).")
+            raise RecipeArgumentError(f"{item!r} is not KEY=VALUE (e.g. comet_keep_rate=0.25).")
         try:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -391,27 +482,7 @@ def run_recipe(
 
     Returns the content of ``metrics.json``. All arguments are checked before any training starts.
     """
-    if name not in PRESETS:
-        raise ValueError(f"recipe {name!r} does not exist; choose one of {', '.join(RECIPES)}.")
-    variants = list(variants or DEFAULT_VARIANTS[name])
-    allowed = ("dense", "block_comet", *ROUTINGS)
-    bad = [v for v in variants if v not in allowed]
-    if bad or not variants:
-        raise ValueError(f"variants {bad or variants} are not allowed; choose from {', '.join(allowed)}.")
-    preset = PRESETS[name]["fast" if fast else "full"]
-    unknown = sorted(set(settings or {}) - set(asdict(preset)))
-    if unknown:
-        raise ValueError(f"settings {unknown} do not exist; known: {', '.join(asdict(preset))}.")
-    chosen = replace(preset, **(settings or {}))
-    if chosen.steps < 1 or chosen.batch_size < 1:
-        raise ValueError(f"steps={chosen.steps} and batch_size={chosen.batch_size} must be >= 1.")
-    overrides = dict(overrides or {})
-    family = {"vit_digits": "comet_vit", "gpt2_text": "comet_gpt2", "bert_mlm_cls": "comet_bert"}[name]
-    for variant in variants:  # validate every MoE config before any work
-        if variant != "dense":
-            _moe_config(family, variant, {"num_hidden_layers": chosen.num_layers} if family != "comet_gpt2" else
-                        {"n_layer": chosen.num_layers}, overrides)  # fmt: skip
-
+    variants, chosen, overrides = validate_recipe_arguments(name, fast, variants, overrides, settings)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     results: dict[str, VariantResult] = {}
@@ -472,7 +543,10 @@ def run_recipe(
             for v, r in results.items()
         },
     }  # fmt: skip
-    (output / "metrics.json").write_text(json.dumps(summary, indent=2))
+    handle, temp = tempfile.mkstemp(dir=output, prefix=".metrics.", suffix=".tmp")
+    with os.fdopen(handle, "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(temp, output / "metrics.json")
     return summary
 
 
@@ -488,4 +562,13 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PRESETS", "RECIPES", "Settings", "format_table", "parse_overrides", "run_recipe"]
+__all__ = [
+    "PRESETS",
+    "RECIPES",
+    "RecipeArgumentError",
+    "Settings",
+    "format_table",
+    "parse_overrides",
+    "run_recipe",
+    "validate_recipe_arguments",
+]

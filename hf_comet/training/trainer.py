@@ -15,8 +15,6 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from ..modeling.modeling_comet_common import _aux_loss_share
-
 SUMMARY_KEYS = ("max_load_share", "min_load_share", "dead_experts", "gate_entropy", "usage_entropy")
 SUMMARY_KEYS += ("dropped_tokens", "mask_overlap", "overlap_similarity_correlation")
 
@@ -93,13 +91,37 @@ class CometTrainer(Trainer):
         aux_loss = outputs.get("aux_loss") if isinstance(outputs, dict) else None
         if aux_loss is not None and model.training:
             if replaces_model_loss:
-                unwrapped = self.accelerator.unwrap_model(model)
-                kwargs = {"num_items_in_batch": num_items_in_batch} if self.model_accepts_loss_kwargs else {}
-                loss = loss + aux_loss * _aux_loss_share(unwrapped, labels, kwargs)
+                loss = loss + aux_loss * self._aux_weight(model, labels, num_items_in_batch)
             detached = aux_loss.detach().float()
             self._aux_sum = detached if self._aux_sum is None else self._aux_sum + detached
             self._aux_count += 1
         return (loss, outputs) if return_outputs else loss
+
+    def _aux_weight(self, model, labels: torch.Tensor | None, num_items_in_batch) -> float | torch.Tensor:
+        """Weight of the aux loss added to a loss Trainer computed itself, so it counts once per optimizer step.
+
+        Mirrors Trainer: a loss it treats as already normalised over the accumulated batch (``compute_loss_func``,
+        or a loss-kwargs model given ``num_items_in_batch``) is not divided by the accumulation steps, so the aux loss
+        takes this micro-batch's share of the loss items (else 1 / accumulation steps); and where Trainer multiplies
+        the loss by the number of processes (token averaging across devices), the aux loss is multiplied alike.
+        """
+        scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func
+        if not scaled:
+            return 1.0  # Trainer divides the whole loss by the accumulation steps
+        if num_items_in_batch is None or labels is None:
+            weight = 1.0 / self.args.gradient_accumulation_steps
+        else:
+            unwrapped = self.accelerator.unwrap_model(model)
+            causal = getattr(unwrapped, "loss_type", None) == "ForCausalLM"
+            counted = labels[..., 1:] if causal else labels
+            weight = counted.ne(-100).sum().to(torch.float32) / num_items_in_batch
+        if (
+            self.args.average_tokens_across_devices
+            and (self.model_accepts_loss_kwargs or self.compute_loss_func)
+            and num_items_in_batch is not None
+        ):
+            weight = weight * (self.accelerator.num_processes // self.get_tp_size())
+        return weight
 
     # -- telemetry -----------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
