@@ -1,4 +1,5 @@
-"""The ``hf-comet`` command: ``--version``, ``info``, ``demo`` (the README's main job) and ``train RECIPE``."""
+"""The ``hf-comet`` command: ``--version``, ``info``, ``demo`` (the README's main job), ``train RECIPE`` and
+``convert SRC DST``."""
 
 from __future__ import annotations
 
@@ -102,6 +103,93 @@ def _train(args: argparse.Namespace) -> int:
     return _report(summary, output_dir)
 
 
+PROVENANCE_FIELDS = ("converted_from", "conversion_method", "split_method", "conversion_seed")
+
+
+def _moe_field_flags(parser: argparse.ArgumentParser) -> list[str]:
+    """Add every MoE config field as a dashed flag (``--comet-keep-rate 0.5``, ``--moe-layers 0,2``,
+    ``--norm-topk-prob/--no-norm-topk-prob``); defaults stay unset so the config's own defaults apply."""
+    import dataclasses
+
+    from hf_comet.modeling.configuration_comet import CometMoEConfigMixin
+
+    names = []
+    group = parser.add_argument_group("MoE config fields (see the README's table; unset = the config default)")
+    for field in dataclasses.fields(CometMoEConfigMixin):
+        if field.name in PROVENANCE_FIELDS or field.name == "output_router_logits":
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        annotation = str(field.type)
+        if "bool" in annotation:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, dest=field.name)
+        elif "list" in annotation:
+            group.add_argument(flag, type=_int_list, default=None, dest=field.name, metavar="I,J,...")
+        elif "float" in annotation:
+            group.add_argument(flag, type=float, default=None, dest=field.name)
+        elif "int" in annotation:
+            group.add_argument(flag, type=int, default=None, dest=field.name)
+        else:
+            group.add_argument(flag, default=None, dest=field.name)
+        names.append(field.name)
+    return names
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from error
+
+
+def _convert(args: argparse.Namespace, field_names: list[str]) -> int:
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from hf_comet.convert import ConversionError, convert_to_moe, deviation_report
+    from hf_comet.io import atomic_save_pretrained
+
+    fields = {name: getattr(args, name) for name in field_names if getattr(args, name) is not None}
+    destination = Path(args.destination)
+    if destination.exists() and not args.overwrite and not args.report_only:
+        print(f"hf-comet convert: {destination} exists; pass --overwrite to replace it.", file=sys.stderr)
+        return 2
+    _quiet_transformers()
+    stages = tqdm(total=3, desc="convert", disable=args.no_progress)
+    try:
+        stages.set_postfix_str("loading and mapping weights")
+        model = convert_to_moe(args.source, args.method, split_method=args.split_method, seed=args.seed, **fields)
+        stages.update(1)
+        if not args.report_only:
+            stages.set_postfix_str(f"saving to {destination}")
+            atomic_save_pretrained(model, destination)
+        stages.update(1)
+        rows = []
+        if args.report or args.report_only:
+            stages.set_postfix_str("deviation sweep")
+            sweep = args.sweep or ([0.25, 0.5, 0.75, 1.0] if args.method == "comet" else None)
+            if sweep is None:
+                experts = model.config.num_experts
+                sweep = sorted({1, 2, max(1, experts // 2), experts})
+            rows = deviation_report(args.source, args.method, sweep, **fields)
+        stages.update(1)
+    except ConversionError as error:
+        stages.close()
+        print(f"hf-comet convert: {error}", file=sys.stderr)
+        return 2
+    stages.close()
+    if not args.report_only:
+        print(f"{type(model).__name__} ({model.config.routing}, method {args.method}) saved to {destination}")
+    if rows:
+        what = "comet_keep_rate" if args.method == "comet" else "experts per token"
+        print(f"\ndeviation from the dense model before training ({what} sweep, seeded random inputs):")
+        print(f"{what:>18} {'max |error|':>12} {'mean |error|':>13} {'argmax agree':>13}")
+        for row in rows:
+            agree = f"{row['argmax_agreement']:.3f}" if "argmax_agreement" in row else "-"
+            print(f"{row['setting']:>18g} {row['max_abs_error']:>12.3e} {row['mean_abs_error']:>13.3e} {agree:>13}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hf_comet import __version__
 
@@ -132,6 +220,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", help="default: runs/RECIPE")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    convert = commands.add_parser(
+        "convert", help="convert a dense GPT-2/ViT/BERT checkpoint into an MoE checkpoint (comet, upcycle, split)"
+    )
+    convert.add_argument("source", help="folder of a checkpoint saved by a stock transformers GPT-2/ViT/BERT class")
+    convert.add_argument("destination", help="folder for the MoE checkpoint (written atomically)")
+    convert.add_argument("--method", choices=["comet", "upcycle", "split"], default="comet")
+    convert.add_argument("--split-method", choices=["contiguous", "random", "kmeans"], default="contiguous")
+    convert.add_argument("--seed", type=int, default=0, help="seed of the router init and the unit partition")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    convert.add_argument("--report", action="store_true", help="also print the deviation from the dense model")
+    convert.add_argument("--report-only", action="store_true", help="print the deviation sweep, write nothing")
+    convert.add_argument(
+        "--sweep", type=lambda t: [float(x) for x in t.split(",")], help="keep rates (comet) or k values to report"
+    )
+    convert.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(_moe_fields=_moe_field_flags(convert))
     return parser
 
 
@@ -141,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         return _info()
     if args.command == "train":
         return _train(args)
+    if args.command == "convert":
+        return _convert(args, args._moe_fields)
     return _demo(args)
 
 

@@ -76,6 +76,16 @@ class CometMoEConfigMixin:
             al. 2023): distant tokens sharing an expert are penalised. Learned routers only; 0 disables.
         similarity_beta_d: weight of the different-expert reward of L_s: distant tokens sent to different experts.
         similarity_num_pairs: token pairs sampled per layer and forward for L_s (memory linear in this, not in T^2).
+        expert_output_bias: ``"per_expert"`` (each expert has its own output bias, weighted like its output) or
+            ``"shared"`` (one output bias added once per token, as in the dense FFN: experts that are slices of one
+            FFN, from ``split`` conversion). Block-COMET always shares it.
+        router_scale: ``topk``/``noisy_topk``: the kept gate weights are multiplied by this (LLaMA-MoE's score scale).
+            ``split`` conversion sets it to ``num_experts_per_tok`` with renormalised weights, so a uniform gate gives
+            each selected slice weight 1 and every-expert routing is exactly the dense FFN.
+        converted_from: provenance, set by `hf_comet.convert_to_moe`: the dense checkpoint's path or repo id.
+        conversion_method: provenance: ``"comet"``, ``"upcycle"`` or ``"split"``.
+        split_method: provenance for ``split``: ``"contiguous"``, ``"random"`` or ``"kmeans"``.
+        conversion_seed: provenance: the seed of the conversion's random choices (router init, unit partition).
     """
 
     routing: str = "comet"
@@ -99,6 +109,12 @@ class CometMoEConfigMixin:
     similarity_beta_s: float | int = 0.0
     similarity_beta_d: float | int = 0.0
     similarity_num_pairs: int = 1024
+    expert_output_bias: str = "per_expert"
+    router_scale: float | int = 1.0
+    converted_from: str | None = None
+    conversion_method: str | None = None
+    split_method: str | None = None
+    conversion_seed: int | None = None
 
     _ffn_width_field = "intermediate_size"  # config field that holds the FFN width, named in error messages
 
@@ -219,6 +235,21 @@ class CometMoEConfigMixin:
             )
         if self.similarity_num_pairs < 1:
             raise ValueError(f"similarity_num_pairs={self.similarity_num_pairs} must be >= 1.")
+        if self.expert_output_bias not in ("per_expert", "shared"):
+            raise ValueError(
+                f"expert_output_bias={self.expert_output_bias!r} is not supported; choose 'per_expert' or 'shared'."
+            )
+        if isinstance(self.router_scale, bool) or not self.router_scale > 0:
+            raise ValueError(f"router_scale={self.router_scale!r} must be a number > 0.")
+        if self.router_scale != 1 and self.routing not in ("topk", "noisy_topk"):
+            raise ValueError(
+                f"router_scale={self.router_scale} only applies to routing 'topk' or 'noisy_topk' (got routing="
+                f"{self.routing!r}); leave it at 1."
+            )
+        if self.conversion_method not in (None, "comet", "upcycle", "split"):
+            raise ValueError(
+                f"conversion_method={self.conversion_method!r} is not a conversion; use 'comet', 'upcycle' or 'split'."
+            )
 
 
 @strict

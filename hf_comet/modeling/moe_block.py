@@ -66,8 +66,9 @@ class CometMoEBlock(nn.Module):
         self.routing = config.routing
         self.router = router_class(config, layer_idx, hidden_size)
         block_comet = config.routing == "comet" and config.comet_block_size > 1
+        shared_bias = block_comet or (config.expert_output_bias == "shared" and num_experts > 1)
         self.experts = CometExperts(
-            config, num_experts, hidden_size, expert_width, activation, shared_output_bias=block_comet
+            config, num_experts, hidden_size, expert_width, activation, shared_output_bias=shared_bias
         )
         self.dropout = nn.Dropout(dropout)
         # what the statistics count: FFN units for unit-level COMET, experts (or COMET blocks) otherwise

@@ -275,6 +275,7 @@ class TopKRouter(Router):
         self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
+        self.scale = float(config.router_scale)
         self.weight = nn.Parameter(torch.empty(config.num_experts, hidden_size))
         self.loss_weights = {
             "load_balancing_loss": float(config.router_aux_loss_coef),
@@ -291,6 +292,8 @@ class TopKRouter(Router):
         top_weights, top_index = probs.topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
             top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
+        if self.scale != 1.0:
+            top_weights = top_weights * self.scale
         return RoutingDecision(
             router_logits=logits,
             top_k_index=top_index,
@@ -328,6 +331,7 @@ class NoisyTopKRouter(Router):
         self.top_k = config.num_experts_per_tok
         self.weight = nn.Parameter(torch.empty(config.num_experts, hidden_size))
         self.noise_weight = nn.Parameter(torch.empty(config.num_experts, hidden_size))
+        self.scale = float(config.router_scale)
         coef = float(config.router_aux_loss_coef)
         self.loss_weights = {"importance_loss": coef, "load_loss": coef, "z_loss": float(config.router_z_loss_coef)}
 
@@ -347,6 +351,8 @@ class NoisyTopKRouter(Router):
         top_k_index = top_index[:, : self.top_k]
         top_k_weights = top_values[:, : self.top_k].softmax(dim=-1)
         gates = torch.zeros_like(logits).scatter(1, top_k_index, top_k_weights)
+        if self.scale != 1.0:
+            top_k_weights = top_k_weights * self.scale  # the combine weights; the gate distribution stays a softmax
         if noisy:
             load = noisy_top_k_load(clean, logits, noise_std, top_values, self.top_k)
         else:
