@@ -9,7 +9,8 @@ from __future__ import annotations
 import transformers
 from transformers import AutoConfig
 
-from .distill import attentive_to_softmax_gates, distill_attentive_gates  # noqa: E402  (after the models)
+from .convert import convert_to_moe  # noqa: E402  (after the models)
+from .distill import attentive_to_softmax_gates, distill_attentive_gates  # noqa: E402
 from .merging import reset_merged_optimizer_state  # noqa: E402
 from .modeling import (
     FAMILIES,
@@ -55,6 +56,7 @@ __all__ = [
     "NoisyTopKRouter",
     "SwitchRouter",
     "attentive_to_softmax_gates",
+    "convert_to_moe",
     "distill_attentive_gates",
     "reset_merged_optimizer_state",
     "CometBertConfig",

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 PIPELINE_TAGS = {
     "ForCausalLM": "text-generation",
@@ -61,68 +61,106 @@ def describe_routing(config) -> str:
     return f"Learned routing in {layers}: {words}; aux-loss weight {config.router_aux_loss_coef:g}."
 
 
+TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
+FAMILY_NAMES = {"comet_gpt2": "GPT-2", "comet_vit": "ViT", "comet_bert": "BERT"}
+CONFIG_ROWS = ("routing", "num_experts", "num_experts_per_tok", "comet_keep_rate", "comet_block_size", "moe_layers")
+CONFIG_ROWS += ("router_aux_loss_coef", "routing_seed")
+
+
+def _statistics_rows(model) -> tuple[list[list[str]], int]:
+    rows, tokens = [], 0
+    if not hasattr(model, "routing_statistics"):
+        return rows, tokens
+    for layer, stats in sorted(model.routing_statistics().items()):
+        if not stats["tokens"]:
+            continue
+        tokens = stats["tokens"]
+        fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+        keys = ("max_load_share", "min_load_share", "dead_experts", "gate_entropy", "usage_entropy")
+        rows.append([str(layer), *(fmt(stats[k]) for k in keys), fmt(stats["overlap_similarity_correlation"])])
+    return rows, tokens
+
+
 def render_model_card(
     model,
     results: dict[str, Any] | None = None,
     plots: list[str] | None = None,
     datasets_text: str | None = None,
     base_model: str | None = None,
+    datasets: list[str] | None = None,
+    repo_id: str | None = None,
 ) -> ModelCard:
-    """A `ModelCard` for ``model`` (an hf_comet model) with optional results table, plot files (names relative to
-    the card) and a line about the training data."""
+    """The `ModelCard` of ``model`` (an hf_comet model), rendered from ``templates/model_card.md``.
+
+    Metadata: ``library_name``, ``pipeline_tag`` (from the head), ``tags`` (``moe``, the routing, ``custom_code``,
+    and the model's own tags), ``license``, ``base_model`` (the conversion source when it is a Hub repo id, or the
+    ``base_model`` argument), ``datasets`` and, with ``results``, ``eval_results`` (rendered as ``model-index``).
+    The body says how the model routes in words, its provenance, results, routing statistics of the current
+    window (when it has data), the plots (file names relative to the card), how to load it, and what to cite.
+    """
     config = model.config
     head = next((suffix for suffix in PIPELINE_TAGS if type(model).__name__.endswith(suffix)), None)
+    source = getattr(config, "converted_from", None)
+    if base_model is None and source and not Path(source).exists() and source.count("/") == 1:
+        base_model = source  # a Hub repo id
     tags = ["moe", "mixture-of-experts", "hf_comet", config.routing, config.model_type, "custom_code"]
+    tags += [t for t in (getattr(model, "model_tags", None) or []) if t not in tags]
+    pipeline_tag = PIPELINE_TAGS.get(head, "feature-extraction")
+    eval_results = None
+    if results:
+        eval_results = [
+            EvalResult(
+                task_type=pipeline_tag,
+                dataset_type=(datasets or ["custom"])[0],
+                dataset_name=datasets_text.split(";")[0] if datasets_text else "evaluation set",
+                metric_type=key,
+                metric_value=float(value),
+            )
+            for key, value in results.items()
+            if isinstance(value, (int, float))
+        ]
     data = ModelCardData(
         library_name="transformers",
         license="apache-2.0",
-        pipeline_tag=PIPELINE_TAGS.get(head, "feature-extraction"),
+        pipeline_tag=pipeline_tag,
         tags=tags,
         base_model=base_model,
+        datasets=datasets,
+        model_name=repo_id or f"{type(model).__name__}-{config.routing}",
+        eval_results=eval_results,
     )
+    provenance = None
+    if getattr(config, "conversion_method", None):
+        provenance = (
+            f"Converted from the dense checkpoint `{source}` with method `{config.conversion_method}`"
+            + (f" (unit partition `{config.split_method}`)" if config.split_method else "")
+            + f", conversion seed {config.conversion_seed}."
+        )
+    statistics, statistics_tokens = _statistics_rows(model)
+    citations = [CITATIONS[config.routing]]
+    if getattr(config, "conversion_method", None) == "upcycle":
+        citations.append("Komatsuzaki, A. et al. *Sparse Upcycling.* ICLR 2023.")
+    if getattr(config, "conversion_method", None) == "split":
+        citations.append("Zhang, Z. et al. *MoEfication.* Findings of ACL 2022.")
     auto = f"AutoModel{head}" if head else "AutoModel"
-    lines = [
-        "---",
-        data.to_yaml(),
-        "---",
-        "",
-        f"# {type(model).__name__} ({config.routing} routing)",
-        "",
-        f"A {config.model_type.removeprefix('comet_').upper()} model whose feed-forward blocks are mixture-of-experts "
-        "blocks, built with hf_comet on Hugging Face Transformers.",
-        "",
-        "## Routing",
-        "",
-        describe_routing(config),
-        "",
-    ]
-    if datasets_text:
-        lines += ["## Training data", "", datasets_text, ""]
-    if results:
-        lines += ["## Results", "", "| metric | value |", "|---|---|"]
-        lines += [
-            f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
-            for key, value in results.items()
-        ]
-        lines.append("")
-    for plot in plots or []:
-        lines += [f"![{Path(plot).stem}]({plot})", ""]
-    lines += [
-        "## How to load",
-        "",
-        "```python",
-        "import hf_comet  # registers the comet_* model types",
-        f"from transformers import {auto}",
-        f'model = {auto}.from_pretrained("path/or/repo")',
-        f'# without hf_comet installed: {auto}.from_pretrained("path/or/repo", trust_remote_code=True)',
-        "```",
-        "",
-        "## Citation",
-        "",
-        f"- {CITATIONS[config.routing]}",
-        "",
-    ]
-    return ModelCard("\n".join(lines))
+    return ModelCard.from_template(
+        data,
+        template_path=str(TEMPLATE),
+        model_title=f"{type(model).__name__} ({config.routing} routing)",
+        family_name=FAMILY_NAMES.get(config.model_type, config.model_type),
+        model_class=type(model).__name__,
+        routing_description=describe_routing(config),
+        config_rows=[(k, getattr(config, k)) for k in CONFIG_ROWS if hasattr(config, k)],
+        provenance=provenance,
+        training_data=datasets_text,
+        results=[(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in (results or {}).items()],
+        statistics=statistics,
+        statistics_tokens=statistics_tokens,
+        plots=plots or [],
+        auto_class=auto,
+        repo_hint=repo_id or "path/or/org-name",
+        citations=citations,
+    )
 
 
 def write_model_card(model, directory: str | Path, **kwargs) -> Path:

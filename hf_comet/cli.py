@@ -190,6 +190,36 @@ def _convert(args: argparse.Namespace, field_names: list[str]) -> int:
     return 0
 
 
+def _card(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import transformers
+
+    from hf_comet.cards import write_model_card
+
+    checkpoint = Path(args.checkpoint)
+    if not (checkpoint / "config.json").exists():
+        print(f"hf-comet card: {checkpoint} has no config.json (not a saved checkpoint).", file=sys.stderr)
+        return 2
+    if (checkpoint / "README.md").exists() and not args.overwrite:
+        print(f"hf-comet card: {checkpoint / 'README.md'} exists; pass --overwrite to replace it.", file=sys.stderr)
+        return 2
+    _quiet_transformers()
+    config = transformers.AutoConfig.from_pretrained(checkpoint)
+    if not hasattr(config, "routing"):
+        print(f"hf-comet card: {checkpoint} is a {config.model_type} checkpoint, not an hf_comet one.", file=sys.stderr)
+        return 2
+    architecture = (config.architectures or ["AutoModel"])[0]
+    from hf_comet.modeling import FAMILIES
+
+    classes = {cls.__name__: cls for cls in FAMILIES[config.model_type][1].values()}
+    model = classes.get(architecture, next(iter(classes.values()))).from_pretrained(checkpoint)
+    plots = sorted(p.name for p in checkpoint.glob("*.png"))
+    path = write_model_card(model, checkpoint, plots=plots, repo_id=args.repo_id)
+    print(f"model card written to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hf_comet import __version__
 
@@ -237,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(_moe_fields=_moe_field_flags(convert))
+
+    card = commands.add_parser("card", help="write the model card (README.md) of a saved hf_comet checkpoint")
+    card.add_argument("checkpoint")
+    card.add_argument("--repo-id", help="the Hub repo id to show in the loading snippet")
+    card.add_argument("--overwrite", action="store_true", help="replace an existing README.md")
     return parser
 
 
@@ -248,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train(args)
     if args.command == "convert":
         return _convert(args, args._moe_fields)
+    if args.command == "card":
+        return _card(args)
     return _demo(args)
 
 

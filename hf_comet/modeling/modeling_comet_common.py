@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from dataclasses import dataclass
 
 import torch
@@ -119,9 +120,9 @@ class CometPreTrainedMixin:
                 "this model has no learned-gating MoE layer (routing='comet' everywhere): COMET's experts are "
                 "overlapping unit masks of one FFN, so there is nothing to merge."
             )
-        if learned[0].experts.num_experts < 3:
+        if learned[0].experts_module.num_experts < 3:
             raise ValueError(
-                f"num_experts={learned[0].experts.num_experts}: merging the two most used experts into a third needs "
+                f"num_experts={learned[0].experts_module.num_experts}: merging the two most used experts into a third needs "
                 "at least 3 experts per layer."
             )
         merges = []
@@ -155,9 +156,56 @@ class CometPreTrainedMixin:
         return auto_map
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Upstream ``save_pretrained``, writing the complete ``auto_map`` (upstream writes only the saved class)."""
+        """Upstream ``save_pretrained``, writing the complete ``auto_map`` (upstream writes only the saved class) and,
+        where hf_comet is installed and the folder has no README.md yet, the model card."""
         self.config.auto_map = self.complete_auto_map()
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True) and not os.path.exists(os.path.join(save_directory, "README.md")):
+            try:  # imports inside try blocks are not required by transformers' remote-code import check
+                from hf_comet.cards import write_model_card
+            except ImportError:  # loaded as remote code without the package: no card
+                write_model_card = None
+            if write_model_card is not None:
+                write_model_card(self, save_directory)
+        return result
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        max_shard_size: int | str | None = "50GB",
+        create_pr: bool = False,
+        revision: str | None = None,
+        commit_description: str | None = None,
+        tags: list[str] | None = None,
+    ):
+        """Upload weights, config, modeling code and the hf_comet model card in one commit.
+
+        Upstream ``push_to_hub`` replaces README.md by a generic card; this one keeps the card ``save_pretrained``
+        writes (tags given here are added to it). Same arguments and Hub calls as upstream otherwise.
+        """
+        import tempfile
+
+        from transformers.utils.hub import hf_api
+
+        if tags:
+            self.add_model_tags(tags)
+        repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as work_dir:
+            self.save_pretrained(work_dir, max_shard_size=max_shard_size)
+            return self._upload_modified_files(
+                work_dir,
+                repo_id,
+                files_timestamps={},
+                commit_message=commit_message or "Upload model (hf_comet)",
+                token=token,
+                create_pr=create_pr,
+                revision=revision,
+                commit_description=commit_description,
+            )
 
 
 def routed_forward(upstream_forward, output_class):

@@ -99,6 +99,14 @@ class CometMoEBlock(nn.Module):
         return self.routing != "comet"
 
     # -- forward -------------------------------------------------------------------------------------------------
+    @property
+    def experts_module(self) -> CometExperts:
+        """The packed experts, also when a wrapper (PEFT's ParamWrapper) sits around them."""
+        experts = self.experts
+        while not isinstance(experts, CometExperts) and hasattr(experts, "get_base_layer"):
+            experts = experts.get_base_layer()
+        return experts
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_shape = hidden_states.shape[:-1]
         tokens = hidden_states.reshape(-1, self.hidden_size)
@@ -107,7 +115,7 @@ class CometMoEBlock(nn.Module):
             self.router.refresh_state()
         activations = None
         if self.router.reads_expert_activations:  # attentive: keys come from every expert's activations
-            activations = self.experts.expert_activations(tokens)
+            activations = self.experts(tokens, activations_only=True)
             decision = self.router(tokens, activations)
         elif self.router.accepts_token_mask:  # switch: padding takes no place in the capacity queues
             decision = self.router(tokens, token_mask=self._routing_token_mask(collector, batch_shape))
@@ -115,20 +123,18 @@ class CometMoEBlock(nn.Module):
             decision = self.router(tokens)
 
         if decision.unit_mask is not None:  # unit-level COMET
-            output = self.experts.masked_dense_forward(tokens, decision.unit_mask)
+            output = self.experts(tokens, unit_mask=decision.unit_mask)
         elif self._dense_is_cheaper(decision):  # block-COMET keeping most blocks
-            block_mask = torch.zeros(tokens.shape[0], self.experts.num_experts, device=tokens.device)
+            experts = self.experts_module
+            block_mask = torch.zeros(tokens.shape[0], experts.num_experts, device=tokens.device)
             block_mask.scatter_(1, decision.top_k_index, 1.0)
-            unit_mask = block_mask.repeat_interleave(self.experts.intermediate_size, dim=1)
-            output = self.experts.masked_dense_forward(tokens, unit_mask)
+            output = self.experts(tokens, unit_mask=block_mask.repeat_interleave(experts.intermediate_size, dim=1))
         elif decision.expert_weights is not None:  # dense mixture
-            if activations is None:
-                activations = self.experts.expert_activations(tokens)
-            output = self.experts.mix(activations, decision.expert_weights)
+            output = self.experts(
+                tokens if activations is None else activations, expert_weights=decision.expert_weights
+            )
         else:  # sparse: packed-expert kernels
             output = self.experts(tokens, decision.top_k_index, decision.top_k_weights)
-        if self.experts.output_bias is not None:
-            output = output + self.experts.output_bias
         if collector is not None:
             collector.record(self, decision, batch_shape, tokens)
         return self.dropout(output.view(*batch_shape, self.hidden_size))
@@ -139,7 +145,7 @@ class CometMoEBlock(nn.Module):
         packed-expert kernels otherwise (see benchmarks/bench_block_comet.py)."""
         if self.routing != "comet" or decision.top_k_index is None:
             return False
-        return decision.top_k_index.shape[1] > DENSE_BLOCK_FRACTION * self.experts.num_experts
+        return decision.top_k_index.shape[1] > DENSE_BLOCK_FRACTION * self.experts_module.num_experts
 
     def _routing_token_mask(self, collector, batch_shape: torch.Size) -> torch.Tensor | None:
         """The non-padding mask for routers that need it in the forward. Kept from the routed forward so that an
@@ -245,7 +251,7 @@ class CometMoEBlock(nn.Module):
     def reset_statistics(self, device: torch.device | None = None) -> None:
         """Start a fresh statistics window."""
         if device is None:
-            device = self.experts.up_proj.device
+            device = self.experts_module.up_proj.device
         scalars = ("tokens", "entropy_sum", "dropped", "pairs", "overlap_sum", "similarity_sum")
         scalars += ("overlap_sq", "similarity_sq", "cross")
         stats = {name: _fresh_zeros((), device) for name in scalars}
@@ -306,7 +312,7 @@ class CometMoEBlock(nn.Module):
     def selection_counts(self) -> torch.Tensor:
         """(E,) tokens routed to each expert in training since the last merge (what expert merging ranks by)."""
         if self._selection_counts is None:
-            self._selection_counts = _fresh_zeros((self.num_choices,), self.experts.up_proj.device)
+            self._selection_counts = _fresh_zeros((self.num_choices,), self.experts_module.up_proj.device)
         return self._selection_counts
 
     def reset_selection_counts(self) -> None:
@@ -335,7 +341,7 @@ class CometMoEBlock(nn.Module):
             )
         if how not in MERGE_METHODS:
             raise ValueError(f"how={how!r} is not a merge method; choose one of {', '.join(MERGE_METHODS)}.")
-        num_experts = self.experts.num_experts
+        num_experts = self.experts_module.num_experts
         for name, index in (("source_a", source_a), ("source_b", source_b), ("into", into)):
             if not 0 <= index < num_experts:
                 raise ValueError(f"{name}={index} is outside [0, {num_experts - 1}] (layer {self.layer_idx}).")

@@ -91,4 +91,43 @@ class CometExperts(nn.Module):
         return output + weights @ self.down_proj_bias
 
 
+_kernel_forward = CometExperts.forward  # transformers' experts-implementation dispatch (eager / grouped_mm)
+
+
+def _forward(
+    self,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor | None = None,
+    top_k_weights: torch.Tensor | None = None,
+    *,
+    unit_mask: torch.Tensor | None = None,
+    expert_weights: torch.Tensor | None = None,
+    activations_only: bool = False,
+) -> torch.Tensor:
+    """Every way the block runs the experts goes through ``forward``, so wrappers of the module see all of them
+    (PEFT's ``ParamWrapper`` applies LoRA to ``up_proj``/``down_proj`` only while the wrapped forward runs):
+
+    * ``top_k_index``/``top_k_weights``: sparse routing through the experts kernels;
+    * ``unit_mask`` (T, E * I): masked dense compute (COMET);
+    * ``activations_only``: every expert's intermediate units (T, E, I) of ``hidden_states`` (attentive keys);
+    * ``expert_weights`` (T, E): dense mixture; ``hidden_states`` are then the (T, E, I) activations if 3-D.
+
+    The shared output bias (block-COMET, split experts) is added here, once per token.
+    """
+    if activations_only:
+        return self.expert_activations(hidden_states)
+    if unit_mask is not None:
+        output = self.masked_dense_forward(hidden_states, unit_mask)
+    elif expert_weights is not None:
+        activations = hidden_states if hidden_states.dim() == 3 else self.expert_activations(hidden_states)
+        output = self.mix(activations, expert_weights)
+    else:
+        output = _kernel_forward(self, hidden_states, top_k_index, top_k_weights)
+    if self.output_bias is not None:
+        output = output + self.output_bias
+    return output
+
+
+CometExperts.forward = _forward
+
 __all__ = ["CometExperts"]
