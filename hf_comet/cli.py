@@ -171,7 +171,16 @@ def _convert(args: argparse.Namespace, field_names: list[str]) -> int:
             if sweep is None:
                 experts = model.config.num_experts
                 sweep = sorted({1, 2, max(1, experts // 2), experts})
-            rows = deviation_report(args.source, args.method, sweep, **fields)
+            eval_inputs = None
+            if args.eval_inputs:
+                import torch
+
+                eval_inputs = torch.load(args.eval_inputs, weights_only=True)
+                if not isinstance(eval_inputs, dict) or "labels" not in eval_inputs:
+                    raise ConversionError(
+                        f"--eval-inputs {args.eval_inputs}: expected a torch.save'd dict of model inputs with 'labels'."
+                    )
+            rows = deviation_report(args.source, args.method, sweep, inputs=eval_inputs, **fields)
         stages.update(1)
     except ConversionError as error:
         stages.close()
@@ -182,11 +191,18 @@ def _convert(args: argparse.Namespace, field_names: list[str]) -> int:
         print(f"{type(model).__name__} ({model.config.routing}, method {args.method}) saved to {destination}")
     if rows:
         what = "comet_keep_rate" if args.method == "comet" else "experts per token"
-        print(f"\ndeviation from the dense model before training ({what} sweep, seeded random inputs):")
-        print(f"{what:>18} {'max |error|':>12} {'mean |error|':>13} {'argmax agree':>13}")
+        where = f"on {args.eval_inputs}" if args.eval_inputs else "on seeded random inputs"
+        print(f"\ndeviation from the dense model before training ({what} sweep, {where}):")
+        task = [k for k in ("eval_loss", "accuracy", "perplexity") if k in rows[-1]]
+        print(
+            f"{what:>18} {'max |error|':>12} {'mean |error|':>13} {'argmax agree':>13}"
+            + "".join(f"{k:>11}" for k in task)
+        )
         for row in rows:
             agree = f"{row['argmax_agreement']:.3f}" if "argmax_agreement" in row else "-"
-            print(f"{row['setting']:>18g} {row['max_abs_error']:>12.3e} {row['mean_abs_error']:>13.3e} {agree:>13}")
+            cells = "".join(f"{row[k]:>11.4f}" for k in task)
+            setting = row["setting"] if isinstance(row["setting"], str) else f"{row['setting']:g}"
+            print(f"{setting:>18} {row['max_abs_error']:>12.3e} {row['mean_abs_error']:>13.3e} {agree:>13}{cells}")
     return 0
 
 
@@ -264,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--report-only", action="store_true", help="print the deviation sweep, write nothing")
     convert.add_argument(
         "--sweep", type=lambda t: [float(x) for x in t.split(",")], help="keep rates (comet) or k values to report"
+    )
+    convert.add_argument(
+        "--eval-inputs",
+        help="a torch.save'd dict of model inputs with labels: the report adds loss/accuracy/perplexity",
     )
     convert.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(_moe_fields=_moe_field_flags(convert))

@@ -297,6 +297,19 @@ def probe_inputs(config, batch: int = 4, seq_len: int = 32, seed: int = 0) -> di
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
+def _task_metrics(model, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Loss and accuracy (and perplexity for causal LMs) of ``model`` on a labelled batch."""
+    outputs = model(**batch)
+    metrics = {"eval_loss": float(outputs.loss)}
+    logits, labels = outputs.logits, batch["labels"]
+    if getattr(model, "loss_type", None) == "ForCausalLM" or type(model).__name__.endswith(("LMHeadModel", "CausalLM")):
+        metrics["perplexity"] = float(torch.exp(outputs.loss))
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    valid = labels != -100
+    metrics["accuracy"] = float((logits.argmax(-1)[valid] == labels[valid]).float().mean())
+    return metrics
+
+
 @torch.no_grad()
 def deviation_report(
     dense: PreTrainedModel | str | os.PathLike,
@@ -308,12 +321,18 @@ def deviation_report(
     """How far the converted model is from the dense one before any training, for a sweep of COMET keep rates
     (``method="comet"``) or of experts per token (``upcycle``/``split``). Per setting: the max and mean absolute
     difference of the main output (logits, or the last hidden state), and for classification/LM heads the share of
-    positions whose argmax prediction agrees with the dense model's."""
+    positions whose argmax prediction agrees with the dense model's. When ``inputs`` carry ``labels`` (an evaluation
+    set), the task metrics of the dense model (setting ``"dense"``) and of every converted one are added: loss,
+    accuracy, and perplexity for causal LMs."""
     model, _ = _load_dense(dense)
     model.eval()
     inputs = inputs or probe_inputs(model.config)
-    reference = model(**inputs)[0]
+    labelled = "labels" in inputs
+    forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    reference = model(**forward_inputs)[0]
     rows = []
+    if labelled:
+        rows.append({"setting": "dense", "max_abs_error": 0.0, "mean_abs_error": 0.0, **_task_metrics(model, inputs)})
     for value in sweep:
         fields = dict(moe_fields)
         if method == "comet":
@@ -324,11 +343,13 @@ def deviation_report(
                 fields.pop("num_experts_per_tok")
                 fields["mixture_top_k"] = int(value)
         converted = convert_to_moe(model, method, **fields)
-        output = converted(**inputs)[0]
+        output = converted(**forward_inputs)[0]
         difference = (output - reference).abs()
         row = {"setting": value, "max_abs_error": float(difference.max()), "mean_abs_error": float(difference.mean())}
         if reference.dim() >= 2 and reference.shape[-1] > 1:
             row["argmax_agreement"] = float((output.argmax(-1) == reference.argmax(-1)).float().mean())
+        if labelled:
+            row.update(_task_metrics(converted, inputs))
         rows.append(row)
     return rows
 

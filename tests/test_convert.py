@@ -163,3 +163,23 @@ def test_cli_convert_writes_atomically_refuses_an_existing_destination_and_repor
     assert "does not divide" in capsys.readouterr().err
     assert (destination / "model.safetensors").read_bytes() == before  # nothing half-written
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_deviation_report_adds_task_metrics_for_an_evaluation_set(tmp_path):
+    from hf_comet.data import digits_images
+
+    torch.manual_seed(0)
+    config = STOCK_CONFIGS["vit"]()
+    config.num_labels = 10
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "dense")
+    _, test = digits_images()
+    batch = {"pixel_values": test["pixel_values"][:64, :, :, :], "labels": test["labels"][:64]}
+    rows = deviation_report(tmp_path / "dense", "comet", [0.25, 1.0], inputs=batch)
+    dense, low, full = rows
+    assert dense["setting"] == "dense" and {"eval_loss", "accuracy"} <= set(dense)
+    assert full["eval_loss"] == pytest.approx(dense["eval_loss"], abs=1e-5) and full["accuracy"] == dense["accuracy"]
+    assert low["eval_loss"] != pytest.approx(dense["eval_loss"], abs=1e-5)
+    gpt2 = saved_stock("gpt2", "GPT2LMHeadModel", tmp_path / "gpt2")
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    rows = deviation_report(gpt2, "split", [4], inputs={"input_ids": ids, "labels": ids}, num_experts=4)
+    assert rows[1]["perplexity"] == pytest.approx(rows[0]["perplexity"], rel=1e-5)
