@@ -6,6 +6,7 @@ what to cite. (Conversion provenance and Hub templates extend this in the conver
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -81,6 +82,18 @@ def _statistics_rows(model) -> tuple[list[list[str]], int]:
     return rows, tokens
 
 
+def _is_repo_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith((".", "/", "~")) or os.path.isabs(name):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
 def render_model_card(
     model,
     results: dict[str, Any] | None = None,
@@ -89,6 +102,7 @@ def render_model_card(
     base_model: str | None = None,
     datasets: list[str] | None = None,
     repo_id: str | None = None,
+    dataset_name: str | None = None,
 ) -> ModelCard:
     """The `ModelCard` of ``model`` (an hf_comet model), rendered from ``templates/model_card.md``.
 
@@ -101,8 +115,8 @@ def render_model_card(
     config = model.config
     head = next((suffix for suffix in PIPELINE_TAGS if type(model).__name__.endswith(suffix)), None)
     source = getattr(config, "converted_from", None)
-    if base_model is None and source and not Path(source).exists() and source.count("/") == 1:
-        base_model = source  # a Hub repo id
+    if base_model is None and source and _is_repo_id(source):
+        base_model = source  # converted from a Hub checkpoint (local sources are recorded as absolute paths)
     tags = ["moe", "mixture-of-experts", "hf_comet", config.routing, config.model_type, "custom_code"]
     tags += [t for t in (getattr(model, "model_tags", None) or []) if t not in tags]
     pipeline_tag = PIPELINE_TAGS.get(head, "feature-extraction")
@@ -112,12 +126,12 @@ def render_model_card(
             EvalResult(
                 task_type=pipeline_tag,
                 dataset_type=(datasets or ["custom"])[0],
-                dataset_name=datasets_text.split(";")[0] if datasets_text else "evaluation set",
+                dataset_name=dataset_name or "evaluation set",
                 metric_type=key,
-                metric_value=float(value),
+                metric_value=value,
             )
             for key, value in results.items()
-            if isinstance(value, (int, float))
+            if isinstance(value, float) and not math.isnan(value)
         ]
     data = ModelCardData(
         library_name="transformers",

@@ -156,13 +156,22 @@ def _convert(args: argparse.Namespace, field_names: list[str]) -> int:
         return 2
     _quiet_transformers()
     stages = tqdm(total=3, desc="convert", disable=args.no_progress)
-    try:
+    split_method = args.split_method if args.method == "split" else None
+    try:  # everything that can fail runs before anything is written
+        eval_inputs = None
+        if args.eval_inputs:
+            import torch
+
+            try:
+                eval_inputs = torch.load(args.eval_inputs, weights_only=True)
+            except (OSError, RuntimeError, ValueError) as error:
+                raise ConversionError(f"--eval-inputs {args.eval_inputs}: cannot be read ({error}).") from error
+            if not isinstance(eval_inputs, dict) or "labels" not in eval_inputs:
+                raise ConversionError(
+                    f"--eval-inputs {args.eval_inputs}: expected a torch.save'd dict of model inputs with 'labels'."
+                )
         stages.set_postfix_str("loading and mapping weights")
-        model = convert_to_moe(args.source, args.method, split_method=args.split_method, seed=args.seed, **fields)
-        stages.update(1)
-        if not args.report_only:
-            stages.set_postfix_str(f"saving to {destination}")
-            atomic_save_pretrained(model, destination)
+        model = convert_to_moe(args.source, args.method, split_method=split_method, seed=args.seed, **fields)
         stages.update(1)
         rows = []
         if args.report or args.report_only:
@@ -171,16 +180,24 @@ def _convert(args: argparse.Namespace, field_names: list[str]) -> int:
             if sweep is None:
                 experts = model.config.num_experts
                 sweep = sorted({1, 2, max(1, experts // 2), experts})
-            eval_inputs = None
-            if args.eval_inputs:
-                import torch
-
-                eval_inputs = torch.load(args.eval_inputs, weights_only=True)
-                if not isinstance(eval_inputs, dict) or "labels" not in eval_inputs:
-                    raise ConversionError(
-                        f"--eval-inputs {args.eval_inputs}: expected a torch.save'd dict of model inputs with 'labels'."
-                    )
-            rows = deviation_report(args.source, args.method, sweep, inputs=eval_inputs, **fields)
+            try:
+                rows = deviation_report(
+                    args.source,
+                    args.method,
+                    sweep,
+                    inputs=eval_inputs,
+                    split_method=split_method,
+                    seed=args.seed,
+                    **fields,
+                )
+            except ConversionError:
+                raise
+            except (ValueError, RuntimeError) as error:
+                raise ConversionError(f"the deviation report failed: {error}") from error
+        stages.update(1)
+        if not args.report_only:
+            stages.set_postfix_str(f"saving to {destination}")
+            atomic_save_pretrained(model, destination)
         stages.update(1)
     except ConversionError as error:
         stages.close()
@@ -273,7 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("source", help="folder of a checkpoint saved by a stock transformers GPT-2/ViT/BERT class")
     convert.add_argument("destination", help="folder for the MoE checkpoint (written atomically)")
     convert.add_argument("--method", choices=["comet", "upcycle", "split"], default="comet")
-    convert.add_argument("--split-method", choices=["contiguous", "random", "kmeans"], default="contiguous")
+    convert.add_argument(
+        "--split-method",
+        choices=["contiguous", "random", "kmeans"],
+        default="contiguous",
+        help="unit partition for --method split (default: contiguous)",
+    )
     convert.add_argument("--seed", type=int, default=0, help="seed of the router init and the unit partition")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     convert.add_argument("--report", action="store_true", help="also print the deviation from the dense model")

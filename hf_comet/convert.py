@@ -10,13 +10,15 @@ Methods (methods.md §6):
 * ``comet``: the FFN is kept as it is (one group of units) and the frozen projection is added. Exact for
   ``comet_keep_rate=1.0``.
 * ``upcycle`` (Komatsuzaki et al. 2023): every expert is a copy of the dense FFN (``moe_intermediate_size`` = FFN
-  width); the router starts at zero (a uniform gate: every routing decision is equally good at step 0, and nothing
-  random enters the function). Exact with renormalised top-k (``norm_topk_prob=True``, ``topk``/``noisy_topk``), or
-  for the dense mixtures (``attentive``, ``deep``), whose weights always sum to 1.
+  width); the router keeps its small random normal init (std ``initializer_range``, seeded by ``seed``). Exact with
+  renormalised top-k (``norm_topk_prob=True``, ``topk``/``noisy_topk``) and for the dense mixtures (``attentive``,
+  ``deep``), whose weights sum to 1; not for ``switch`` (output × p < 1).
 * ``split`` (MoEfication, Zhang et al. 2022; LLaMA-MoE): the FFN units are partitioned into ``num_experts`` slices
   (``contiguous``, seeded ``random``, or balanced ``kmeans`` on the L2-normalised first-layer weights); the second
-  bias is added once (``expert_output_bias="shared"``); the router starts at zero and ``router_scale`` is set to
-  ``num_experts_per_tok`` so each selected slice gets weight 1. Exact when every expert is active (k = E).
+  bias is added once (``expert_output_bias="shared"``). For ``topk``/``noisy_topk`` the router starts as a near-zero
+  centroid router (input-dependent choice, uniform weights) and ``router_scale`` is set to ``num_experts_per_tok`` so
+  each selected slice gets weight ~1: exact when every expert is active (k = E). Other routings mix slices with
+  weights summing to 1 and are not exact.
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ def _load_dense(source: PreTrainedModel | str | os.PathLike) -> tuple[PreTrained
             f"sources are dense {', '.join(UPSTREAM_MODEL_TYPES)} checkpoints saved by transformers."
         )
     _check_head(architectures[0])
+    if os.path.isdir(path):
+        path = os.path.abspath(path)  # a local source is recorded as an absolute path, never mistaken for a repo id
     return getattr(transformers, architectures[0]).from_pretrained(path), path
 
 
@@ -112,6 +116,11 @@ def _moe_config(dense: PreTrainedModel, method: str, fields: dict[str, Any], pro
         ffn_width = dense.config.n_inner or 4 * dense.config.n_embd
     else:
         ffn_width = dense.config.intermediate_size
+    if method in ("upcycle", "split") and "moe_intermediate_size" in fields:
+        raise ConversionError(
+            f"moe_intermediate_size is set by method={method!r} (upcycle: the FFN width; split: FFN width / "
+            "num_experts); leave it out."
+        )
     defaults: dict[str, Any] = {}
     if method == "upcycle":
         defaults["moe_intermediate_size"] = ffn_width
@@ -182,7 +191,7 @@ def convert_to_moe(
     dense: PreTrainedModel | str | os.PathLike,
     method: str = "comet",
     *,
-    split_method: str = "contiguous",
+    split_method: str | None = None,
     seed: int = 0,
     **moe_fields: Any,
 ) -> PreTrainedModel:
@@ -203,6 +212,9 @@ def convert_to_moe(
     """
     if method not in METHODS:
         raise ConversionError(f"method={method!r} is not a conversion; choose one of {', '.join(METHODS)}.")
+    if split_method is not None and method != "split":
+        raise ConversionError(f"split_method={split_method!r} only applies to method='split' (got {method!r}).")
+    split_method = split_method or "contiguous"
     if split_method not in SPLIT_METHODS:
         raise ConversionError(
             f"split_method={split_method!r} is not supported; choose one of {', '.join(SPLIT_METHODS)}."
@@ -220,7 +232,7 @@ def convert_to_moe(
     family, head = STOCK_TO_OURS[type(model).__name__]
     torch.manual_seed(seed)
     moe = getattr(transformers, head).from_config(config)
-    mapped = map_dense_state_dict(model.state_dict(), moe, split_method=split_method, seed=seed)
+    mapped = map_dense_state_dict(model.state_dict(), moe, method=method, split_method=split_method, seed=seed)
     missing, unexpected = moe.load_state_dict(mapped, strict=False)
     if unexpected:
         raise ConversionError(f"dense weights with no place in the MoE model: {unexpected[:5]}")
@@ -228,17 +240,41 @@ def convert_to_moe(
     left = [key for key in missing if not allowed_missing.fullmatch(key)]
     if left:
         raise ConversionError(f"MoE weights the dense model does not provide: {left[:5]}")
-    with torch.no_grad():  # a zero gate: uniform routing, nothing random in the converted function
-        for block in moe.moe_blocks():
-            for name, param in block.router.named_parameters():
-                if method != "comet" and name in ("weight", "noise_weight"):
-                    param.zero_()
+    if method == "split":
+        _init_split_routers(moe, mapped)
     return moe.eval()
+
+
+SPLIT_ROUTER_NORM = 1e-6
+"""Norm of a split router's rows: the direction of each expert's centroid (MoEfication's similarity router), so the
+choice of experts depends on the input, at a scale where the gate is uniform to ~1e-6 and the k = E model stays exact."""
+
+
+@torch.no_grad()
+def _init_split_routers(moe: PreTrainedModel, mapped: dict[str, torch.Tensor]) -> None:
+    """Split routers start as near-zero centroid routers: row e points at the mean of expert e's L2-normalised
+    first-layer rows. Noise gates start at zero (the noisy gate's own init); other gates keep their init."""
+    for name, module in moe.named_modules():
+        if not hasattr(module, "router") or not hasattr(module, "experts_module"):
+            continue
+        weight = getattr(module.router, "weight", None)
+        up = mapped.get(f"{name}.experts.up_proj")
+        if weight is None or up is None:
+            continue
+        centroids = torch.nn.functional.normalize(up.float(), dim=-1).mean(dim=1)  # (E, d)
+        weight.copy_(torch.nn.functional.normalize(centroids, dim=-1) * SPLIT_ROUTER_NORM)
+        noise = getattr(module.router, "noise_weight", None)
+        if noise is not None:
+            noise.zero_()
 
 
 @torch.no_grad()
 def map_dense_state_dict(
-    dense_state: dict[str, torch.Tensor], moe: PreTrainedModel, split_method: str = "contiguous", seed: int = 0
+    dense_state: dict[str, torch.Tensor],
+    moe: PreTrainedModel,
+    method: str = "comet",
+    split_method: str = "contiguous",
+    seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """The dense state dict in the MoE model's layout: non-FFN weights (and FFNs of non-MoE blocks) unchanged, FFN
     weights of MoE blocks copied into every expert (one group for COMET, E copies when ``moe_intermediate_size`` is
@@ -261,8 +297,16 @@ def map_dense_state_dict(
         up, up_bias = weights["up_weight"], weights["up_bias"]  # (F, d), (F,)
         down, down_bias = weights["down_weight"], weights["down_bias"]  # (d, F), (d,)
         experts, width, _ = moe_state[f"{block}.experts.up_proj"].shape
-        if experts * width == up.shape[0] and experts > 1:  # slices of the FFN
-            order = _partition(up, experts, split_method, seed + hash_block(block))
+        sliced = method == "split" or (method == "comet" and experts > 1)  # split experts or block-COMET blocks
+        expected = (experts, up.shape[0] // experts) if sliced else (experts, up.shape[0])
+        if (experts, width) != expected:
+            raise ConversionError(
+                f"{block}: the MoE model's experts are {experts} x {width} units but method={method!r} needs "
+                f"{expected[0]} x {expected[1]} from an FFN of width {up.shape[0]}."
+            )
+        if sliced:  # slices of the FFN (block-COMET blocks are always contiguous)
+            partition = split_method if method == "split" else "contiguous"
+            order = _partition(up, experts, partition, seed + hash_block(block))
             mapped[f"{block}.experts.up_proj"] = up[order].reshape(experts, width, -1).clone()
             mapped[f"{block}.experts.up_proj_bias"] = up_bias[order].reshape(experts, width).clone()
             mapped[f"{block}.experts.down_proj"] = (
@@ -293,6 +337,8 @@ def probe_inputs(config, batch: int = 4, seq_len: int = 32, seed: int = 0) -> di
         return {"pixel_values": torch.randn(shape, generator=generator)}
     positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", seq_len)
     seq_len = min(seq_len, positions)
+    if getattr(config, "pad_token_id", None) is None and config.model_type in ("gpt2", "comet_gpt2"):
+        batch = 1  # GPT-2 sequence classification refuses batches > 1 without a pad token
     ids = torch.randint(0, config.vocab_size, (batch, seq_len), generator=generator)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
@@ -316,6 +362,8 @@ def deviation_report(
     method: str,
     sweep: list[float | int],
     inputs: dict[str, torch.Tensor] | None = None,
+    split_method: str | None = None,
+    seed: int = 0,
     **moe_fields: Any,
 ) -> list[dict[str, float]]:
     """How far the converted model is from the dense one before any training, for a sweep of COMET keep rates
@@ -342,7 +390,7 @@ def deviation_report(
             if fields.get("routing") in ("attentive", "deep"):
                 fields.pop("num_experts_per_tok")
                 fields["mixture_top_k"] = int(value)
-        converted = convert_to_moe(model, method, **fields)
+        converted = convert_to_moe(model, method, split_method=split_method, seed=seed, **fields)
         output = converted(**forward_inputs)[0]
         difference = (output - reference).abs()
         row = {"setting": value, "max_abs_error": float(difference.max()), "mean_abs_error": float(difference.mean())}

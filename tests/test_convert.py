@@ -64,14 +64,14 @@ def saved_stock(family: str, class_name: str, path):
 def test_conversion_reproduces_the_dense_model_where_the_maths_allows(family, class_name, method, fields, tmp_path):
     dense = saved_stock(family, class_name, tmp_path / "dense")
     fields = dict(fields)
-    split_method = fields.pop("split_method", "contiguous")
+    split_method = fields.pop("split_method", "contiguous" if method == "split" else None)
     moe = convert_to_moe(tmp_path / "dense", method, split_method=split_method, seed=3, **fields)
     inputs = inputs_for(family)
     with torch.no_grad():
         torch.testing.assert_close(main_output(moe(**inputs)), main_output(dense(**inputs)), rtol=0, atol=1e-5)
     assert moe.config.converted_from == str(tmp_path / "dense")
     assert moe.config.conversion_method == method and moe.config.conversion_seed == 3
-    assert moe.config.split_method == (split_method if method == "split" else None)
+    assert moe.config.split_method == split_method
 
 
 @pytest.mark.parametrize("family, class_name", [c for c in CASES if c[1].endswith(("LMHeadModel", "Classification"))])
@@ -128,6 +128,8 @@ def test_deviation_report_is_zero_only_where_the_conversion_is_exact(tmp_path):
         ("gpt2", "fold", {}, "method='fold'"),
         ("gpt2", "upcycle", {"num_experts_per_tokk": 2}, "num_experts_per_tokk"),
         ("gpt2", "comet", {"comet_keep_rate": 0.0}, "comet_keep_rate"),
+        ("gpt2", "upcycle", {"moe_intermediate_size": 32}, "moe_intermediate_size is set by method='upcycle'"),
+        ("gpt2", "upcycle", {"split_method": "kmeans"}, "only applies to method='split'"),
         ("qa", "comet", {}, "BertForQuestionAnswering has no hf_comet counterpart"),
         ("t5", "comet", {}, "supported sources"),
     ],
@@ -159,6 +161,10 @@ def test_cli_convert_writes_atomically_refuses_an_existing_destination_and_repor
     before = (destination / "model.safetensors").read_bytes()
     assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err
     assert (destination / "model.safetensors").read_bytes() == before
+    for bad in (["--sweep", "8", "--report"], ["--eval-inputs", str(tmp_path / "missing.pt"), "--report"]):
+        assert main([*argv, "--overwrite", *bad]) == 2  # the report fails before anything is written
+        assert (destination / "model.safetensors").read_bytes() == before
+    capsys.readouterr()
     assert main([*argv[:6], "3", "--no-progress", "--overwrite"]) == 2  # 3 experts do not divide 128
     assert "does not divide" in capsys.readouterr().err
     assert (destination / "model.safetensors").read_bytes() == before  # nothing half-written
@@ -183,3 +189,20 @@ def test_deviation_report_adds_task_metrics_for_an_evaluation_set(tmp_path):
     ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
     rows = deviation_report(gpt2, "split", [4], inputs={"input_ids": ids, "labels": ids}, num_experts=4)
     assert rows[1]["perplexity"] == pytest.approx(rows[0]["perplexity"], rel=1e-5)
+
+
+def test_split_routers_choose_by_input_and_upcycled_routers_are_not_degenerate(tmp_path):
+    dense = saved_stock("bert", "BertForMaskedLM", tmp_path / "dense")
+    split = convert_to_moe(dense, "split", num_experts=4, num_experts_per_tok=2, split_method="kmeans")
+    inputs = inputs_for("bert")
+    with torch.no_grad():
+        chosen = [
+            {tuple(sorted(row)) for row in block.router(torch.randn(32, 32)).top_k_index.tolist()}
+            for block in split.moe_blocks()
+        ]
+    assert all(len(pairs) > 1 for pairs in chosen)  # not the same two experts for every token
+    upcycled = convert_to_moe(dense, "upcycle", routing="switch", num_experts=4, capacity_factor=1.25)
+    upcycled.train()
+    upcycled(**inputs, labels=inputs["input_ids"])
+    for layer in upcycled.routing_statistics().values():
+        assert layer["dropped_tokens"] < layer["tokens"] / 2  # a random, not an all-tied, router

@@ -51,7 +51,7 @@ def fake_hub(tmp_path, monkeypatch):
     return api
 
 
-@pytest.mark.parametrize("family, head", [fh for fh in ALL_HEADS if fh[1] != "AutoModel"])
+@pytest.mark.parametrize("family, head", ALL_HEADS)
 def test_push_to_hub_uploads_weights_code_and_card_and_loads_back_by_repo_id(family, head, fake_hub):
     model = tiny_model(family, head, routing="topk").eval()
     repo_id = f"tester/{family}-{head.lower()}"
@@ -104,3 +104,40 @@ def test_cli_card_writes_a_card_with_results_plots_and_refuses_to_overwrite(tmp_
     card = (tmp_path / "ckpt" / "README.md").read_text()
     assert "COMET routing" in card and "(expert_load_comet.png)" in card and 'from_pretrained("me/vit")' in card
     assert main(["card", str(tmp_path / "nothing")]) == 2
+
+
+def test_a_pushed_model_loads_by_repo_id_with_remote_code_where_hf_comet_is_missing(fake_hub, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_checkpoints import REMOTE_LOADER
+
+    model = tiny_model("comet_gpt2", "AutoModelForCausalLM", routing="switch").eval()
+    model.push_to_hub("tester/remote-gpt2")
+    inputs = tiny_inputs("comet_gpt2", "AutoModelForCausalLM", with_labels=False)
+    with torch.no_grad():
+        torch.save(main_output(model(**inputs)), tmp_path / "reference.pt")
+    torch.save(inputs, tmp_path / "inputs.pt")
+    case = dict(
+        path="tester/remote-gpt2",
+        saved_as="AutoModelForCausalLM",
+        load_as=["AutoModelForCausalLM"],
+        inputs=str(tmp_path / "inputs.pt"),
+        reference=str(tmp_path / "reference.pt"),
+    )
+    (tmp_path / "cases.json").write_text(json.dumps([case]))
+    (tmp_path / "loader.py").write_text(REMOTE_LOADER)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(fake_hub.cache), HF_MODULES_CACHE=str(tmp_path / "modules"))
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "loader.py"), str(tmp_path / "cases.json")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.split("RESULTS=")[-1]) == [["tester/remote-gpt2", "AutoModelForCausalLM", True]]

@@ -155,18 +155,24 @@ class CometPreTrainedMixin:
             auto_map[auto_name] = f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
         return auto_map
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs):
         """Upstream ``save_pretrained``, writing the complete ``auto_map`` (upstream writes only the saved class) and,
-        where hf_comet is installed and the folder has no README.md yet, the model card."""
+        where hf_comet is installed and the folder has no README.md yet, the model card. ``push_to_hub=True`` uploads
+        the folder, card included, with `push_to_hub`."""
         self.config.auto_map = self.complete_auto_map()
-        result = super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True) and not os.path.exists(os.path.join(save_directory, "README.md")):
+        push = kwargs.pop("push_to_hub", False)
+        push_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "token", "commit_message", "private") if k in kwargs}
+        result = super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        if is_main_process and not os.path.exists(os.path.join(save_directory, "README.md")):
             try:  # imports inside try blocks are not required by transformers' remote-code import check
                 from hf_comet.cards import write_model_card
             except ImportError:  # loaded as remote code without the package: no card
                 write_model_card = None
             if write_model_card is not None:
-                write_model_card(self, save_directory)
+                write_model_card(self, save_directory, repo_id=push_kwargs.get("repo_id"))
+        if push and is_main_process:
+            repo_id = push_kwargs.pop("repo_id", None) or os.path.basename(os.path.abspath(save_directory))
+            self.push_to_hub(repo_id, **push_kwargs)
         return result
 
     def push_to_hub(
@@ -184,8 +190,9 @@ class CometPreTrainedMixin:
     ):
         """Upload weights, config, modeling code and the hf_comet model card in one commit.
 
-        Upstream ``push_to_hub`` replaces README.md by a generic card; this one keeps the card ``save_pretrained``
-        writes (tags given here are added to it). Same arguments and Hub calls as upstream otherwise.
+        Upstream ``push_to_hub`` uploads the repo's existing card (or a generic one) with tags added; this one
+        uploads the hf_comet card of this model (routing, provenance, statistics, loading, citations; tags given
+        here are added), replacing README.md on the Hub. Same arguments and Hub calls as upstream otherwise.
         """
         import tempfile
 
@@ -195,7 +202,7 @@ class CometPreTrainedMixin:
             self.add_model_tags(tags)
         repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as work_dir:
-            self.save_pretrained(work_dir, max_shard_size=max_shard_size)
+            self.save_pretrained(work_dir, max_shard_size=max_shard_size, repo_id=repo_id)
             return self._upload_modified_files(
                 work_dir,
                 repo_id,

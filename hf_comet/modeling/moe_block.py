@@ -321,7 +321,8 @@ class CometMoEBlock(nn.Module):
     # -- expert merging (Park 2024) ------------------------------------------------------------------------------
     def expert_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor indexed by expert on dim 0 that defines an expert: the packed weights and router key maps."""
-        tensors = {name: param for name, param in self.experts.named_parameters(prefix="experts") if param.dim() >= 1}
+        experts = self.experts_module  # not a PEFT wrapper's adapter tensors
+        tensors = {name: param for name, param in experts.named_parameters(prefix="experts") if param.dim() >= 1}
         tensors.pop("experts.output_bias", None)
         for name, tensor in self.router.expert_parameters().items():
             tensors[f"router.{name}"] = tensor

@@ -444,6 +444,13 @@ def validate_recipe_arguments(
     return variants, chosen, overrides
 
 
+DATASET_NAMES = {
+    "vit_digits": "scikit-learn digits",
+    "gpt2_text": "CPython pydoc_data topics (held-out topics)",
+    "bert_mlm_cls": "standard-library docstring topics",
+}
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["comet_keep_rate=0.25", "moe_layers=[0,2]"]`` -> a dict; values are JSON when they parse, else strings."""
     overrides = {}
@@ -523,6 +530,7 @@ def run_recipe(
             results={k: v for k, v in result.metrics.items() if isinstance(v, float)},
             plots=["loss_curves.png", *plots],
             datasets_text=DATA_DESCRIPTIONS[name],
+            dataset_name=DATASET_NAMES[name],
         )
 
     summary = {
