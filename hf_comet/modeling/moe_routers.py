@@ -445,15 +445,7 @@ class SwitchRouter(Router):
             extras=extras,
         )
 
-    def aux_losses(self, decision: RoutingDecision, token_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        losses = {
-            "load_balancing_loss": load_balancing_loss(
-                decision.router_probs, decision.top_k_index, self.num_experts, token_mask
-            )
-        }
-        if self.loss_weights["z_loss"] > 0:
-            losses["z_loss"] = router_z_loss(decision.router_logits, token_mask)
-        return losses
+    aux_losses = TopKRouter.aux_losses  # the Switch load-balancing loss (pre-capacity assignment) and the z-loss
 
 
 class AttentiveRouter(Router):
