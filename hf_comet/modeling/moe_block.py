@@ -222,14 +222,18 @@ class CometMoEBlock(nn.Module):
             self._statistics = {name: value.to(device) for name, value in self._statistics.items()}
         stats = self._statistics
         valid = torch.ones(selection.shape[0], device=device) if token_mask is None else token_mask.float()
-        probs = decision.router_probs
-        if probs is None:  # COMET: uniform over the kept units / blocks
-            probs = selection / selection.sum(dim=-1, keepdim=True).clamp_min(1.0)
-        probs = probs.detach().float()
-        entropy = -torch.special.xlogy(probs, probs).sum(dim=-1) / math.log(2)
+        selections = masked_sum(selection, token_mask)
+        if decision.router_probs is None:  # COMET: uniform over the k kept units / blocks (k is the same for all)
+            per_token = selection.sum(dim=-1).clamp_min(1.0)
+            entropy = torch.log2(per_token)
+            gate_sum = selections / per_token.max()
+        else:
+            probs = decision.router_probs.detach().float()
+            entropy = -torch.special.xlogy(probs, probs).sum(dim=-1) / math.log(2)
+            gate_sum = masked_sum(probs, token_mask)
         stats["tokens"] += valid.sum()
-        stats["selections"] += masked_sum(selection, token_mask)
-        stats["gate_sum"] += masked_sum(probs, token_mask)
+        stats["selections"] += selections
+        stats["gate_sum"] += gate_sum
         stats["entropy_sum"] += (entropy * valid).sum()
         dropped = decision.extras.get("dropped")
         if dropped is not None:
