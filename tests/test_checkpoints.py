@@ -82,6 +82,24 @@ REMOTE_LOADER = textwrap.dedent(
 )
 
 
+def run_remote_loader(cases: list[dict], workdir, **env_extra: str) -> list:
+    """Run `REMOTE_LOADER` on ``cases`` in a fresh process where hf_comet cannot be imported; its results."""
+    (workdir / "cases.json").write_text(json.dumps(cases))
+    (workdir / "loader.py").write_text(REMOTE_LOADER)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(workdir / "modules"), PYTHONNOUSERSITE="1", **env_extra)
+    proc = subprocess.run(
+        [sys.executable, str(workdir / "loader.py"), str(workdir / "cases.json")],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.split("RESULTS=")[-1])
+
+
 def test_every_head_loads_with_remote_code_where_hf_comet_is_not_importable(tmp_path):
     cases = []
     for routing in ROUTING_NAMES:
@@ -104,20 +122,7 @@ def test_every_head_loads_with_remote_code_where_hf_comet_is_not_importable(tmp_
                     reference=str(path / "reference.pt"),
                 )
             )
-    (tmp_path / "cases.json").write_text(json.dumps(cases))
-    (tmp_path / "loader.py").write_text(REMOTE_LOADER)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONNOUSERSITE="1")
-    proc = subprocess.run(
-        [sys.executable, str(tmp_path / "loader.py"), str(tmp_path / "cases.json")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.split("RESULTS=")[-1])
+    results = run_remote_loader(cases, tmp_path)
     assert len(results) == sum(len(c["load_as"]) for c in cases)
     for path, head, outcome in results:
         saved_head = next(c["saved_as"] for c in cases if c["path"] == path)

@@ -107,12 +107,7 @@ def test_cli_card_writes_a_card_with_results_plots_and_refuses_to_overwrite(tmp_
 
 
 def test_a_pushed_model_loads_by_repo_id_with_remote_code_where_hf_comet_is_missing(fake_hub, tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from test_checkpoints import REMOTE_LOADER
+    from test_checkpoints import run_remote_loader
 
     model = tiny_model("comet_gpt2", "AutoModelForCausalLM", routing="switch").eval()
     model.push_to_hub("tester/remote-gpt2")
@@ -127,17 +122,5 @@ def test_a_pushed_model_loads_by_repo_id_with_remote_code_where_hf_comet_is_miss
         inputs=str(tmp_path / "inputs.pt"),
         reference=str(tmp_path / "reference.pt"),
     )
-    (tmp_path / "cases.json").write_text(json.dumps([case]))
-    (tmp_path / "loader.py").write_text(REMOTE_LOADER)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(fake_hub.cache), HF_MODULES_CACHE=str(tmp_path / "modules"))
-    proc = subprocess.run(
-        [sys.executable, str(tmp_path / "loader.py"), str(tmp_path / "cases.json")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.split("RESULTS=")[-1]) == [["tester/remote-gpt2", "AutoModelForCausalLM", True]]
+    results = run_remote_loader([case], tmp_path, HF_HUB_CACHE=str(fake_hub.cache))
+    assert results == [["tester/remote-gpt2", "AutoModelForCausalLM", True]]

@@ -193,7 +193,8 @@ class Router(nn.Module):
 
     @classmethod
     def expert_layout(cls, config) -> tuple[int, int]:
-        raise NotImplementedError
+        """Learned routers gate ``num_experts`` experts of ``expert_intermediate_size`` units (COMET overrides)."""
+        return config.num_experts, config.expert_intermediate_size
 
     def aux_losses(self, decision: RoutingDecision, token_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Unweighted auxiliary losses of this decision (none by default)."""
@@ -282,10 +283,6 @@ class TopKRouter(Router):
             "z_loss": float(config.router_z_loss_coef),
         }
 
-    @classmethod
-    def expert_layout(cls, config) -> tuple[int, int]:
-        return config.num_experts, config.expert_intermediate_size
-
     def forward(self, hidden_states: torch.Tensor) -> RoutingDecision:
         logits = F.linear(hidden_states, self.weight)
         probs = logits.float().softmax(dim=-1)
@@ -334,10 +331,6 @@ class NoisyTopKRouter(Router):
         self.scale = float(config.router_scale)
         coef = float(config.router_aux_loss_coef)
         self.loss_weights = {"importance_loss": coef, "load_loss": coef, "z_loss": float(config.router_z_loss_coef)}
-
-    @classmethod
-    def expert_layout(cls, config) -> tuple[int, int]:
-        return config.num_experts, config.expert_intermediate_size
 
     def forward(self, hidden_states: torch.Tensor) -> RoutingDecision:
         clean = F.linear(hidden_states, self.weight).float()
@@ -401,10 +394,6 @@ class SwitchRouter(Router):
             "load_balancing_loss": float(config.router_aux_loss_coef),
             "z_loss": float(config.router_z_loss_coef),
         }
-
-    @classmethod
-    def expert_layout(cls, config) -> tuple[int, int]:
-        return config.num_experts, config.expert_intermediate_size
 
     def capacity(self, num_tokens: int) -> int | None:
         """Tokens each expert accepts per training forward of ``num_tokens`` tokens, or ``None`` when dropless."""
@@ -477,10 +466,6 @@ class AttentiveRouter(Router):
         self.key_proj = nn.Parameter(torch.empty(num_experts, config.gate_hidden_size, expert_width))
         self.loss_weights = {"importance_loss": float(config.router_aux_loss_coef)}
 
-    @classmethod
-    def expert_layout(cls, config) -> tuple[int, int]:
-        return config.num_experts, config.expert_intermediate_size
-
     def forward(self, hidden_states: torch.Tensor, expert_activations: torch.Tensor) -> RoutingDecision:
         """``expert_activations``: (T, E, I) post-activation intermediate units of every expert."""
         query = self.query(F.relu(self.gate_proj(hidden_states)))  # (T, H)
@@ -537,10 +522,6 @@ class DeepRouter(Router):
         if self.assignment_totals.dtype != torch.float32:
             self.assignment_totals = self.assignment_totals.float()
         return result
-
-    @classmethod
-    def expert_layout(cls, config) -> tuple[int, int]:
-        return config.num_experts, config.expert_intermediate_size
 
     @property
     def constraint_active(self) -> bool:
