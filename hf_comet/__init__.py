@@ -9,9 +9,10 @@ from __future__ import annotations
 import transformers
 from transformers import AutoConfig
 
-from .convert import convert_to_moe  # noqa: E402  (after the models)
-from .distill import attentive_to_softmax_gates, distill_attentive_gates  # noqa: E402
-from .merging import reset_merged_optimizer_state  # noqa: E402
+from .convert import convert_to_moe
+from .distill import attentive_to_softmax_gates, distill_attentive_gates
+from .hub import Sharing
+from .merging import ExpertMerge, merge_experts, merge_most_used_into_least_used, reset_merged_optimizer_state
 from .modeling import (
     FAMILIES,
     ROUTINGS,
@@ -25,15 +26,19 @@ from .modeling import (
     CometGPT2ForSequenceClassification,
     CometGPT2Model,
     CometMoEBlock,
+    CometPreTrainedMixin,
     CometRouter,
     CometViTConfig,
     CometViTForImageClassification,
     CometViTModel,
+    MoEBlock,
+    PackedExperts,
+    Router,
     RoutingDecision,
     TopKRouter,
+    register_router,
 )
-from .modeling.moe_block import ExpertMerge
-from .modeling.moe_routers import AttentiveRouter, DeepRouter, NoisyTopKRouter, SwitchRouter
+from .modeling.moe_routers import AttentiveRouter, DeepMoEGate, DeepRouter, NoisyTopKRouter, SwitchRouter
 
 __version__ = "0.1.0"
 
@@ -47,12 +52,20 @@ def _register_auto_classes() -> None:
 
 
 _register_auto_classes()
+CometPreTrainedMixin.sharing = Sharing()  # model cards at save time, and push_to_hub with them (hf_comet.hub)
 
 __all__ = [
     "ROUTINGS",
     "AttentiveRouter",
+    "DeepMoEGate",
     "DeepRouter",
     "ExpertMerge",
+    "MoEBlock",
+    "PackedExperts",
+    "Router",
+    "merge_experts",
+    "merge_most_used_into_least_used",
+    "register_router",
     "NoisyTopKRouter",
     "SwitchRouter",
     "attentive_to_softmax_gates",

@@ -1,7 +1,7 @@
 """Model cards for hf_comet checkpoints, rendered with huggingface_hub's ``ModelCard``/``ModelCardData``.
 
 The card says in words how the model routes, shows results and plots when a run provides them, how to load it, and
-what to cite. (Conversion provenance and Hub templates extend this in the conversion/sharing work.)
+what to cite.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .modeling.moe_routers import ROUTER_CLASSES
+
 PIPELINE_TAGS = {
     "ForCausalLM": "text-generation",
     "ForMaskedLM": "fill-mask",
@@ -22,44 +24,11 @@ PIPELINE_TAGS = {
     "ForImageClassification": "image-classification",
 }
 
-CITATIONS = {
-    "comet": "Shaier, Y. et al. *Conditionally Overlapping Mixture of ExperTs.* ICLR 2025.",
-    "topk": "Fedus, W., Zoph, B., Shazeer, N. *Switch Transformers.* JMLR 2022 (load-balancing loss).",
-    "noisy_topk": "Shazeer, N. et al. *Outrageously Large Neural Networks: The Sparsely-Gated Mixture-of-Experts "
-    "Layer.* ICLR 2017.",
-    "switch": "Fedus, W., Zoph, B., Shazeer, N. *Switch Transformers.* JMLR 2022.",
-    "attentive": "Krishnamurthy, Y., Watkins, C., Gärtner, T. *Improving Expert Specialization in Mixture of Experts.* "
-    "arXiv:2302.14703, 2023.",
-    "deep": "Eigen, D., Ranzato, M., Sutskever, I. *Learning Factored Representations in a Deep Mixture of Experts.* "
-    "arXiv:1312.4314, 2013.",
-}
 
 
 def describe_routing(config) -> str:
-    """The routing configuration of ``config`` in words."""
-    layers = "every block" if config.moe_layers is None else f"blocks {config.moe_layers}"
-    if config.routing == "comet":
-        if config.comet_block_size > 1:
-            groups = config.ffn_width // config.comet_block_size
-            what = f"blocks of {config.comet_block_size} units ({groups} blocks)"
-        else:
-            what = f"units of the FFN (width {config.ffn_width})"
-        return (
-            f"COMET routing in {layers}: a frozen random projection of each token's FFN input (seed "
-            f"{config.routing_seed}, stored in the checkpoint) keeps the top {config.comet_keep_rate:g} fraction of "
-            f"the {what} per token, weight 1. No trainable router, no auxiliary loss."
-        )
-    experts = f"{config.num_experts} experts of width {config.expert_intermediate_size}"
-    words = {
-        "topk": f"a learned softmax gate sends each token to its top {config.num_experts_per_tok} of {experts}",
-        "noisy_topk": f"a noisy top-{config.num_experts_per_tok} gate (Shazeer et al.) over {experts}",
-        "switch": f"a Switch top-1 gate over {experts}"
-        + (f", capacity factor {config.capacity_factor:g}" if config.capacity_factor else ", dropless"),
-        "attentive": f"an attentive gate (query from a {config.gate_hidden_size}-unit trunk, keys from each expert) "
-        f"mixing {experts}",
-        "deep": f"a two-layer softmax gate ({config.gate_hidden_size} hidden units, Deep MoE) mixing {experts}",
-    }[config.routing]
-    return f"Learned routing in {layers}: {words}; aux-loss weight {config.router_aux_loss_coef:g}."
+    """The routing configuration of ``config`` in words (each router describes itself)."""
+    return ROUTER_CLASSES[config.routing].describe(config)
 
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
@@ -151,7 +120,7 @@ def render_model_card(
             + f", conversion seed {config.conversion_seed}."
         )
     statistics, statistics_tokens = _statistics_rows(model)
-    citations = [CITATIONS[config.routing]]
+    citations = [ROUTER_CLASSES[config.routing].citation] if ROUTER_CLASSES[config.routing].citation else []
     if getattr(config, "conversion_method", None) == "upcycle":
         citations.append("Komatsuzaki, A. et al. *Sparse Upcycling.* ICLR 2023.")
     if getattr(config, "conversion_method", None) == "split":

@@ -55,7 +55,7 @@ def attentive_to_softmax_gates(model: torch.nn.Module, top_k: int | None = None)
             new.gate_proj.bias.copy_(old.gate_proj.bias)
             init.normal_(new.gate_out.weight, mean=0.0, std=config.initializer_range)
             init.zeros_(new.gate_out.bias)
-        block.replace_router(new, "deep")
+        block.replace_router(new)
     for name, param in model.named_parameters():
         param.requires_grad_(".router." in name)
     return [name for name, param in model.named_parameters() if param.requires_grad]

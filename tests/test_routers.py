@@ -9,6 +9,7 @@ from conftest import ALL_HEADS, dense_twin, main_output, tiny_config, tiny_input
 
 from hf_comet import AttentiveRouter, CometMoEBlock, NoisyTopKRouter, RoutingDecision, SwitchRouter
 from hf_comet.modeling.moe_block import collect_routing
+from hf_comet.modeling.moe_experts import choose_execution
 from hf_comet.modeling.moe_routers import cv_squared, noisy_top_k_load, sample_similarity_loss
 
 
@@ -51,7 +52,8 @@ def test_noisy_top_k_gates_without_noise_are_the_softmax_over_the_kept_logits():
     assert decision.top_k_index.tolist() == [[0, 3]]
     e = [math.exp(2.0), math.exp(1.5)]
     torch.testing.assert_close(decision.top_k_weights[0], torch.tensor([e[0] / sum(e), e[1] / sum(e)]))
-    torch.testing.assert_close(decision.router_probs[0], torch.tensor([e[0] / sum(e), 0.0, 0.0, e[1] / sum(e)]))
+    torch.testing.assert_close(decision.combine_weights(4)[0], torch.tensor([e[0] / sum(e), 0.0, 0.0, e[1] / sum(e)]))
+    torch.testing.assert_close(decision.gate_probs[0], torch.tensor([2.0, 1.0, -2.0, 1.5]).softmax(-1))  # pre-selection
     torch.testing.assert_close(decision.extras["load"][0], torch.tensor([1.0, 0.0, 0.0, 1.0]))  # hard count
 
 
@@ -91,7 +93,7 @@ def test_noisy_top_k_aux_losses_are_cv_squared_of_importance_and_load_over_valid
     router = NoisyTopKRouter(config, 0, hidden_size=2)
     gates = torch.tensor([[0.6, 0.4, 0.0], [0.0, 1.0, 0.0], [0.0, 0.3, 0.7], [1.0, 0.0, 0.0]])
     load = torch.tensor([[0.9, 0.1, 0.2], [0.2, 0.8, 0.1], [0.3, 0.3, 0.7], [0.5, 0.5, 0.5]])
-    decision = RoutingDecision(router_logits=torch.zeros(4, 3), router_probs=gates, extras={"load": load})
+    decision = RoutingDecision(router_logits=torch.zeros(4, 3), expert_weights=gates, extras={"load": load})
     mask = torch.tensor([True, True, True, False])
     losses = router.aux_losses(decision, mask)
     importance = [0.6, 0.4 + 1.0 + 0.3, 0.7]  # the padding row is left out
@@ -130,7 +132,7 @@ def test_switch_capacity_drops_overflow_in_token_order_and_dropped_tokens_get_ze
     assert decision.extras["dropped"].tolist() == [False, False, True, True, True, False]
     assert (decision.top_k_weights[2:5] == 0).all() and (decision.top_k_weights[[0, 1, 5]] > 0).all()
     # the balancing loss sees the assignment before capacity: f = (5/6, 1/6, 0, 0)
-    probs = decision.router_probs
+    probs = decision.gate_probs
     expected = 4 * (5 / 6 * probs[:, 0].mean() + 1 / 6 * probs[:, 1].mean())
     torch.testing.assert_close(router.aux_losses(decision, None)["load_balancing_loss"], expected)
     # padding takes no place in a queue, and capacity counts only real tokens: ceil(5 / 4) = 2, ceil(4 / 4) = 1
@@ -210,7 +212,7 @@ def test_attentive_importance_loss_is_std_over_mean_squared_and_gradients_reach_
     router = AttentiveRouter(config, 0, hidden_size=32)
     probs = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.4, 0.4, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25]])
     assert len(set(probs.sum(0).tolist())) > 1  # unequal importance: the mean normalisation matters
-    decision = RoutingDecision(router_logits=probs, expert_weights=probs, router_probs=probs)
+    decision = RoutingDecision(router_logits=probs, expert_weights=probs, gate_probs=probs)
     importance = probs.sum(0).tolist()
     expected = (statistics.stdev(importance) / statistics.mean(importance)) ** 2
     assert router.aux_losses(decision, None)["importance_loss"].item() == pytest.approx(expected, rel=1e-5)
@@ -348,7 +350,7 @@ def test_block_comet_is_the_dense_ffn_with_whole_blocks_masked_and_the_bias_adde
     x = torch.randn(6, 32)
     with torch.no_grad():
         decision = block.router(x)
-        assert block._dense_is_cheaper(decision) == (keep_rate > 0.5)
+        assert choose_execution(block.experts, decision) == ("masked_dense" if keep_rate > 0.5 else "kernels")
         assert torch.equal(decision.top_k_weights, torch.ones(6, kept))
         scores = x @ block.router.projection.T  # (T, 8 blocks)
         assert set(map(tuple, decision.top_k_index.sort(-1).values.tolist())) == set(

@@ -14,8 +14,11 @@ from hf_comet import (
     RoutingDecision,
     attentive_to_softmax_gates,
     distill_attentive_gates,
+    merge_experts,
+    merge_most_used_into_least_used,
     reset_merged_optimizer_state,
 )
+from hf_comet.training import lift_deep_constraint
 
 VIT = ("comet_vit", "AutoModelForImageClassification")
 
@@ -69,7 +72,7 @@ def test_deep_constraint_is_active_during_the_phase_and_can_be_lifted_early():
     x = torch.randn(4, 32)
     router.refresh_state()
     assert (router(x).expert_weights[:, 0] == 0).all()
-    model.lift_deep_constraint()
+    lift_deep_constraint(model)
     assert not router.constraint_active
     assert (router(x).expert_weights[:, 0] > 0).all()
 
@@ -102,7 +105,10 @@ def test_statistics_match_a_hand_computation_and_skip_padding():
     block = CometMoEBlock(tiny_config("comet_vit", routing="topk"), 0, 32, "gelu")
     probs = torch.tensor([[0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 0.0, 1.0]])
     decision = RoutingDecision(
-        router_logits=probs.log(), top_k_index=torch.tensor([[0], [0], [1], [3]]), router_probs=probs
+        router_logits=probs.log(),
+        top_k_index=torch.tensor([[0], [0], [1], [3]]),
+        top_k_weights=torch.ones(4, 1),
+        gate_probs=probs,
     )
     inputs = torch.randn(4, 32)
     token_mask = torch.tensor([True, True, True, False])  # the last token is padding
@@ -126,7 +132,8 @@ def test_mask_overlap_is_one_for_identical_selections_and_correlation_needs_vari
     decision = RoutingDecision(
         router_logits=torch.zeros(10, 4),
         top_k_index=torch.tensor([[1, 2]] * 10),
-        router_probs=torch.full((10, 4), 0.25),
+        top_k_weights=torch.full((10, 2), 0.5),
+        gate_probs=torch.full((10, 4), 0.25),
     )
     block.commit(decision, torch.randn(10, 32), None, training=False)
     stats = block.routing_statistics()
@@ -182,7 +189,7 @@ def test_merge_writes_the_mean_of_the_two_sources_and_resets_counts():
         "experts.down_proj_bias",
         "router.key_proj",
     }
-    merge = model.merge_experts(1, 0, 2, into=3)
+    merge = merge_experts(model, 1, 0, 2, into=3)
     for name, tensor in block.expert_tensors().items():
         torch.testing.assert_close(tensor[3], (before[name][0] + before[name][2]) / 2)
         for e in (0, 1, 2):
@@ -198,7 +205,7 @@ def test_count_weighted_merge_weights_sources_by_their_selection_counts():
     block = model.moe_blocks()[0]
     block.selection_counts.copy_(torch.tensor([30.0, 10.0, 0.0, 5.0]))
     up = block.experts.up_proj.detach().clone()
-    model.merge_experts(0, 0, 1, into=2, how="count_weighted")
+    merge_experts(model, 0, 0, 1, into=2, how="count_weighted")
     torch.testing.assert_close(block.experts.up_proj[2], 0.75 * up[0] + 0.25 * up[1])
 
 
@@ -209,12 +216,12 @@ def test_merge_most_used_into_least_used_picks_per_layer_and_resets_optimizer_st
     blocks[0].selection_counts.copy_(torch.tensor([5.0, 9.0, 1.0, 7.0]))  # top two 1, 3; least used other: 2
     blocks[1].selection_counts.copy_(torch.tensor([4.0, 4.0, 4.0, 0.0]))  # ties go to the lower index
     up = [b.experts.up_proj.detach().clone() for b in blocks]
-    merges = model.merge_most_used_into_least_used()
+    merges = merge_most_used_into_least_used(model)
     assert [(m.layer_idx, m.sources, m.into) for m in merges] == [(0, (1, 3), 2), (1, (0, 1), 3)]
     torch.testing.assert_close(blocks[0].experts.up_proj[2], (up[0][1] + up[0][3]) / 2)
     param = blocks[0].experts.up_proj
     assert optimizer.state[param]["exp_avg"][2].abs().sum() > 0
-    assert model.merge_most_used_into_least_used() == []  # counts were reset: nothing to rank
+    assert merge_most_used_into_least_used(model) == []  # counts were reset: nothing to rank
     second = optimizer.state[param]["exp_avg_sq"].clone()
     first = optimizer.state[param]["exp_avg"].clone()
     reset = reset_merged_optimizer_state(optimizer, merges)
@@ -235,21 +242,21 @@ def test_merge_most_used_into_least_used_picks_per_layer_and_resets_optimizer_st
 def test_merging_refuses_comet_layers_and_bad_arguments():
     comet = tiny_model(*VIT, routing="comet")
     with pytest.raises(ValueError, match="nothing to merge"):
-        comet.merge_most_used_into_least_used()
+        merge_most_used_into_least_used(comet)
     with pytest.raises(ValueError, match="nothing to merge"):
-        comet.merge_experts(0, 0, 1, into=2)
+        merge_experts(comet, 0, 0, 1, into=2)
     learned = tiny_model(*VIT, routing="topk")
     with pytest.raises(ValueError, match="into=4"):
-        learned.merge_experts(0, 0, 1, into=4)
+        merge_experts(learned, 0, 0, 1, into=4)
     with pytest.raises(ValueError, match="two different experts"):
-        learned.merge_experts(0, 1, 1, into=2)
+        merge_experts(learned, 0, 1, 1, into=2)
     with pytest.raises(ValueError, match="how='median'"):
-        learned.merge_experts(0, 0, 1, into=2, how="median")
+        merge_experts(learned, 0, 0, 1, into=2, how="median")
     with pytest.raises(ValueError, match="layer 5"):
-        learned.merge_experts(5, 0, 1, into=2)
+        merge_experts(learned, 5, 0, 1, into=2)
     two = tiny_model(*VIT, routing="topk", num_experts=2, num_experts_per_tok=1)
     with pytest.raises(ValueError, match="at least 3 experts"):
-        two.merge_most_used_into_least_used()
+        merge_most_used_into_least_used(two)
 
 
 # -- distillation of attentive gates -------------------------------------------------------------------------------
@@ -264,7 +271,8 @@ def test_distillation_swaps_in_sparse_softmax_gates_trains_only_them_and_reloads
     assert model.config.routing == "deep" and model.config.mixture_top_k == 1
     assert model.config.deep_constraint_steps == 0
     for block in model.moe_blocks():
-        assert isinstance(block.router, DeepRouter) and not block.router.reads_expert_activations
+        assert isinstance(block.router, DeepRouter)
+            assert block.router(torch.randn(2, block.hidden_size)).top_k_index.shape == (2, 1)  # sparse, no keys
     assert not torch.equal(model.moe_blocks()[0].router.gate_proj.weight, trunk)  # the gate trained ...
     for name, param in model.named_parameters():  # ... and nothing else did
         if ".router." not in name:
@@ -305,7 +313,7 @@ def _merge_on_rank(rank: int, world_size: int, init_file: str, results):
         local = [[5.0, 0.0, 1.0, 4.0], [0.0, 6.0, 1.0, 1.0]][rank]  # locally rank 0 would pick (0, 3), rank 1 (1, 3)
         block.selection_counts.copy_(torch.tensor(local))
         model.moe_blocks()[1].selection_counts.copy_(torch.tensor([1.0, 1.0, 1.0, 1.0]))
-        merges = model.merge_most_used_into_least_used()
+        merges = merge_most_used_into_least_used(model)
         results[rank] = [(m.layer_idx, m.sources, m.into) for m in merges]
     finally:
         torch.distributed.destroy_process_group()

@@ -22,7 +22,7 @@ def test_router_renormalises_the_top_k_softmax_probabilities():
     logits = torch.tensor([2.0, 1.0, -2.0, -1.0])
     probs = logits.exp() / logits.exp().sum()
     assert decision.top_k_index.tolist() == [[0, 1]]
-    torch.testing.assert_close(decision.router_probs[0], probs)
+    torch.testing.assert_close(decision.gate_probs[0], probs)
     torch.testing.assert_close(decision.top_k_weights[0], probs[:2] / probs[:2].sum())
     router.norm_topk_prob = False
     torch.testing.assert_close(router(torch.tensor([[2.0, 1.0]])).top_k_weights[0], probs[:2])

@@ -311,8 +311,17 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(routing,
     weights = [torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1)]
     for name in weights[0]:
         assert torch.equal(weights[0][name], weights[1][name]), name  # both ranks end identical
-    # telemetry is reduced over ranks: the same windows as the single process with the global batch
-    assert ddp[0]["tokens_per_expert"] == single[0]["tokens_per_expert"]
+    # telemetry is reduced over ranks: the same windows as the single process with the global batch. The first
+    # window routes with the initial weights, so it is identical; later ones route with weights that differ by
+    # float-order noise (~1e-5, below), which may flip a near-tie unit of a few tokens, never the totals.
+    windows_ddp, windows_single = ddp[0]["tokens_per_expert"], single[0]["tokens_per_expert"]
+    assert len(windows_ddp) == len(windows_single)
+    assert windows_ddp[0] == windows_single[0]
+    for window_ddp, window_single in zip(windows_ddp, windows_single, strict=True):
+        for layer in window_single:
+            counts_ddp, counts_single = np.array(window_ddp[layer]), np.array(window_single[layer])
+            assert counts_ddp.sum() == counts_single.sum()  # every token of the global batch, counted once
+            assert np.abs(counts_ddp - counts_single).max() <= 2
     assert ddp[0]["routing_keys"] == single[0]["routing_keys"]
     if routing == "comet":  # no batch-dependent aux loss: the loss curve is the single-process one
         np.testing.assert_allclose(ddp[0]["losses"], single[0]["losses"], rtol=1e-5)

@@ -1,6 +1,6 @@
 """The part of hf_comet that travels with saved checkpoints: a flat folder of sibling modules (see design.md)."""
 
-from .configuration_comet import ROUTINGS, CometBertConfig, CometGPT2Config, CometMoEConfigMixin, CometViTConfig
+from .configuration_comet import CometBertConfig, CometGPT2Config, CometMoEConfigMixin, CometViTConfig
 from .modeling_comet_bert import (
     AUTO_CLASSES as BERT_AUTO_CLASSES,
 )
@@ -11,6 +11,7 @@ from .modeling_comet_bert import (
     CometBertModel,
     CometBertPreTrainedModel,
 )
+from .modeling_comet_common import CometPreTrainedMixin
 from .modeling_comet_gpt2 import (
     AUTO_CLASSES as GPT2_AUTO_CLASSES,
 )
@@ -28,18 +29,23 @@ from .modeling_comet_vit import (
     CometViTModel,
     CometViTPreTrainedModel,
 )
-from .moe_block import CometMoEBlock, ExpertMerge, RoutingCollector, collect_routing
-from .moe_experts import CometExperts
+from .moe_block import CometMoEBlock, MoEBlock, RoutingCollector, collect_routing
+from .moe_experts import CometExperts, PackedExperts, run_experts
 from .moe_routers import (
+    LEARNED_ROUTINGS,
+    MIXTURE_ROUTINGS,
     ROUTER_CLASSES,
+    ROUTINGS,
     AttentiveRouter,
     CometRouter,
+    DeepMoEGate,
     DeepRouter,
     NoisyTopKRouter,
     Router,
     RoutingDecision,
     SwitchRouter,
     TopKRouter,
+    register_router,
 )
 
 FAMILIES = {
@@ -50,9 +56,15 @@ FAMILIES = {
 """model type -> (config class, {Auto class name: model class})."""
 
 __all__ = [
+    "LEARNED_ROUTINGS",
+    "MIXTURE_ROUTINGS",
     "AttentiveRouter",
+    "DeepMoEGate",
     "DeepRouter",
-    "ExpertMerge",
+    "MoEBlock",
+    "PackedExperts",
+    "register_router",
+    "run_experts",
     "NoisyTopKRouter",
     "SwitchRouter",
     "FAMILIES",
@@ -72,6 +84,7 @@ __all__ = [
     "CometGPT2PreTrainedModel",
     "CometMoEBlock",
     "CometMoEConfigMixin",
+    "CometPreTrainedMixin",
     "CometRouter",
     "CometViTConfig",
     "CometViTForImageClassification",

@@ -6,28 +6,21 @@ library, ``transformers`` and sibling modules.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from huggingface_hub.dataclasses import strict
 from transformers import BertConfig, GPT2Config, ViTConfig
 
-ROUTINGS = ("comet", "topk", "noisy_topk", "switch", "attentive", "deep")
-"""Values accepted by ``config.routing``."""
+from .moe_routers import LEARNED_ROUTINGS, MIXTURE_ROUTINGS, ROUTER_CLASSES, ROUTINGS, comet_num_active
 
-LEARNED_ROUTINGS = ("topk", "noisy_topk", "switch", "attentive", "deep")
-"""Routings with a trainable gate over ``num_experts`` packed experts (everything except COMET)."""
+FIELD_HINTS = {"mixture_top_k": "use num_experts_per_tok for the other learned routers"}
+"""Extra advice for a routing-specific field set under a routing that does not read it."""
 
-MIXTURE_ROUTINGS = ("attentive", "deep")
-"""Routings that mix every expert by default (dense soft mixture); ``mixture_top_k`` makes them top-k."""
+EXCLUSIVE_FIELDS = ("comet_block_size", "capacity_factor", "mixture_top_k", "router_scale")
+"""Routing-specific fields refused at a non-default value when the chosen routing does not read them (which routers
+read a field is each router's ``config_fields``)."""
 
-
-def comet_num_active(keep_rate: float, num_units: int) -> int:
-    """Units kept per token by COMET: ``k = max(1, floor(keep_rate * num_units))`` (Shaier et al., official code).
-
-    A relative tolerance of 1e-9 guards the floor against binary rounding (``0.29 * 100 = 28.999...``).
-    """
-    return max(1, math.floor(keep_rate * num_units * (1 + 1e-9)))
+CONVERSION_METHODS = (None, "comet", "upcycle", "split")
 
 
 @dataclass(kw_only=True)
@@ -142,9 +135,15 @@ class CometMoEConfigMixin:
         self.validate_moe_config()
 
     def validate_moe_config(self) -> None:
-        """Raise ``ValueError`` naming the first MoE field that is out of range, and what is allowed."""
+        """Raise ``ValueError`` naming the first MoE field that is out of range, and what is allowed.
+
+        Fields every routing reads are checked here; each router checks the fields it owns
+        (``Router.validate_config``), and a routing-specific field set under a routing that does not read it is
+        refused (`EXCLUSIVE_FIELDS`).
+        """
         if self.routing not in ROUTINGS:
             raise ValueError(f"routing={self.routing!r} is not supported; choose one of {', '.join(ROUTINGS)}.")
+        router_class = ROUTER_CLASSES[self.routing]
         if isinstance(self.comet_keep_rate, bool) or not 0.0 < self.comet_keep_rate <= 1.0:
             raise ValueError(
                 f"comet_keep_rate={self.comet_keep_rate!r} must be in (0, 1] (the fraction of units kept)."
@@ -168,11 +167,7 @@ class CometMoEConfigMixin:
                 raise ValueError(f"moe_layers={self.moe_layers} repeats a block index.")
         if self.moe_intermediate_size is not None and self.moe_intermediate_size < 1:
             raise ValueError(f"moe_intermediate_size={self.moe_intermediate_size} must be >= 1 or None.")
-        if (
-            self.routing in LEARNED_ROUTINGS
-            and self.moe_intermediate_size is None
-            and self.ffn_width % self.num_experts
-        ):
+        if router_class.has_trainable_gate and self.moe_intermediate_size is None and self.ffn_width % self.num_experts:
             raise ValueError(
                 f"the FFN width {self.ffn_width} ({self._ffn_width_field}) is not divisible by num_experts="
                 f"{self.num_experts}; pick num_experts dividing it or set moe_intermediate_size explicitly."
@@ -188,51 +183,12 @@ class CometMoEConfigMixin:
         ):
             if isinstance(getattr(self, name), bool) or getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a number >= 0.")
-        self._validate_router_fields()
-
-    def _validate_router_fields(self) -> None:
-        """Range checks of the router-specific fields, and refusal of fields the chosen routing would ignore."""
         if self.comet_block_size < 1:
             raise ValueError(f"comet_block_size={self.comet_block_size} must be >= 1 (1 = unit-level COMET).")
-        if self.comet_block_size > 1:
-            if self.routing != "comet":
-                raise ValueError(
-                    f"comet_block_size={self.comet_block_size} only applies to routing='comet' (got routing="
-                    f"{self.routing!r}); leave it at 1."
-                )
-            if self.ffn_width % self.comet_block_size:
-                raise ValueError(
-                    f"comet_block_size={self.comet_block_size} does not divide the FFN width {self.ffn_width} "
-                    f"({self._ffn_width_field}); pick a divisor of it."
-                )
-        if self.capacity_factor is not None:
-            if self.routing != "switch":
-                raise ValueError(
-                    f"capacity_factor={self.capacity_factor} only applies to routing='switch' (got routing="
-                    f"{self.routing!r}); use None."
-                )
-            if isinstance(self.capacity_factor, bool) or self.capacity_factor <= 0:
-                raise ValueError(f"capacity_factor={self.capacity_factor!r} must be > 0, or None for dropless.")
         if self.router_jitter_noise >= 1:
             raise ValueError(f"router_jitter_noise={self.router_jitter_noise} must be in [0, 1).")
         if self.gate_hidden_size < 1:
             raise ValueError(f"gate_hidden_size={self.gate_hidden_size} must be >= 1.")
-        if self.mixture_top_k is not None:
-            if self.routing not in MIXTURE_ROUTINGS:
-                raise ValueError(
-                    f"mixture_top_k={self.mixture_top_k} only applies to routing in {MIXTURE_ROUTINGS} (got routing="
-                    f"{self.routing!r}); use num_experts_per_tok for the other learned routers."
-                )
-            if not 1 <= self.mixture_top_k <= self.num_experts:
-                raise ValueError(
-                    f"mixture_top_k={self.mixture_top_k} must be between 1 and num_experts={self.num_experts}, or None."
-                )
-        if self.routing == "comet" and (self.similarity_beta_s or self.similarity_beta_d):
-            raise ValueError(
-                f"similarity_beta_s={self.similarity_beta_s}, similarity_beta_d={self.similarity_beta_d}: the "
-                "sample-similarity regulariser needs gate probabilities, which routing='comet' does not have; set both "
-                "to 0 or pick a learned routing."
-            )
         if self.similarity_num_pairs < 1:
             raise ValueError(f"similarity_num_pairs={self.similarity_num_pairs} must be >= 1.")
         if self.expert_output_bias not in ("per_expert", "shared"):
@@ -241,15 +197,23 @@ class CometMoEConfigMixin:
             )
         if isinstance(self.router_scale, bool) or not self.router_scale > 0:
             raise ValueError(f"router_scale={self.router_scale!r} must be a number > 0.")
-        if self.router_scale != 1 and self.routing not in ("topk", "noisy_topk"):
-            raise ValueError(
-                f"router_scale={self.router_scale} only applies to routing 'topk' or 'noisy_topk' (got routing="
-                f"{self.routing!r}); leave it at 1."
-            )
-        if self.conversion_method not in (None, "comet", "upcycle", "split"):
+        if self.conversion_method not in CONVERSION_METHODS:
             raise ValueError(
                 f"conversion_method={self.conversion_method!r} is not a conversion; use 'comet', 'upcycle' or 'split'."
             )
+        self._refuse_fields_the_routing_ignores(router_class)
+        router_class.validate_config(self)
+
+    def _refuse_fields_the_routing_ignores(self, router_class) -> None:
+        defaults = {name: f.default for name, f in CometMoEConfigMixin.__dataclass_fields__.items()}
+        for name in EXCLUSIVE_FIELDS:
+            value = getattr(self, name)
+            if value == defaults[name] or name in router_class.config_fields:
+                continue
+            readers = [routing for routing, cls in ROUTER_CLASSES.items() if name in cls.config_fields]
+            where = f"routing={readers[0]!r}" if len(readers) == 1 else f"routing in {tuple(readers)}"
+            hint = FIELD_HINTS.get(name, f"leave it at {defaults[name]!r}")
+            raise ValueError(f"{name}={value!r} only applies to {where} (got routing={self.routing!r}); {hint}.")
 
 
 @strict

@@ -30,7 +30,7 @@ from transformers.models.bert.modeling_bert import (
 
 from .configuration_comet import CometBertConfig
 from .modeling_comet_common import CometPreTrainedMixin, MoEOutputFields, register_family, routed_forward
-from .moe_block import CometMoEBlock
+from .moe_block import MoEBlock
 
 
 @dataclass
@@ -77,7 +77,7 @@ class CometBertModel(CometBertPreTrainedModel, BertModel):
         super().__init__(config, add_pooling_layer=add_pooling_layer)
         for layer_idx, layer in enumerate(self.encoder.layer):
             if config.is_moe_layer(layer_idx):
-                layer.intermediate = CometMoEBlock(config, layer_idx, config.hidden_size, config.hidden_act)
+                layer.intermediate = MoEBlock(config, layer_idx, config.hidden_size, config.hidden_act)
                 layer.output = CometBertOutput(config)
         self.post_init()
 

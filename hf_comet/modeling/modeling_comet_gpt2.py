@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from torch import nn
+from transformers import GenerationMixin
 from transformers.modeling_outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
@@ -25,7 +26,7 @@ from transformers.models.gpt2.modeling_gpt2 import (
 
 from .configuration_comet import CometGPT2Config
 from .modeling_comet_common import CometPreTrainedMixin, MoEOutputFields, register_family, routed_forward
-from .moe_block import CometMoEBlock
+from .moe_block import MoEBlock
 
 
 @dataclass
@@ -59,7 +60,7 @@ class CometGPT2Model(CometGPT2PreTrainedModel, GPT2Model):
         super().__init__(config)
         for layer_idx, block in enumerate(self.h):
             if config.is_moe_layer(layer_idx):
-                block.mlp = CometMoEBlock(
+                block.mlp = MoEBlock(
                     config, layer_idx, config.n_embd, config.activation_function, dropout=config.resid_pdrop
                 )
         self.post_init()
@@ -67,7 +68,7 @@ class CometGPT2Model(CometGPT2PreTrainedModel, GPT2Model):
     forward = routed_forward(GPT2Model.forward, CometGPT2ModelOutput)
 
 
-class CometGPT2ForCausalLM(CometGPT2PreTrainedModel, GPT2LMHeadModel):
+class CometGPT2ForCausalLM(CometGPT2PreTrainedModel, GPT2LMHeadModel, GenerationMixin):
     """`GPT2LMHeadModel` on a `CometGPT2Model`; ``loss`` includes the router aux loss in training mode."""
 
     def __init__(self, config: CometGPT2Config):

@@ -15,7 +15,7 @@ from transformers.models.vit.modeling_vit import ViTForImageClassification, ViTM
 
 from .configuration_comet import CometViTConfig
 from .modeling_comet_common import CometPreTrainedMixin, MoEOutputFields, register_family, routed_forward
-from .moe_block import CometMoEBlock
+from .moe_block import MoEBlock
 
 
 @dataclass
@@ -40,7 +40,7 @@ class CometViTModel(CometViTPreTrainedModel, ViTModel):
         super().__init__(config, add_pooling_layer=add_pooling_layer, use_mask_token=use_mask_token)
         for layer_idx, layer in enumerate(self.layers):
             if config.is_moe_layer(layer_idx):
-                layer.mlp = CometMoEBlock(config, layer_idx, config.hidden_size, config.hidden_act)
+                layer.mlp = MoEBlock(config, layer_idx, config.hidden_size, config.hidden_act)
         self.post_init()
 
     forward = routed_forward(ViTModel.forward, CometViTModelOutput)

@@ -2,13 +2,18 @@
 
 Layout is ``nn.Linear``'s (out, in) for every family: ``up_proj`` (E, I, d), ``up_proj_bias`` (E, I),
 ``down_proj`` (E, d, I), ``down_proj_bias`` (E, d). GPT-2's ``Conv1D`` (in, out) weights are transposed by the
-family adapter when converting. Sparse execution goes through transformers' experts-implementation kernels
-(``grouped_mm`` by default, ``eager`` below); unit-masked execution (COMET) is ``masked_dense_forward``; dense
-mixtures (attentive, deep) run every expert with ``expert_activations`` + ``mix``.
+family adapter when converting.
 
-With ``shared_output_bias`` (block-COMET, whose experts are slices of one FFN) the experts have no bias of their own
-on the output: ``down_proj_bias`` is a zero buffer (the kernels still read it) and ``output_bias`` (d,) is added once
-per token by the block, exactly as the dense FFN adds its second bias.
+How a routing decision runs is chosen in one function, `choose_execution` (run by `run_experts`) (MegaBlocks' "kernel choice is one function"):
+masked dense compute for unit masks and for weight-1 block decisions that keep most blocks, a dense mixture for
+mixture weights, and transformers' experts-implementation kernels (``grouped_mm`` by default, ``eager`` below)
+for sparse top-k decisions. Every path goes through ``PackedExperts.forward``, so wrappers of the module (PEFT's
+``ParamWrapper``, which applies LoRA to ``up_proj``/``down_proj`` only while the wrapped forward runs) see them all.
+
+With ``shared_output_bias`` (block-COMET and split experts, which are slices of one FFN) the experts have no bias of
+their own on the output: ``down_proj_bias`` is a zero buffer (the kernels still read it) and ``output_bias`` (d,) is
+added once per routed token, exactly as the dense FFN adds its second bias. A token that no expert takes (dropped
+by Switch capacity) gets a zero output, bias included.
 """
 
 from __future__ import annotations
@@ -16,13 +21,26 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.integrations.moe import use_experts_implementation
 
+from .moe_routers import RoutingDecision
+
+DENSE_BLOCK_FRACTION = 0.5
+"""A weight-1 block decision (block-COMET) keeping more than this fraction of the blocks runs as masked dense compute:
+the token-choice kernels copy each token once per kept block, which costs more than the FLOPs they save once over
+half the blocks are on (benchmarks/bench_block_comet.py: at keep 1.0 kernels 2.4x the dense FFN, masked dense 1.3x;
+at keep 0.25 kernels 0.4x)."""
+
 
 @use_experts_implementation(has_gate=False, has_bias=True, is_transposed=False)
-class CometExperts(nn.Module):
-    """E two-layer FFNs ``act(u W1_e^T + b1_e) W2_e^T + b2_e`` stored packed; no gating (GPT-2/ViT/BERT FFNs)."""
+class ExpertKernels(nn.Module):
+    """The packed parameters and the sparse top-k kernel ``(T, d), (T, k), (T, k) -> (T, d)``.
+
+    ``forward`` is transformers' experts-implementation dispatch: ``config._experts_implementation`` picks
+    ``grouped_mm`` (default) or ``eager`` (the loop below). `PackedExperts` is the module models hold.
+    """
 
     def __init__(
         self,
@@ -51,7 +69,7 @@ class CometExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        """Eager kernel: loop over the experts that received tokens. (T, d), (T, k), (T, k) -> (T, d)."""
+        """Eager kernel: loop over the experts that received tokens; accumulates in the input's dtype."""
         output = torch.zeros_like(hidden_states)
         with torch.no_grad():
             hit = torch.bincount(top_k_index.flatten(), minlength=self.num_experts).nonzero().flatten().tolist()
@@ -59,8 +77,37 @@ class CometExperts(nn.Module):
             token_idx, slot = torch.where(top_k_index == expert)
             h = self.act_fn(F.linear(hidden_states[token_idx], self.up_proj[expert], self.up_proj_bias[expert]))
             y = F.linear(h, self.down_proj[expert], self.down_proj_bias[expert])
-            output.index_add_(0, token_idx, y * top_k_weights[token_idx, slot, None].to(y.dtype))
+            # under autocast y is bf16/fp16 while the accumulator keeps the input's dtype
+            output.index_add_(0, token_idx, (y * top_k_weights[token_idx, slot, None].to(y.dtype)).to(output.dtype))
         return output
+
+
+class PackedExperts(ExpertKernels):
+    """E two-layer FFNs ``act(u W1_e^T + b1_e) W2_e^T + b2_e`` stored packed; no gating (GPT-2/ViT/BERT FFNs).
+
+    ``forward(hidden_states, decision)`` runs a `RoutingDecision` (`run_experts`); ``forward(hidden_states)``
+    returns every expert's intermediate activations (T, E, I) (what attentive gating keys on).
+    """
+
+    def forward(self, hidden_states: torch.Tensor, decision: RoutingDecision | None = None) -> torch.Tensor:
+        if decision is None:
+            return self.expert_activations(hidden_states)
+        return run_experts(self, hidden_states, decision)
+
+    def init_weights(self, config, down_proj_std: float) -> None:
+        """Normal(0, ``initializer_range``) weights (``down_proj_std`` for the output projection), zero biases."""
+        init.normal_(self.up_proj, mean=0.0, std=config.initializer_range)
+        init.zeros_(self.up_proj_bias)
+        init.normal_(self.down_proj, mean=0.0, std=down_proj_std)
+        init.zeros_(self.down_proj_bias)
+        if self.output_bias is not None:
+            init.zeros_(self.output_bias)
+
+    def sparse_forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """The experts-implementation kernel chosen by the config (``grouped_mm`` or ``eager``)."""
+        return ExpertKernels.forward(self, hidden_states, top_k_index, top_k_weights)
 
     def masked_dense_forward(self, hidden_states: torch.Tensor, unit_mask: torch.Tensor) -> torch.Tensor:
         """Every unit of the experts at once, as one FFN of width E * I, intermediate activations multiplied by
@@ -88,46 +135,66 @@ class CometExperts(nn.Module):
         """``sum_e w_e (z_e W2_e^T + b2_e)`` from `expert_activations` (T, E, I) and weights (T, E) -> (T, d)."""
         weights = expert_weights.to(activations.dtype)
         output = torch.einsum("tei,edi->td", activations * weights.unsqueeze(-1), self.down_proj)
-        return output + weights @ self.down_proj_bias
+        return output + weights @ self.down_proj_bias.to(weights.dtype)
 
 
-_kernel_forward = CometExperts.forward  # transformers' experts-implementation dispatch (eager / grouped_mm)
+EXECUTIONS = ("masked_dense", "mixture", "kernels")
+"""How `run_experts` can run a decision (what `choose_execution` returns)."""
 
 
-def _forward(
-    self,
-    hidden_states: torch.Tensor,
-    top_k_index: torch.Tensor | None = None,
-    top_k_weights: torch.Tensor | None = None,
-    *,
-    unit_mask: torch.Tensor | None = None,
-    expert_weights: torch.Tensor | None = None,
-    activations_only: bool = False,
-) -> torch.Tensor:
-    """Every way the block runs the experts goes through ``forward``, so wrappers of the module see all of them
-    (PEFT's ``ParamWrapper`` applies LoRA to ``up_proj``/``down_proj`` only while the wrapped forward runs):
+def choose_execution(experts: PackedExperts, decision: RoutingDecision) -> str:
+    """The one place that picks how a decision runs (benchmarks/bench_block_comet.py justifies the choice):
 
-    * ``top_k_index``/``top_k_weights``: sparse routing through the experts kernels;
-    * ``unit_mask`` (T, E * I): masked dense compute (COMET);
-    * ``activations_only``: every expert's intermediate units (T, E, I) of ``hidden_states`` (attentive keys);
-    * ``expert_weights`` (T, E): dense mixture; ``hidden_states`` are then the (T, E, I) activations if 3-D.
-
-    The shared output bias (block-COMET, split experts) is added here, once per token.
+    * ``"masked_dense"`` for a unit mask (unit-level COMET), and for weight-1 blocks (block-COMET) keeping more than
+      ``DENSE_BLOCK_FRACTION`` of the blocks (masked dense compute over the kept blocks' units);
+    * ``"mixture"`` for dense mixture weights (attentive, deep): every expert's activations, mixed;
+    * ``"kernels"`` for any other top-k decision: the experts-implementation kernel (``grouped_mm`` or ``eager``).
     """
-    if activations_only:
-        return self.expert_activations(hidden_states)
-    if unit_mask is not None:
-        output = self.masked_dense_forward(hidden_states, unit_mask)
-    elif expert_weights is not None:
-        activations = hidden_states if hidden_states.dim() == 3 else self.expert_activations(hidden_states)
-        output = self.mix(activations, expert_weights)
+    if decision.unit_mask is not None:
+        return "masked_dense"
+    if decision.expert_weights is not None:
+        return "mixture"
+    if decision.uniform_weights and decision.top_k_index.shape[1] > DENSE_BLOCK_FRACTION * experts.num_experts:
+        return "masked_dense"
+    return "kernels"
+
+
+def run_experts(experts: PackedExperts, hidden_states: torch.Tensor, decision: RoutingDecision) -> torch.Tensor:
+    """Run ``decision`` on ``hidden_states`` (T, d) the way `choose_execution` picks; (T, d) out. The shared output
+    bias is added once per token that some expert takes."""
+    execution = choose_execution(experts, decision)
+    routed = None  # (T, 1) tokens that receive an expert's output, when some may receive none
+    if execution == "mixture":
+        activations = decision.expert_activations
+        if activations is None:
+            activations = experts.expert_activations(hidden_states)
+        output = experts.mix(activations, decision.expert_weights)
+    elif execution == "masked_dense":
+        unit_mask = decision.unit_mask
+        if unit_mask is None:  # weight-1 blocks: the kept blocks' units
+            block_mask = torch.zeros(hidden_states.shape[0], experts.num_experts, device=hidden_states.device)
+            block_mask.scatter_(1, decision.top_k_index, 1.0)
+            unit_mask = block_mask.repeat_interleave(experts.intermediate_size, dim=1)
+        output = experts.masked_dense_forward(hidden_states, unit_mask)
     else:
-        output = _kernel_forward(self, hidden_states, top_k_index, top_k_weights)
-    if self.output_bias is not None:
-        output = output + self.output_bias
+        output = experts.sparse_forward(hidden_states, decision.top_k_index, decision.top_k_weights)
+        dropped = decision.extras.get("dropped")
+        if dropped is not None:
+            routed = (~dropped).unsqueeze(-1)
+    if experts.output_bias is not None:
+        bias = experts.output_bias.to(output.dtype)
+        output = output + (bias if routed is None else bias * routed.to(output.dtype))
     return output
 
 
-CometExperts.forward = _forward
+CometExperts = PackedExperts  # the first release's name
 
-__all__ = ["CometExperts"]
+__all__ = [
+    "DENSE_BLOCK_FRACTION",
+    "EXECUTIONS",
+    "CometExperts",
+    "ExpertKernels",
+    "PackedExperts",
+    "choose_execution",
+    "run_experts",
+]

@@ -1,15 +1,25 @@
 """Routers: each one only decides which FFN units or experts a token uses (router × experts, see ``moe_block``).
 
-Contract shared by every router:
+A router is one class that knows everything about its routing (the peft-style "one method, one class" contract):
 
-* ``expert_layout(config) -> (num_experts, expert_width)``: how the FFN units are grouped into packed experts.
-* ``forward(hidden_states (T, d)) -> RoutingDecision``: a unit mask (T, F), top-k indices and weights, or dense
-  mixture weights (T, E). Routers with ``reads_expert_activations`` (attentive) also receive every expert's
-  intermediate activations (T, E, I).
-* ``aux_losses(decision, token_mask) -> dict[str, Tensor]``: the router's unweighted auxiliary losses, computed over
-  the tokens where ``token_mask`` is true (padding excluded); ``loss_weights`` holds their coefficients.
-* ``commit(decision, token_mask)``: called once per training forward, after it, for routers with running state
-  (``deep``'s assignment totals). Never called during activation-checkpointing recompute.
+* ``routing``: its name in ``config.routing``; `register_router` adds it to ``ROUTER_CLASSES``, from which the
+  config's allowed values and the learned / mixture sets are derived.
+* class-level facts read from a config, before any model exists: ``expert_layout(config) -> (num_experts,
+  expert_width)`` (how the FFN units are grouped into packed experts), ``num_choices(config)`` (what its statistics
+  count), ``shares_output_bias(config)`` (experts that are slices of one FFN add its second bias once),
+  ``has_trainable_gate``, ``config_fields`` (the routing-specific config fields it reads), ``validate_config(config)``
+  (range checks of those fields, raising ``ValueError`` naming field and value) and ``describe(config)`` (one line
+  for model cards).
+* ``init_weights(config)``: its parameters' and buffers' initial values (called by the model's ``_init_weights``;
+  uses ``transformers.initialization`` so loaded weights are never overwritten).
+* one forward for every router: ``forward(hidden_states (T, d), token_mask=None, experts=None) -> RoutingDecision``.
+  ``token_mask`` (T,) marks non-padding tokens (``None``: all are real); ``experts`` is the block's packed experts
+  module (possibly wrapped by PEFT), for routers that read expert activations: ``experts(hidden_states)`` returns
+  every expert's intermediate activations (T, E, I).
+* ``aux_losses(decision, token_mask) -> dict[str, Tensor]``: unweighted auxiliary losses over non-padding tokens;
+  ``loss_weights`` holds their coefficients.
+* ``refresh_state()`` before and ``commit(decision, token_mask)`` after a routed training forward, for routers with
+  running state (``deep``'s assignment totals); never during activation-checkpointing recompute.
 * ``expert_parameters()``: router tensors indexed by expert on dim 0 that belong to the experts (attentive key maps),
   so expert merging moves them with the experts.
 
@@ -19,40 +29,98 @@ No router knows which model family hosts it. This file travels with saved checkp
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 
-from .configuration_comet import comet_num_active
+
+def comet_num_active(keep_rate: float, num_units: int) -> int:
+    """Units kept per token by COMET: ``k = max(1, floor(keep_rate * num_units))`` (Shaier et al., official code).
+
+    A relative tolerance of 1e-9 guards the floor against binary rounding (``0.29 * 100 = 28.999...``).
+    """
+    return max(1, math.floor(keep_rate * num_units * (1 + 1e-9)))
+
+
+def mix_seed(seed: int, layer_idx: int, offset: int = 0) -> int:
+    """The per-layer seed of a random routing quantity: ``seed * 1_000_003 + layer_idx + offset``.
+
+    ``offset`` separates streams of one layer (0: the COMET projection; `PAIR_SEED_OFFSET`: sampled token pairs).
+    """
+    return seed * 1_000_003 + layer_idx + offset
+
+
+PAIR_SEED_OFFSET = 7_919
+"""`mix_seed` offset of the token-pair sampler of the similarity regulariser and the overlap statistic."""
 
 
 @dataclass
 class RoutingDecision:
     """What a router decided for a flat batch of T tokens.
 
-    Exactly one of ``unit_mask``, ``top_k_index``/``top_k_weights`` and ``expert_weights`` says how to combine.
+    Exactly one execution form says how to combine (checked on construction): ``unit_mask`` (unit-level COMET),
+    ``top_k_index`` with ``top_k_weights`` (sparse routing), or ``expert_weights`` (a dense mixture).
 
     Attributes:
-        router_logits: the router's raw scores, (T, E) for learned routers, (T, F) projection scores for COMET
-            ((T, F / comet_block_size) for block-COMET).
+        router_logits: the router's raw scores (T, C) over its C choices: experts for learned routers, FFN units for
+            COMET, blocks for block-COMET.
+        gate_probs: (T, E) float32 **pre-selection** gate distribution of a learned router: the softmax over every
+            expert before any top-k, capacity or renormalisation (rows sum to 1; for ``noisy_topk`` the softmax of
+            the noisy logits, for ``deep`` the constrained gate). ``None`` for COMET, which has no distribution.
+            The gate entropy statistic and the similarity regulariser are defined on it for every router.
         unit_mask: binary (T, F) mask over the FFN units (unit-level COMET).
         top_k_index: (T, k) chosen experts.
         top_k_weights: (T, k) combine weights of the chosen experts (0 for tokens dropped by a capacity limit).
-        expert_weights: (T, E) dense mixture weights (attentive/deep without ``mixture_top_k``).
-        router_probs: (T, E) float32 gate distribution the router combines with (rows sum to 1); ``None`` for COMET.
+        expert_weights: (T, E) dense mixture combine weights (attentive, deep without ``mixture_top_k``).
+        uniform_weights: every kept choice has combine weight exactly 1 (COMET blocks): the experts may run the
+            decision as masked dense compute.
+        expert_activations: (T, E, I) activations the router already computed (attentive), reused by the experts.
         extras: router-specific tensors its aux losses or the statistics need (e.g. ``dropped`` (T,) bool for Switch,
             ``load`` (T, E) for noisy top-k).
     """
 
     router_logits: torch.Tensor
+    gate_probs: torch.Tensor | None = None
     unit_mask: torch.Tensor | None = None
     top_k_index: torch.Tensor | None = None
     top_k_weights: torch.Tensor | None = None
     expert_weights: torch.Tensor | None = None
-    router_probs: torch.Tensor | None = None
+    uniform_weights: bool = False
+    expert_activations: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        forms = (self.unit_mask is not None) + (self.top_k_index is not None) + (self.expert_weights is not None)
+        if forms != 1:
+            raise ValueError(
+                "a RoutingDecision needs exactly one execution form (unit_mask, top_k_index + top_k_weights, or "
+                f"expert_weights); got {forms}."
+            )
+        if (self.top_k_index is None) != (self.top_k_weights is None):
+            raise ValueError("top_k_index and top_k_weights go together.")
+        if self.top_k_index is not None and self.top_k_index.shape != self.top_k_weights.shape:
+            raise ValueError(
+                f"top_k_index {tuple(self.top_k_index.shape)} and top_k_weights {tuple(self.top_k_weights.shape)} "
+                "must have the same (tokens, k) shape."
+            )
+        if self.gate_probs is not None and self.gate_probs.dtype != torch.float32:
+            raise ValueError(f"gate_probs must be float32 (got {self.gate_probs.dtype}).")
+
+    def combine_weights(self, num_choices: int) -> torch.Tensor:
+        """(T, num_choices) float32 weights the experts' outputs are combined with (zero where not selected)."""
+        if self.expert_weights is not None:
+            return self.expert_weights.float()
+        if self.unit_mask is not None:
+            return self.unit_mask.float()
+        weights = torch.zeros(
+            self.top_k_index.shape[0], num_choices, device=self.top_k_index.device, dtype=torch.float32
+        )
+        return weights.scatter(1, self.top_k_index, self.top_k_weights.float())
 
     def selection_mask(self, num_choices: int) -> torch.Tensor:
         """(T, num_choices) float 0/1: which experts (or units) each token was routed to.
@@ -183,18 +251,62 @@ def _top_k_renormalised(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, tor
     return top_index, top_scores.float().softmax(dim=-1)
 
 
-# -- routers ---------------------------------------------------------------------------------------------------------
+# -- the contract ----------------------------------------------------------------------------------------------------
 class Router(nn.Module):
     """Base class of all routers: see the module docstring for the contract."""
 
-    loss_weights: dict[str, float] = {}
-    reads_expert_activations: bool = False
-    accepts_token_mask: bool = False  # forward(hidden_states, token_mask=...) with the (T,) non-padding mask
+    routing: ClassVar[str] = ""
+    has_trainable_gate: ClassVar[bool] = True
+    config_fields: ClassVar[tuple[str, ...]] = ()
+    """Routing-specific config fields this router reads (a field no registered router reads is common to all)."""
+    citation: ClassVar[str] = ""
+    """What a model card cites for this routing."""
 
+    loss_weights: dict[str, float]
+
+    def __init__(self, config, layer_idx: int, hidden_size: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.loss_weights = {}
+
+    # -- facts about a config (class level: no model needed) ---------------------------------------------------
     @classmethod
     def expert_layout(cls, config) -> tuple[int, int]:
         """Learned routers gate ``num_experts`` experts of ``expert_intermediate_size`` units (COMET overrides)."""
         return config.num_experts, config.expert_intermediate_size
+
+    @classmethod
+    def num_choices(cls, config) -> int:
+        """How many choices the statistics and selection counts count (the experts, by default)."""
+        return cls.expert_layout(config)[0]
+
+    @classmethod
+    def shares_output_bias(cls, config) -> bool:
+        """Whether the experts add one shared output bias once per token instead of one bias each."""
+        return config.expert_output_bias == "shared" and cls.expert_layout(config)[0] > 1
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        """Raise ``ValueError`` naming the first field this router reads that is out of range (none by default)."""
+
+    @classmethod
+    def describe(cls, config) -> str:
+        """One line for model cards: how this routing works with ``config``."""
+        raise NotImplementedError
+
+    @classmethod
+    def describe_experts(cls, config) -> str:
+        num_experts, width = cls.expert_layout(config)
+        return f"{num_experts} experts of width {width}"
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    def init_weights(self, config) -> None:
+        """Set every parameter and buffer of this router to its initial value (``transformers.initialization``)."""
+
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None, experts: nn.Module | None = None
+    ) -> RoutingDecision:
+        raise NotImplementedError
 
     def aux_losses(self, decision: RoutingDecision, token_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Unweighted auxiliary losses of this decision (none by default)."""
@@ -211,28 +323,94 @@ class Router(nn.Module):
         return {}
 
 
+ROUTER_CLASSES: dict[str, type[Router]] = {}
+"""``config.routing`` value -> router class (filled by `register_router`)."""
+
+
+def register_router(router_class: type[Router]) -> type[Router]:
+    """Add ``router_class`` to ``ROUTER_CLASSES`` under its ``routing`` name (usable as a class decorator)."""
+    if not router_class.routing:
+        raise ValueError(f"{router_class.__name__} has no `routing` name.")
+    ROUTER_CLASSES[router_class.routing] = router_class
+    return router_class
+
+
+class RoutingNames(Sequence):
+    """A live, read-only view of the registered routing names (optionally filtered), usable like a tuple."""
+
+    def __init__(self, keep=lambda router_class: True):
+        self._keep = keep
+
+    def _names(self) -> tuple[str, ...]:
+        return tuple(name for name, cls in ROUTER_CLASSES.items() if self._keep(cls))
+
+    def __getitem__(self, index):
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
+
+    def __eq__(self, other) -> bool:
+        return tuple(self) == tuple(other)
+
+    def __hash__(self) -> int:
+        return hash(self._names())
+
+    def __repr__(self) -> str:
+        return repr(self._names())
+
+
+ROUTINGS = RoutingNames()
+"""Values accepted by ``config.routing``."""
+LEARNED_ROUTINGS = RoutingNames(lambda cls: cls.has_trainable_gate)
+"""Routings with a trainable gate over ``num_experts`` packed experts (everything except COMET)."""
+MIXTURE_ROUTINGS = RoutingNames(lambda cls: "mixture_top_k" in cls.config_fields)
+"""Routings that mix every expert by default (dense soft mixture); ``mixture_top_k`` makes them top-k."""
+
+
+def _layers(config) -> str:
+    return "every block" if config.moe_layers is None else f"blocks {config.moe_layers}"
+
+
+def _learned_description(config, words: str) -> str:
+    return f"Learned routing in {_layers(config)}: {words}; aux-loss weight {config.router_aux_loss_coef:g}."
+
+
+# -- the routers -----------------------------------------------------------------------------------------------------
+@register_router
 class CometRouter(Router):
     """COMET (Shaier et al., ICLR 2025): a fixed random projection picks, per token, which FFN units are on.
 
     ``scores = u @ V^T`` with V of shape (F, d), entries U(-1/sqrt(d), 1/sqrt(d)), drawn once from the config's
-    ``routing_seed`` and the layer index (in ``_init_weights``) and stored as a persistent buffer, so checkpoints
-    carry it and it is never redrawn. The mask keeps exactly ``k = max(1, floor(keep_rate * F))`` units per token
-    (``topk`` + scatter: ties do not inflate k, unlike the official code's ``>=`` threshold). The mask is binary,
-    applied after the activation, not rescaled, and identical in training and evaluation. No parameters, no
-    gradient, no auxiliary loss.
+    ``routing_seed`` and the layer index (`mix_seed`) and stored as a persistent buffer, so checkpoints carry it and it
+    is never redrawn (``__init__`` draws it, ``init_weights`` reproduces the same values). The mask keeps exactly
+    ``k = max(1, floor(keep_rate * F))`` units per token (``topk`` + scatter: ties do not inflate k, unlike the
+    official code's ``>=`` threshold). The mask is binary, applied after the activation, not rescaled, and identical
+    in training and evaluation. No parameters, no gradient, no auxiliary loss.
 
     Block-COMET (``comet_block_size = b > 1``, our extension): V has F / b rows, one per block of b consecutive
     units; each token keeps the top ``max(1, floor(keep_rate * F / b))`` blocks with weight 1. The blocks are the
     packed experts, so only the kept blocks are computed; the FFN's output bias is added once (as in the dense FFN).
     """
 
+    routing = "comet"
+    citation = "Shaier, Y. et al. *Conditionally Overlapping Mixture of ExperTs.* ICLR 2025."
+    has_trainable_gate = False
+    config_fields = ("comet_keep_rate", "comet_block_size")
+
     def __init__(self, config, layer_idx: int, hidden_size: int):
-        super().__init__()
+        super().__init__(config, layer_idx, hidden_size)
         self.block_size = config.comet_block_size
         num_groups = config.ffn_width // self.block_size
-        self.layer_idx = layer_idx
         self.num_active = comet_num_active(config.comet_keep_rate, num_groups)
-        self.register_buffer("projection", torch.empty(num_groups, hidden_size), persistent=True)
+        self.seed = config.routing_seed
+        self.register_buffer("projection", self.draw_projection(num_groups, hidden_size), persistent=True)
 
     @classmethod
     def expert_layout(cls, config) -> tuple[int, int]:
@@ -240,20 +418,71 @@ class CometRouter(Router):
             return config.ffn_width // config.comet_block_size, config.comet_block_size
         return 1, config.ffn_width  # unit-level COMET: the whole FFN is one group of units, masked per token
 
-    def reset_projection(self, seed: int) -> torch.Tensor:
-        """Draw V reproducibly from ``seed`` and this router's layer index (on CPU, so every device agrees)."""
-        num_units, hidden_size = self.projection.shape
-        generator = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + self.layer_idx)
+    @classmethod
+    def num_choices(cls, config) -> int:
+        num_experts, width = cls.expert_layout(config)
+        return num_experts if config.comet_block_size > 1 else width  # blocks, or single FFN units
+
+    @classmethod
+    def shares_output_bias(cls, config) -> bool:
+        return config.comet_block_size > 1  # the blocks are slices of one FFN
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        if config.comet_block_size > 1 and config.ffn_width % config.comet_block_size:
+            raise ValueError(
+                f"comet_block_size={config.comet_block_size} does not divide the FFN width {config.ffn_width} "
+                f"({config._ffn_width_field}); pick a divisor of it."
+            )
+        if config.similarity_beta_s or config.similarity_beta_d:
+            raise ValueError(
+                f"similarity_beta_s={config.similarity_beta_s}, similarity_beta_d={config.similarity_beta_d}: the "
+                "sample-similarity regulariser needs gate probabilities, which routing='comet' does not have; set both "
+                "to 0 or pick a learned routing."
+            )
+
+    @classmethod
+    def describe(cls, config) -> str:
+        if config.comet_block_size > 1:
+            groups = config.ffn_width // config.comet_block_size
+            what = f"blocks of {config.comet_block_size} units ({groups} blocks)"
+        else:
+            what = f"units of the FFN (width {config.ffn_width})"
+        return (
+            f"COMET routing in {_layers(config)}: a frozen random projection of each token's FFN input (seed "
+            f"{config.routing_seed}, stored in the checkpoint) keeps the top {config.comet_keep_rate:g} fraction of "
+            f"the {what} per token, weight 1. No trainable router, no auxiliary loss."
+        )
+
+    def draw_projection(self, num_units: int | None = None, hidden_size: int | None = None) -> torch.Tensor:
+        """V drawn reproducibly from the routing seed and this router's layer index (on CPU: every device agrees)."""
+        if num_units is None:
+            num_units, hidden_size = self.projection.shape
+        generator = torch.Generator(device="cpu").manual_seed(mix_seed(self.seed, self.layer_idx))
         bound = hidden_size**-0.5
         return torch.empty(num_units, hidden_size).uniform_(-bound, bound, generator=generator)
 
+    def reset_projection(self, seed: int) -> torch.Tensor:
+        """V for another ``seed`` (kept for callers of the first release)."""
+        self.seed = seed
+        return self.draw_projection()
+
+    def init_weights(self, config) -> None:
+        self.seed = config.routing_seed
+        init.copy_(self.projection, self.draw_projection())
+
     @torch.no_grad()
-    def forward(self, hidden_states: torch.Tensor) -> RoutingDecision:
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None, experts: nn.Module | None = None
+    ) -> RoutingDecision:
         scores = F.linear(hidden_states, self.projection.to(hidden_states.dtype))
         if self.block_size > 1:
             keep = scores.topk(self.num_active, dim=-1, sorted=False).indices
             return RoutingDecision(
-                router_logits=scores, top_k_index=keep, top_k_weights=torch.ones_like(keep, dtype=scores.dtype)
+                router_logits=scores,
+                top_k_index=keep,
+                top_k_weights=torch.ones_like(keep, dtype=scores.dtype),
+                uniform_weights=True,
             )
         if self.num_active == scores.shape[-1]:
             mask = torch.ones_like(scores)
@@ -263,16 +492,21 @@ class CometRouter(Router):
         return RoutingDecision(router_logits=scores, unit_mask=mask)
 
 
+@register_router
 class TopKRouter(Router):
     """Learned softmax top-k gate (Mixtral style): ``softmax(u @ W^T)`` in float32, keep the k largest.
 
     With ``norm_topk_prob`` the kept probabilities are renormalised to sum to 1 (Mixtral; this makes E identical
-    experts reproduce the dense FFN exactly). Aux losses: the Switch load-balancing loss and the ST-MoE z-loss.
+    experts reproduce the dense FFN exactly). ``router_scale`` multiplies the kept weights. Aux losses: the Switch
+    load-balancing loss and the ST-MoE z-loss.
     """
 
+    routing = "topk"
+    citation = "Fedus, W., Zoph, B., Shazeer, N. *Switch Transformers.* JMLR 2022 (load-balancing loss)."
+    config_fields = ("num_experts_per_tok", "norm_topk_prob", "router_scale")
+
     def __init__(self, config, layer_idx: int, hidden_size: int):
-        super().__init__()
-        self.layer_idx = layer_idx
+        super().__init__(config, layer_idx, hidden_size)
         self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
@@ -283,7 +517,20 @@ class TopKRouter(Router):
             "z_loss": float(config.router_z_loss_coef),
         }
 
-    def forward(self, hidden_states: torch.Tensor) -> RoutingDecision:
+    @classmethod
+    def describe(cls, config) -> str:
+        return _learned_description(
+            config,
+            f"a learned softmax gate sends each token to its top {config.num_experts_per_tok} of "
+            f"{cls.describe_experts(config)}",
+        )
+
+    def init_weights(self, config) -> None:
+        init.normal_(self.weight, mean=0.0, std=config.initializer_range)
+
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None, experts: nn.Module | None = None
+    ) -> RoutingDecision:
         logits = F.linear(hidden_states, self.weight)
         probs = logits.float().softmax(dim=-1)
         top_weights, top_index = probs.topk(self.top_k, dim=-1)
@@ -293,15 +540,15 @@ class TopKRouter(Router):
             top_weights = top_weights * self.scale
         return RoutingDecision(
             router_logits=logits,
+            gate_probs=probs,
             top_k_index=top_index,
             top_k_weights=top_weights.to(hidden_states.dtype),
-            router_probs=probs,
         )
 
     def aux_losses(self, decision: RoutingDecision, token_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
         losses = {
             "load_balancing_loss": load_balancing_loss(
-                decision.router_probs, decision.top_k_index, self.num_experts, token_mask
+                decision.gate_probs, decision.top_k_index, self.num_experts, token_mask
             )
         }
         if self.loss_weights["z_loss"] > 0:
@@ -309,21 +556,26 @@ class TopKRouter(Router):
         return losses
 
 
+@register_router
 class NoisyTopKRouter(Router):
     """Noisy top-k gating (Shazeer et al. 2017): ``H = u W_g^T + eps * (softplus(u W_n^T) + 1e-2)`` in training,
     ``eps ~ N(0, 1)``; keep the k largest of H and softmax over them (zero elsewhere). No noise in evaluation.
 
     Both ``W_g`` and ``W_n`` start at zero (the paper's initialisation: all experts equal, routing by noise at first).
     The 1e-2 noise floor follows MoE-Adapters. Aux losses, each weighted by ``router_aux_loss_coef``:
-    ``importance_loss = cv^2(sum_tokens gates)`` and ``load_loss = cv^2(sum_tokens P(e in top-k))`` with the smooth
-    load estimator of `noisy_top_k_load` (the hard count when noise is off or k = E).
+    ``importance_loss = cv^2(sum_tokens G)`` over the sparse gates G (the combine weights; cv^2 ignores
+    ``router_scale``) and ``load_loss = cv^2(sum_tokens P(e in top-k))`` with the smooth load estimator of
+    `noisy_top_k_load` (the hard count when noise is off or k = E). ``gate_probs`` is the softmax of H over all
+    experts.
     """
 
+    routing = "noisy_topk"
+    citation = "Shazeer, N. et al. *Outrageously Large Neural Networks: The Sparsely-Gated Mixture-of-Experts Layer.* ICLR 2017."
+    config_fields = ("num_experts_per_tok", "router_scale")
     noise_floor = 1e-2
 
     def __init__(self, config, layer_idx: int, hidden_size: int):
-        super().__init__()
-        self.layer_idx = layer_idx
+        super().__init__(config, layer_idx, hidden_size)
         self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_tok
         self.weight = nn.Parameter(torch.empty(config.num_experts, hidden_size))
@@ -332,7 +584,20 @@ class NoisyTopKRouter(Router):
         coef = float(config.router_aux_loss_coef)
         self.loss_weights = {"importance_loss": coef, "load_loss": coef, "z_loss": float(config.router_z_loss_coef)}
 
-    def forward(self, hidden_states: torch.Tensor) -> RoutingDecision:
+    @classmethod
+    def describe(cls, config) -> str:
+        return _learned_description(
+            config,
+            f"a noisy top-{config.num_experts_per_tok} gate (Shazeer et al.) over {cls.describe_experts(config)}",
+        )
+
+    def init_weights(self, config) -> None:
+        init.zeros_(self.weight)  # Shazeer et al. 2017: both gate matrices start at zero
+        init.zeros_(self.noise_weight)
+
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None, experts: nn.Module | None = None
+    ) -> RoutingDecision:
         clean = F.linear(hidden_states, self.weight).float()
         noisy = self.training and self.top_k < self.num_experts
         if noisy:
@@ -343,24 +608,23 @@ class NoisyTopKRouter(Router):
         top_values, top_index = logits.topk(min(self.top_k + 1, self.num_experts), dim=-1)
         top_k_index = top_index[:, : self.top_k]
         top_k_weights = top_values[:, : self.top_k].softmax(dim=-1)
-        gates = torch.zeros_like(logits).scatter(1, top_k_index, top_k_weights)
-        if self.scale != 1.0:
-            top_k_weights = top_k_weights * self.scale  # the combine weights; the gate distribution stays a softmax
         if noisy:
             load = noisy_top_k_load(clean, logits, noise_std, top_values, self.top_k)
         else:
-            load = (gates > 0).float()
+            load = torch.zeros_like(logits).scatter(1, top_k_index, (top_k_weights > 0).float())
+        if self.scale != 1.0:
+            top_k_weights = top_k_weights * self.scale  # the combine weights; the gate distribution stays a softmax
         return RoutingDecision(
             router_logits=logits,
+            gate_probs=logits.softmax(dim=-1),
             top_k_index=top_k_index,
             top_k_weights=top_k_weights.to(hidden_states.dtype),
-            router_probs=gates,
             extras={"load": load},
         )
 
     def aux_losses(self, decision: RoutingDecision, token_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
         losses = {
-            "importance_loss": cv_squared(masked_sum(decision.router_probs, token_mask)),
+            "importance_loss": cv_squared(masked_sum(decision.combine_weights(self.num_experts), token_mask)),
             "load_loss": cv_squared(masked_sum(decision.extras["load"], token_mask)),
         }
         if self.loss_weights["z_loss"] > 0:
@@ -368,6 +632,7 @@ class NoisyTopKRouter(Router):
         return losses
 
 
+@register_router
 class SwitchRouter(Router):
     """Switch Transformer routing (Fedus et al. 2021): top-1 of ``softmax(u @ W^T)``, output scaled by that
     probability (not renormalised).
@@ -375,17 +640,18 @@ class SwitchRouter(Router):
     In training the router input is multiplied by ``U(1 - eps, 1 + eps)`` jitter (``router_jitter_noise``). With
     ``capacity_factor``, in training, each expert takes at most ``ceil(capacity_factor * T / E)`` of the T
     non-padding tokens of the forward, first come first served in token order (padding takes no place in a queue);
-    the rest are dropped: their FFN output is zero, so they ride the residual connection (``extras["dropped"]``,
-    counted by the statistics). Evaluation and generation are dropless, so a token's output never depends on the
-    other tokens of the batch or on the KV cache. Dropless by default. Aux losses: the Switch load-balancing loss
-    (on the pre-capacity assignment) and the optional z-loss.
+    the rest are dropped: their FFN output is zero (no expert bias, not even a shared one), so they ride the residual
+    connection (``extras["dropped"]``, counted by the statistics). Evaluation and generation are dropless, so a
+    token's output never depends on the other tokens of the batch or on the KV cache. Dropless by default. Aux
+    losses: the Switch load-balancing loss (on the pre-capacity assignment) and the optional z-loss.
     """
 
-    accepts_token_mask = True
+    routing = "switch"
+    citation = "Fedus, W., Zoph, B., Shazeer, N. *Switch Transformers.* JMLR 2022."
+    config_fields = ("capacity_factor", "router_jitter_noise")
 
     def __init__(self, config, layer_idx: int, hidden_size: int):
-        super().__init__()
-        self.layer_idx = layer_idx
+        super().__init__(config, layer_idx, hidden_size)
         self.num_experts = config.num_experts
         self.capacity_factor = config.capacity_factor
         self.jitter_noise = float(config.router_jitter_noise)
@@ -395,19 +661,33 @@ class SwitchRouter(Router):
             "z_loss": float(config.router_z_loss_coef),
         }
 
-    def capacity(self, num_tokens: int) -> int | None:
-        """Tokens each expert accepts per training forward of ``num_tokens`` tokens, or ``None`` when dropless."""
+    @classmethod
+    def validate_config(cls, config) -> None:
+        if config.capacity_factor is not None and (
+            isinstance(config.capacity_factor, bool) or config.capacity_factor <= 0
+        ):
+            raise ValueError(f"capacity_factor={config.capacity_factor!r} must be > 0, or None for dropless.")
+
+    @classmethod
+    def describe(cls, config) -> str:
+        capacity = f", capacity factor {config.capacity_factor:g}" if config.capacity_factor else ", dropless"
+        return _learned_description(config, f"a Switch top-1 gate over {cls.describe_experts(config)}{capacity}")
+
+    def init_weights(self, config) -> None:
+        init.normal_(self.weight, mean=0.0, std=config.initializer_range)
+
+    def capacity(self, num_tokens: int | torch.Tensor) -> int | torch.Tensor | None:
+        """Tokens each expert accepts in a training forward of ``num_tokens`` real tokens (an int, or a 0-d tensor
+        counted on the device, with no host sync), or ``None`` when dropless."""
         if self.capacity_factor is None:
             return None
+        if torch.is_tensor(num_tokens):
+            return torch.ceil(self.capacity_factor * num_tokens.to(torch.float64) / self.num_experts).clamp_min(1)
         return max(1, math.ceil(self.capacity_factor * num_tokens / self.num_experts))
 
-    def capacity_tensor(self, token_mask: torch.Tensor) -> torch.Tensor:
-        """`capacity` over the non-padding tokens, as a 0-d tensor (no host sync)."""
-        valid = token_mask.sum().to(torch.float64)
-        return torch.ceil(self.capacity_factor * valid / self.num_experts).clamp_min(1)
-
-    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> RoutingDecision:
-        """``token_mask`` (T,) bool marks non-padding tokens; only they queue for expert capacity."""
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None, experts: nn.Module | None = None
+    ) -> RoutingDecision:
         router_input = hidden_states
         if self.training and self.jitter_noise > 0:
             jitter = torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
@@ -416,48 +696,53 @@ class SwitchRouter(Router):
         probs = logits.float().softmax(dim=-1)
         top_prob, top_index = probs.max(dim=-1)
         extras = {}
-        capacity = self.capacity(hidden_states.shape[0]) if self.training else None
-        if capacity is not None:
+        if self.training and self.capacity_factor is not None:
             one_hot = F.one_hot(top_index, self.num_experts)
-            if token_mask is not None:
+            if token_mask is None:
+                capacity = self.capacity(hidden_states.shape[0])
+            else:
                 one_hot = one_hot * token_mask.unsqueeze(-1)
-                capacity = self.capacity_tensor(token_mask)
+                capacity = self.capacity(token_mask.sum())
             position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1)  # 1-based place in the expert's queue
             dropped = position > capacity
             top_prob = top_prob.masked_fill(dropped, 0.0)
             extras["dropped"] = dropped
         return RoutingDecision(
             router_logits=logits,
+            gate_probs=probs,
             top_k_index=top_index.unsqueeze(-1),
             top_k_weights=top_prob.unsqueeze(-1).to(hidden_states.dtype),
-            router_probs=probs,
             extras=extras,
         )
 
     aux_losses = TopKRouter.aux_losses  # the Switch load-balancing loss (pre-capacity assignment) and the z-loss
 
 
+@register_router
 class AttentiveRouter(Router):
     """Attentive gating (Krishnamurthy et al. 2023, §2.3; transformer mapping §2.9): the gate attends over experts.
 
     Per token: query ``q = W_q ReLU(A u + a)`` from a small gate trunk (width H = ``gate_hidden_size``), one key per
     expert ``k_e = W_k^(e) z_e`` from that expert's own intermediate activations ``z_e`` (width I; a per-expert key
-    map because I need not equal H), scores ``q . k_e / sqrt(H)`` and ``p = softmax(scores)``. The block mixes the
-    expert outputs with p; with ``mixture_top_k`` only the k best-scoring experts are kept, renormalised (§2.4).
+    map because I need not equal H), scores ``q . k_e / sqrt(H)`` and ``p = softmax(scores)`` (``gate_probs``). The
+    block mixes the expert outputs with p; with ``mixture_top_k`` only the k best-scoring experts are kept,
+    renormalised (§2.4).
 
     **Every expert runs for every token, by construction** (even with ``mixture_top_k``): the keys need each
-    expert's activations. So this router is dense in training and inference; `hf_comet.distill_attentive_gates`
-    swaps it for a plain softmax gate afterwards to restore sparse inference (§2.6). Gradients reach the trunk, W_q,
-    the key maps and the experts' first layers through p. Aux loss: ``importance_loss = (std/mean)^2`` of the summed
-    gate values (unbiased std, as in the authors' code), weighted by ``router_aux_loss_coef`` (the paper: 0.2).
+    expert's activations, which the router asks of the experts module and hands on in the decision. So this router
+    is dense in training and inference; `hf_comet.distill_attentive_gates` swaps it for a plain softmax gate
+    afterwards to restore sparse inference (§2.6). Gradients reach the trunk, W_q, the key maps and the experts'
+    first layers through p. Aux loss: ``importance_loss = (std/mean)^2`` of the summed combine weights (unbiased
+    std, as in the authors' code), weighted by ``router_aux_loss_coef`` (the paper: 0.2).
     """
 
-    reads_expert_activations = True
+    routing = "attentive"
+    citation = "Krishnamurthy, Y., Watkins, C., Gärtner, T. *Improving Expert Specialization in Mixture of Experts.* arXiv:2302.14703, 2023."
+    config_fields = ("gate_hidden_size", "mixture_top_k")
 
     def __init__(self, config, layer_idx: int, hidden_size: int):
-        super().__init__()
+        super().__init__(config, layer_idx, hidden_size)
         num_experts, expert_width = self.expert_layout(config)
-        self.layer_idx = layer_idx
         self.num_experts = num_experts
         self.top_k = config.mixture_top_k
         self.gate_hidden_size = config.gate_hidden_size
@@ -466,28 +751,59 @@ class AttentiveRouter(Router):
         self.key_proj = nn.Parameter(torch.empty(num_experts, config.gate_hidden_size, expert_width))
         self.loss_weights = {"importance_loss": float(config.router_aux_loss_coef)}
 
-    def forward(self, hidden_states: torch.Tensor, expert_activations: torch.Tensor) -> RoutingDecision:
-        """``expert_activations``: (T, E, I) post-activation intermediate units of every expert."""
+    @classmethod
+    def validate_config(cls, config) -> None:
+        _validate_mixture_top_k(config)
+
+    @classmethod
+    def describe(cls, config) -> str:
+        return _learned_description(
+            config,
+            f"an attentive gate (query from a {config.gate_hidden_size}-unit trunk, keys from each expert) mixing "
+            f"{cls.describe_experts(config)}",
+        )
+
+    def init_weights(self, config) -> None:
+        init.normal_(self.key_proj, mean=0.0, std=config.initializer_range)  # gate_proj/query: upstream Linear init
+
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None, experts: nn.Module | None = None
+    ) -> RoutingDecision:
+        if experts is None:
+            raise ValueError("routing='attentive' reads the experts' activations: pass experts=<the experts module>.")
+        expert_activations = experts(hidden_states)  # (T, E, I), through forward so PEFT wrappers apply
         query = self.query(F.relu(self.gate_proj(hidden_states)))  # (T, H)
         keys = torch.einsum("tei,ehi->teh", expert_activations, self.key_proj.to(expert_activations.dtype))
         scores = torch.einsum("th,teh->te", query, keys) / math.sqrt(self.gate_hidden_size)
+        probs = scores.float().softmax(dim=-1)
         if self.top_k is None or self.top_k == self.num_experts:
-            weights = scores.float().softmax(dim=-1)
+            weights = probs
         else:
             top_index, top_weights = _top_k_renormalised(scores, self.top_k)
             weights = torch.zeros_like(scores, dtype=torch.float32).scatter(1, top_index, top_weights)
         return RoutingDecision(
-            router_logits=scores, expert_weights=weights.to(hidden_states.dtype), router_probs=weights
+            router_logits=scores,
+            gate_probs=probs,
+            expert_weights=weights.to(hidden_states.dtype),
+            expert_activations=expert_activations,
         )
 
     def aux_losses(self, decision: RoutingDecision, token_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        return {"importance_loss": cv_squared(masked_sum(decision.router_probs, token_mask))}
+        return {"importance_loss": cv_squared(masked_sum(decision.combine_weights(self.num_experts), token_mask))}
 
     def expert_parameters(self) -> dict[str, torch.Tensor]:
         return {"key_proj": self.key_proj}
 
 
-class DeepRouter(Router):
+def _validate_mixture_top_k(config) -> None:
+    if config.mixture_top_k is not None and not 1 <= config.mixture_top_k <= config.num_experts:
+        raise ValueError(
+            f"mixture_top_k={config.mixture_top_k} must be between 1 and num_experts={config.num_experts}, or None."
+        )
+
+
+@register_router
+class DeepMoEGate(Router):
     """Deep mixture of experts gate (Eigen, Ranzato & Sutskever 2013, §4.5 mapping): per layer
     ``g = softmax(B ReLU(A u + a) + b)`` (hidden width ``gate_hidden_size``), a dense soft mixture of every expert
     (``mixture_top_k`` keeps the k largest, renormalised, and then only those experts run). Stacked blocks give the
@@ -495,25 +811,48 @@ class DeepRouter(Router):
 
     Balancing constraint (paper §3; our choices where it is silent, methods.md §4.2): during the first
     ``deep_constraint_steps`` training forwards the router keeps running totals ``G_e`` of the gate values it used
-    (non-padding tokens). Before a batch, every expert with ``G_e - mean(G) > margin * mean(G)`` is switched off for
-    that batch and the gate is renormalised over the others (vectorised form: G frozen during the batch; the expert
-    at or below the mean always stays on). After the phase the constraint is lifted and never comes back: the step
-    counter is a persistent buffer, so a reloaded checkpoint stays lifted. No aux loss.
+    (its combine weights, non-padding tokens). Before a batch, every expert with ``G_e - mean(G) > margin * mean(G)``
+    is switched off for that batch and the gate is renormalised over the others (vectorised form: G frozen during the
+    batch; the expert at or below the mean always stays on). After the phase the constraint is lifted and never comes
+    back: the step counter is a persistent buffer, so a reloaded checkpoint stays lifted. No aux loss.
+
+    ``driven_by_callback``: `hf_comet.training.DeepConstraintCallback` counts optimizer steps and lifts the
+    constraint itself; set this flag so the router's own forward counter never ends the phase first.
     """
 
+    routing = "deep"
+    citation = "Eigen, D., Ranzato, M., Sutskever, I. *Learning Factored Representations in a Deep Mixture of Experts.* arXiv:1312.4314, 2013."
+    config_fields = ("gate_hidden_size", "mixture_top_k", "deep_constraint_steps", "deep_constraint_margin")
+
     def __init__(self, config, layer_idx: int, hidden_size: int):
-        super().__init__()
-        self.layer_idx = layer_idx
+        super().__init__(config, layer_idx, hidden_size)
         self.num_experts = config.num_experts
         self.top_k = config.mixture_top_k
         self.constraint_steps = config.deep_constraint_steps
         self.margin = float(config.deep_constraint_margin)
+        self.driven_by_callback = False
         self.gate_proj = nn.Linear(hidden_size, config.gate_hidden_size)
         self.gate_out = nn.Linear(config.gate_hidden_size, config.num_experts)
         self.register_buffer("assignment_totals", torch.zeros(config.num_experts), persistent=True)
         self.register_buffer("constraint_steps_done", torch.zeros((), dtype=torch.long), persistent=True)
         self._totals_snapshot: torch.Tensor | None = None
         self._on_snapshot: torch.Tensor | None = None
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        _validate_mixture_top_k(config)
+
+    @classmethod
+    def describe(cls, config) -> str:
+        return _learned_description(
+            config,
+            f"a two-layer softmax gate ({config.gate_hidden_size} hidden units, Deep MoE) mixing "
+            f"{cls.describe_experts(config)}",
+        )
+
+    def init_weights(self, config) -> None:
+        init.zeros_(self.assignment_totals)  # gate_proj / gate_out are nn.Linear: upstream init
+        init.zeros_(self.constraint_steps_done)
 
     def _apply(self, fn, recurse: bool = True):
         # The running totals count tokens: in fp16 they overflow at 65504 and in bf16 they stop growing past 2^8
@@ -529,10 +868,13 @@ class DeepRouter(Router):
         return bool(self._constraint_on())
 
     def _constraint_on(self) -> torch.Tensor:
+        if self.driven_by_callback:  # only lift_constraint ends the phase
+            return self.constraint_steps_done >= 0
         return self.constraint_steps_done < self.constraint_steps  # 0-d bool tensor: no host sync
 
     def lift_constraint(self) -> None:
         """End the constraint phase now, for good."""
+        self.driven_by_callback = False
         self.constraint_steps_done.clamp_(min=self.constraint_steps)
         self._on_snapshot = None
 
@@ -548,63 +890,64 @@ class DeepRouter(Router):
         mean = totals.mean()
         return (totals - mean) <= self.margin * mean
 
-    def forward(self, hidden_states: torch.Tensor) -> RoutingDecision:
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None, experts: nn.Module | None = None
+    ) -> RoutingDecision:
         logits = self.gate_out(F.relu(self.gate_proj(hidden_states)))
         gates = logits.float().softmax(dim=-1)
-        if self.training and self.constraint_steps > 0:
+        if self.training and (self.constraint_steps > 0 or self.driven_by_callback):
             constrained = gates * self.allowed_experts().to(gates.dtype)
             constrained = constrained / constrained.sum(dim=-1, keepdim=True)
             on = self._on_snapshot if self._on_snapshot is not None else self._constraint_on()
             gates = torch.where(on, constrained, gates)
         if self.top_k is None or self.top_k == self.num_experts:
-            return RoutingDecision(
-                router_logits=logits, expert_weights=gates.to(hidden_states.dtype), router_probs=gates
-            )
+            return RoutingDecision(router_logits=logits, gate_probs=gates, expert_weights=gates.to(hidden_states.dtype))
         top_weights, top_index = gates.topk(self.top_k, dim=-1)
         top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
-        used = torch.zeros_like(gates).scatter(1, top_index, top_weights)
         return RoutingDecision(
             router_logits=logits,
+            gate_probs=gates,
             top_k_index=top_index,
             top_k_weights=top_weights.to(hidden_states.dtype),
-            router_probs=used,
+            extras={"used_gates": torch.zeros_like(gates).scatter(1, top_index, top_weights)},
         )
 
     @torch.no_grad()
     def commit(self, decision: RoutingDecision, token_mask: torch.Tensor | None) -> None:
-        if self.constraint_steps == 0:
+        if self.constraint_steps == 0 and not self.driven_by_callback:
             return
         on = self._constraint_on()
-        increment = masked_sum(decision.router_probs.detach().float(), token_mask)
+        used = decision.extras.get("used_gates", decision.gate_probs)  # the float32 gate values the block combined
+        increment = masked_sum(used.detach().float(), token_mask)
         self.assignment_totals += increment * on.to(increment.dtype)
         self.constraint_steps_done += on.long()
 
 
-ROUTER_CLASSES: dict[str, type[Router]] = {
-    "comet": CometRouter,
-    "topk": TopKRouter,
-    "noisy_topk": NoisyTopKRouter,
-    "switch": SwitchRouter,
-    "attentive": AttentiveRouter,
-    "deep": DeepRouter,
-}
-"""``config.routing`` value -> router class."""
+DeepRouter = DeepMoEGate  # the first release's name
 
 __all__ = [
+    "LEARNED_ROUTINGS",
+    "MIXTURE_ROUTINGS",
+    "PAIR_SEED_OFFSET",
     "ROUTER_CLASSES",
+    "ROUTINGS",
     "AttentiveRouter",
     "CometRouter",
+    "DeepMoEGate",
     "DeepRouter",
     "NoisyTopKRouter",
     "Router",
     "RoutingDecision",
     "SwitchRouter",
     "TopKRouter",
+    "comet_num_active",
     "cv_squared",
     "load_balancing_loss",
     "masked_mean",
     "masked_sum",
+    "mix_seed",
     "noisy_top_k_load",
+    "register_router",
     "router_z_loss",
     "sample_similarity_loss",
 ]

@@ -1,6 +1,6 @@
 """Training beside Trainer: routing telemetry, expert-merging and Deep-MoE constraint callbacks, recipes and plots."""
 
-from .callbacks import DeepConstraintCallback, ExpertMergingCallback
+from .callbacks import DeepConstraintCallback, ExpertMergingCallback, lift_deep_constraint
 from .trainer import CometTrainer, flatten_routing_statistics, reduce_routing_statistics
 
 __all__ = [
@@ -8,5 +8,6 @@ __all__ = [
     "DeepConstraintCallback",
     "ExpertMergingCallback",
     "flatten_routing_statistics",
+    "lift_deep_constraint",
     "reduce_routing_statistics",
 ]

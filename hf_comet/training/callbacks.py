@@ -8,8 +8,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ..merging import reset_merged_optimizer_state
-from ..modeling.moe_routers import DeepRouter
+from ..merging import merge_most_used_into_least_used, reset_merged_optimizer_state
+from ..modeling.moe_routers import DeepMoEGate
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +62,19 @@ class ExpertMergingCallback(TrainerCallback):
 
     def merge(self, model, optimizer, step: int) -> None:
         """Merge now and reset the optimizer state of the overwritten slices."""
-        merges = model.merge_most_used_into_least_used(how=self.how)
+        merges = merge_most_used_into_least_used(model, how=self.how)
         if optimizer is not None:
             reset_merged_optimizer_state(getattr(optimizer, "optimizer", optimizer), merges)
         event = {"step": step, "merges": [(m.layer_idx, m.sources, m.into) for m in merges]}
         self.history.append(event)
         logger.info("expert merging at step %d: %s", step, event["merges"])
+
+
+def lift_deep_constraint(model) -> None:
+    """End the Deep-MoE balancing-constraint phase in every ``deep`` layer of ``model`` now, for good."""
+    for block in model.moe_blocks():
+        if isinstance(block.router, DeepMoEGate):
+            block.router.lift_constraint()
 
 
 class DeepConstraintCallback(TrainerCallback):
@@ -84,8 +91,8 @@ class DeepConstraintCallback(TrainerCallback):
         self.constraint_steps = constraint_steps
         self.lifted_at: int | None = None
 
-    def _routers(self, model) -> list[DeepRouter]:
-        return [b.router for b in model.moe_blocks() if isinstance(b.router, DeepRouter)]
+    def _routers(self, model) -> list[DeepMoEGate]:
+        return [b.router for b in model.moe_blocks() if isinstance(b.router, DeepMoEGate)]
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         routers = self._routers(model)
@@ -99,7 +106,7 @@ class DeepConstraintCallback(TrainerCallback):
         for router in routers:
             # From now on the optimizer step count, not the routers' forward count, ends the phase (also after a
             # resume, where the saved forward count may already exceed the config's steps under accumulation).
-            router.constraint_steps = 2**62
+            router.driven_by_callback = True
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.lifted_at is None and state.global_step >= self.constraint_steps:
@@ -107,9 +114,8 @@ class DeepConstraintCallback(TrainerCallback):
 
     def _lift(self, model, step: int) -> None:
         for router in self._routers(model):
-            router.constraint_steps = model.config.deep_constraint_steps
             router.lift_constraint()
         self.lifted_at = step
 
 
-__all__ = ["DeepConstraintCallback", "ExpertMergingCallback"]
+__all__ = ["DeepConstraintCallback", "ExpertMergingCallback", "lift_deep_constraint"]

@@ -80,6 +80,7 @@ def overlap_vs_similarity(model, inputs: dict[str, torch.Tensor], num_pairs: int
     """For random pairs of (non-padding) tokens of one batch, per MoE layer: the Jaccard overlap of their routing
     selections and the cosine similarity of their FFN inputs. Returns ``{layer: (overlaps, similarities)}``."""
     from ..modeling.moe_block import collect_routing
+    from ..modeling.moe_statistics import pair_overlap_and_similarity
 
     was_training = model.training
     model.eval()
@@ -107,10 +108,7 @@ def overlap_vs_similarity(model, inputs: dict[str, torch.Tensor], num_pairs: int
         second = valid[torch.randint(0, len(valid), (num_pairs,), generator=generator)]
         keep = first != second
         first, second = first[keep], second[keep]
-        union = torch.maximum(selection[first], selection[second]).sum(-1).clamp_min(1)
-        overlap = (selection[first] * selection[second]).sum(-1) / union
-        similarity = torch.nn.functional.cosine_similarity(tokens[first], tokens[second], dim=-1)
-        result[block.layer_idx] = (overlap, similarity)
+        result[block.layer_idx] = pair_overlap_and_similarity(selection, tokens, first, second)
     return result
 
 
