@@ -272,7 +272,7 @@ def test_distillation_swaps_in_sparse_softmax_gates_trains_only_them_and_reloads
     assert model.config.deep_constraint_steps == 0
     for block in model.moe_blocks():
         assert isinstance(block.router, DeepRouter)
-            assert block.router(torch.randn(2, block.hidden_size)).top_k_index.shape == (2, 1)  # sparse, no keys
+        assert block.router(torch.randn(2, block.hidden_size)).top_k_index.shape == (2, 1)  # sparse, no keys
     assert not torch.equal(model.moe_blocks()[0].router.gate_proj.weight, trunk)  # the gate trained ...
     for name, param in model.named_parameters():  # ... and nothing else did
         if ".router." not in name:
