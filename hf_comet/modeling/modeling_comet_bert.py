@@ -144,6 +144,26 @@ AUTO_CLASSES = {
 }
 register_family(CometBertPreTrainedModel, AUTO_CLASSES)
 
+# -- family facts: what conversion, LoRA and model cards know about BERT (family_adapter.py) -------------------------
+from transformers import BertConfig  # noqa: E402  (facts block, kept apart from the model code above)
+
+from .family_adapter import FamilyAdapter  # noqa: E402
+
+FAMILY = FamilyAdapter(
+    model_type="comet_bert",
+    display_name="BERT",
+    config_class=CometBertConfig,
+    stock_config_class=BertConfig,
+    auto_classes=AUTO_CLASSES,
+    # anchored on `.layer.N.output.dense`: `attention.output.dense` must never match (notes §3.3)
+    ffn_key_pattern=r"((?:.*\.)?layer\.(\d+))\.(intermediate|output)\.dense\.(weight|bias)",
+    moe_module="intermediate",  # the MoE block holds both projections; `output` keeps dropout + residual + LayerNorm
+    ffn_projections={"intermediate": "up", "output": "down"},
+    # the attention output is `attention.output.dense`; the FFN's `output.dense` of dense blocks must not match
+    attention_modules=("query", "key", "value", "attention.output.dense"),
+)
+CometBertPreTrainedModel.family = FAMILY
+
 __all__ = [
     "CometBertForMaskedLM",
     "CometBertForSequenceClassification",

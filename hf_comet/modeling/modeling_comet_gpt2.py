@@ -105,6 +105,29 @@ AUTO_CLASSES = {
 }
 register_family(CometGPT2PreTrainedModel, AUTO_CLASSES)
 
+# -- family facts: what conversion, LoRA and model cards know about GPT-2 (family_adapter.py) -----------------------
+from transformers import GPT2Config  # noqa: E402  (facts block, kept apart from the model code above)
+
+from .family_adapter import FamilyAdapter  # noqa: E402
+
+FAMILY = FamilyAdapter(
+    model_type="comet_gpt2",
+    display_name="GPT-2",
+    config_class=CometGPT2Config,
+    stock_config_class=GPT2Config,
+    auto_classes=AUTO_CLASSES,
+    ffn_key_pattern=r"((?:.*\.)?h\.(\d+))\.mlp\.(c_fc|c_proj)\.(weight|bias)",
+    moe_module="mlp",
+    ffn_projections={"c_fc": "up", "c_proj": "down"},
+    conv1d_ffn=True,  # Conv1D stores (in, out)
+    ffn_width_field="n_inner",
+    ffn_width_fallback=lambda config: 4 * config.n_embd,
+    attention_modules=("c_attn", "attn.c_proj"),
+    attention_fan_in_fan_out=True,  # GPT-2's attention is Conv1D too
+    batches_need_pad_token=True,  # sequence classification pools the last non-pad token
+)
+CometGPT2PreTrainedModel.family = FAMILY
+
 __all__ = [
     "CometGPT2ForCausalLM",
     "CometGPT2ForSequenceClassification",

@@ -71,4 +71,22 @@ AUTO_CLASSES = {
 }
 register_family(CometViTPreTrainedModel, AUTO_CLASSES)
 
+# -- family facts: what conversion, LoRA and model cards know about ViT (family_adapter.py) --------------------------
+from transformers import ViTConfig  # noqa: E402  (facts block, kept apart from the model code above)
+
+from .family_adapter import FamilyAdapter  # noqa: E402
+
+FAMILY = FamilyAdapter(
+    model_type="comet_vit",
+    display_name="ViT",
+    config_class=CometViTConfig,
+    stock_config_class=ViTConfig,
+    auto_classes=AUTO_CLASSES,
+    ffn_key_pattern=r"((?:.*\.)?layers\.(\d+))\.mlp\.(fc1|fc2)\.(weight|bias)",
+    moe_module="mlp",
+    ffn_projections={"fc1": "up", "fc2": "down"},
+    attention_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+)
+CometViTPreTrainedModel.family = FAMILY
+
 __all__ = ["CometViTForImageClassification", "CometViTModel", "CometViTPreTrainedModel"]
