@@ -32,7 +32,6 @@ def describe_routing(config) -> str:
 
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
-FAMILY_NAMES = {"comet_gpt2": "GPT-2", "comet_vit": "ViT", "comet_bert": "BERT"}
 CONFIG_ROWS = ("routing", "num_experts", "num_experts_per_tok", "comet_keep_rate", "comet_block_size", "moe_layers")
 CONFIG_ROWS += ("router_aux_loss_coef", "routing_seed")
 
@@ -130,7 +129,7 @@ def render_model_card(
         data,
         template_path=str(TEMPLATE),
         model_title=f"{type(model).__name__} ({config.routing} routing)",
-        family_name=FAMILY_NAMES.get(config.model_type, config.model_type),
+        family_name=getattr(getattr(model, "family", None), "display_name", config.model_type),
         model_class=type(model).__name__,
         routing_description=describe_routing(config),
         config_rows=[(k, getattr(config, k)) for k in CONFIG_ROWS if hasattr(config, k)],

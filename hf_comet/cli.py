@@ -255,6 +255,7 @@ def _card(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from hf_comet import __version__
+    from hf_comet.convert import DEFAULT_SPLIT_METHOD, METHODS, SPLIT_METHODS
 
     parser = argparse.ArgumentParser(prog="hf-comet", description="Mixture-of-experts FFNs for GPT-2, ViT and BERT.")
     parser.add_argument("--version", action="version", version=f"hf-comet {__version__}")
@@ -285,16 +286,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     convert = commands.add_parser(
-        "convert", help="convert a dense GPT-2/ViT/BERT checkpoint into an MoE checkpoint (comet, upcycle, split)"
+        "convert", help=f"convert a dense GPT-2/ViT/BERT checkpoint into an MoE checkpoint ({', '.join(METHODS)})"
     )
     convert.add_argument("source", help="folder of a checkpoint saved by a stock transformers GPT-2/ViT/BERT class")
     convert.add_argument("destination", help="folder for the MoE checkpoint (written atomically)")
-    convert.add_argument("--method", choices=["comet", "upcycle", "split"], default="comet")
+    convert.add_argument("--method", choices=list(METHODS), default="comet")
     convert.add_argument(
         "--split-method",
-        choices=["contiguous", "random", "kmeans"],
-        default="contiguous",
-        help="unit partition for --method split (default: contiguous)",
+        choices=list(SPLIT_METHODS),
+        default=DEFAULT_SPLIT_METHOD,
+        help=f"unit partition for --method split (default: {DEFAULT_SPLIT_METHOD})",
     )
     convert.add_argument("--seed", type=int, default=0, help="seed of the router init and the unit partition")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing destination")

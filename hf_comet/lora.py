@@ -11,12 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-ATTENTION_MODULES = {
-    "comet_gpt2": ["c_attn", "attn.c_proj"],
-    "comet_vit": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    # BERT's attention output is `attention.output.dense`; the FFN's `output.dense` of dense blocks must not match
-    "comet_bert": ["query", "key", "value", "attention.output.dense"],
-}
+from .modeling import FAMILY_ADAPTERS
+
 EXPERT_PARAMETERS = ["experts.up_proj", "experts.down_proj"]
 PARTS = ("attention", "experts")
 
@@ -29,24 +25,25 @@ def lora_targets(model, parts: tuple[str, ...] | list[str] = ("attention", "expe
     frozen by design; put a learned router in ``modules_to_save`` to train it fully). Raises ``ValueError`` for GPT-2
     with both parts, which PEFT cannot combine in one config.
     """
-    family = getattr(model.config, "model_type", None)
-    if family not in ATTENTION_MODULES:
+    family = getattr(model, "family", None)  # the family's facts (`FamilyAdapter`): attention targets, Conv1D
+    if family is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
         raise ValueError(
-            f"model_type={family!r} is not an hf_comet family; expected one of {', '.join(ATTENTION_MODULES)}."
+            f"model_type={model_type!r} is not an hf_comet family; expected one of {', '.join(FAMILY_ADAPTERS)}."
         )
     parts = tuple(parts)
     bad = [p for p in parts if p not in PARTS]
     if bad or not parts:
         raise ValueError(f"parts={parts} is not allowed; choose from {PARTS}.")
-    if family == "comet_gpt2" and set(parts) == set(PARTS):
+    if family.attention_fan_in_fan_out and set(parts) == set(PARTS):
         raise ValueError(
-            "GPT-2's attention is Conv1D, which makes PEFT set fan_in_fan_out=True, and PEFT cannot adapt packed "
-            "experts with fan_in_fan_out: use parts=('attention',) or parts=('experts',), or two adapters."
+            f"{family.display_name}'s attention is Conv1D, which makes PEFT set fan_in_fan_out=True, and PEFT cannot "
+            "adapt packed experts with fan_in_fan_out: use parts=('attention',) or parts=('experts',), or two adapters."
         )
     targets: dict[str, Any] = {"target_modules": [], "target_parameters": []}
     if "attention" in parts:
-        targets["target_modules"] = list(ATTENTION_MODULES[family])
-        if family == "comet_gpt2":
+        targets["target_modules"] = list(family.attention_modules)
+        if family.attention_fan_in_fan_out:
             targets["fan_in_fan_out"] = True
     if "experts" in parts:
         targets["target_parameters"] = list(EXPERT_PARAMETERS)

@@ -1,8 +1,12 @@
 """The part of hf_comet that travels with saved checkpoints: a flat folder of sibling modules (see design.md)."""
 
 from .configuration_comet import CometBertConfig, CometGPT2Config, CometMoEConfigMixin, CometViTConfig
+from .family_adapter import DenseFFN, FamilyAdapter, FFNKey
 from .modeling_comet_bert import (
     AUTO_CLASSES as BERT_AUTO_CLASSES,
+)
+from .modeling_comet_bert import (
+    FAMILY as BERT_FAMILY,
 )
 from .modeling_comet_bert import (
     CometBertForMaskedLM,
@@ -16,6 +20,9 @@ from .modeling_comet_gpt2 import (
     AUTO_CLASSES as GPT2_AUTO_CLASSES,
 )
 from .modeling_comet_gpt2 import (
+    FAMILY as GPT2_FAMILY,
+)
+from .modeling_comet_gpt2 import (
     CometGPT2ForCausalLM,
     CometGPT2ForSequenceClassification,
     CometGPT2Model,
@@ -23,6 +30,9 @@ from .modeling_comet_gpt2 import (
 )
 from .modeling_comet_vit import (
     AUTO_CLASSES as VIT_AUTO_CLASSES,
+)
+from .modeling_comet_vit import (
+    FAMILY as VIT_FAMILY,
 )
 from .modeling_comet_vit import (
     CometViTForImageClassification,
@@ -55,6 +65,11 @@ FAMILIES = {
 }
 """model type -> (config class, {Auto class name: model class})."""
 
+FAMILY_ADAPTERS: dict[str, FamilyAdapter] = {
+    family.model_type: family for family in (GPT2_FAMILY, VIT_FAMILY, BERT_FAMILY)
+}
+"""model type -> the family's facts (`FamilyAdapter`: FFN layout, stock classes, LoRA targets, display name)."""
+
 __all__ = [
     "LEARNED_ROUTINGS",
     "MIXTURE_ROUTINGS",
@@ -68,6 +83,10 @@ __all__ = [
     "NoisyTopKRouter",
     "SwitchRouter",
     "FAMILIES",
+    "FAMILY_ADAPTERS",
+    "DenseFFN",
+    "FFNKey",
+    "FamilyAdapter",
     "ROUTER_CLASSES",
     "ROUTINGS",
     "CometBertConfig",

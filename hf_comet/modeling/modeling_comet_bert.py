@@ -1,7 +1,7 @@
 """BERT with mixture-of-experts FFNs (model type ``comet_bert``).
 
 Only the FFN differs from upstream. BERT splits its FFN over two modules; for every block in
-``config.moe_layers``, ``layer.intermediate`` becomes a `CometMoEBlock` (both projections) and ``layer.output``
+``config.moe_layers``, ``layer.intermediate`` becomes a `MoEBlock` (both projections) and ``layer.output``
 becomes `CometBertOutput`, which keeps upstream's dropout and post-LN ``LayerNorm(h + input)`` under the same
 names and drops the dense projection. Embeddings, attention, pooler and heads are upstream modules, and forward
 passes are upstream's, wrapped to add routing outputs and the aux loss.
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import BertConfig
 from transformers.modeling_outputs import (
     BaseModelOutputWithPoolingAndCrossAttentions,
     MaskedLMOutput,
@@ -29,6 +30,7 @@ from transformers.models.bert.modeling_bert import (
 )
 
 from .configuration_comet import CometBertConfig
+from .family_adapter import FamilyAdapter
 from .modeling_comet_common import CometPreTrainedMixin, MoEOutputFields, register_family, routed_forward
 from .moe_block import MoEBlock
 
@@ -143,6 +145,24 @@ AUTO_CLASSES = {
     "AutoModelForTokenClassification": CometBertForTokenClassification,
 }
 register_family(CometBertPreTrainedModel, AUTO_CLASSES)
+
+# -- family facts: what conversion, LoRA and model cards know about BERT (family_adapter.py) -------------------------
+
+
+FAMILY = FamilyAdapter(
+    model_type="comet_bert",
+    display_name="BERT",
+    config_class=CometBertConfig,
+    stock_config_class=BertConfig,
+    auto_classes=AUTO_CLASSES,
+    # anchored on `.layer.N.output.dense`: `attention.output.dense` must never match (notes §3.3)
+    ffn_key_pattern=r"((?:.*\.)?layer\.(\d+))\.(intermediate|output)\.dense\.(weight|bias)",
+    moe_module="intermediate",  # the MoE block holds both projections; `output` keeps dropout + residual + LayerNorm
+    ffn_projections={"intermediate": "up", "output": "down"},
+    # the attention output is `attention.output.dense`; the FFN's `output.dense` of dense blocks must not match
+    attention_modules=("query", "key", "value", "attention.output.dense"),
+)
+CometBertPreTrainedModel.family = FAMILY
 
 __all__ = [
     "CometBertForMaskedLM",

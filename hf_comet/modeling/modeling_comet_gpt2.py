@@ -1,6 +1,6 @@
 """GPT-2 with mixture-of-experts FFNs (model type ``comet_gpt2``).
 
-Only the FFN differs from upstream: ``transformer.h[i].mlp`` becomes a `CometMoEBlock` (router × experts, plus
+Only the FFN differs from upstream: ``transformer.h[i].mlp`` becomes a `MoEBlock` (router × experts, plus
 GPT-2's output dropout) for every block in ``config.moe_layers``; attention, embeddings and heads are the upstream
 modules, and the heads' forward passes are upstream's, wrapped to add routing outputs and the aux loss.
 """
@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 from torch import nn
-from transformers import GenerationMixin
+from transformers import GenerationMixin, GPT2Config
 from transformers.modeling_outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
@@ -25,6 +25,7 @@ from transformers.models.gpt2.modeling_gpt2 import (
 )
 
 from .configuration_comet import CometGPT2Config
+from .family_adapter import FamilyAdapter
 from .modeling_comet_common import CometPreTrainedMixin, MoEOutputFields, register_family, routed_forward
 from .moe_block import MoEBlock
 
@@ -105,6 +106,27 @@ AUTO_CLASSES = {
     "AutoModelForSequenceClassification": CometGPT2ForSequenceClassification,
 }
 register_family(CometGPT2PreTrainedModel, AUTO_CLASSES)
+
+# -- family facts: what conversion, LoRA and model cards know about GPT-2 (family_adapter.py) -----------------------
+
+
+FAMILY = FamilyAdapter(
+    model_type="comet_gpt2",
+    display_name="GPT-2",
+    config_class=CometGPT2Config,
+    stock_config_class=GPT2Config,
+    auto_classes=AUTO_CLASSES,
+    ffn_key_pattern=r"((?:.*\.)?h\.(\d+))\.mlp\.(c_fc|c_proj)\.(weight|bias)",
+    moe_module="mlp",
+    ffn_projections={"c_fc": "up", "c_proj": "down"},
+    conv1d_ffn=True,  # Conv1D stores (in, out)
+    ffn_width_field="n_inner",
+    ffn_width_fallback=lambda config: 4 * config.n_embd,
+    attention_modules=("c_attn", "attn.c_proj"),
+    attention_fan_in_fan_out=True,  # GPT-2's attention is Conv1D too
+    batches_need_pad_token=True,  # sequence classification pools the last non-pad token
+)
+CometGPT2PreTrainedModel.family = FAMILY
 
 __all__ = [
     "CometGPT2ForCausalLM",

@@ -1,6 +1,6 @@
 """ViT with mixture-of-experts FFNs (model type ``comet_vit``).
 
-Only the FFN differs from upstream: ``vit.layers[i].mlp`` becomes a `CometMoEBlock` for every block in
+Only the FFN differs from upstream: ``vit.layers[i].mlp`` becomes a `MoEBlock` for every block in
 ``config.moe_layers`` (``ViTLayer`` keeps its own dropout and residual); patch embeddings, attention and the
 classifier are the upstream modules, and forward passes are upstream's, wrapped to add routing outputs.
 """
@@ -10,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
+from transformers import ViTConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.models.vit.modeling_vit import ViTForImageClassification, ViTModel, ViTPreTrainedModel
 
 from .configuration_comet import CometViTConfig
+from .family_adapter import FamilyAdapter
 from .modeling_comet_common import CometPreTrainedMixin, MoEOutputFields, register_family, routed_forward
 from .moe_block import MoEBlock
 
@@ -70,5 +72,21 @@ AUTO_CLASSES = {
     "AutoModelForImageClassification": CometViTForImageClassification,
 }
 register_family(CometViTPreTrainedModel, AUTO_CLASSES)
+
+# -- family facts: what conversion, LoRA and model cards know about ViT (family_adapter.py) --------------------------
+
+
+FAMILY = FamilyAdapter(
+    model_type="comet_vit",
+    display_name="ViT",
+    config_class=CometViTConfig,
+    stock_config_class=ViTConfig,
+    auto_classes=AUTO_CLASSES,
+    ffn_key_pattern=r"((?:.*\.)?layers\.(\d+))\.mlp\.(fc1|fc2)\.(weight|bias)",
+    moe_module="mlp",
+    ffn_projections={"fc1": "up", "fc2": "down"},
+    attention_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+)
+CometViTPreTrainedModel.family = FAMILY
 
 __all__ = ["CometViTForImageClassification", "CometViTModel", "CometViTPreTrainedModel"]

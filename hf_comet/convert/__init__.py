@@ -1,0 +1,39 @@
+"""Dense GPT-2 / ViT / BERT checkpoints -> hf_comet MoE models, by an explicit state-dict mapping.
+
+The dense model is loaded with its stock transformers class (which applies upstream renames such as ViT's legacy
+names), our model is built from a config derived from it, and every non-FFN weight and the head are copied unchanged;
+the FFN weights of the converted blocks are mapped into packed experts (transformers-v5-notes §1.5, §3.5: no weight
+conversion is registered under our model types, so our checkpoints always save in their own layout).
+
+Two kinds of facts meet here, each kept in one place: the family's (where the FFN sits, its layout, its width, the
+stock classes we accept: `hf_comet.modeling.FamilyAdapter`, on every model as ``model.family``) and the method's
+(`METHODS`, one module each; methods.md §6):
+
+* ``comet`` (`comet.py`): the FFN is kept as it is (one group of units) and the frozen projection is added.
+* ``upcycle`` (`upcycle.py`): every expert is a copy of the dense FFN.
+* ``split`` (`split.py`): the FFN units are partitioned into ``num_experts`` slices (`SPLIT_METHODS`).
+
+`deviation_report` (`report.py`) measures how far a conversion is from the dense model before training.
+"""
+
+from .core import METHODS, conversion_method, convert_to_moe, family_of_model_type, map_dense_state_dict, stock_to_ours
+from .method import ConversionError, ConversionMethod, hash_block
+from .report import deviation_report, probe_inputs
+from .split import DEFAULT_SPLIT_METHOD, SPLIT_METHODS, balanced_kmeans
+
+__all__ = [
+    "DEFAULT_SPLIT_METHOD",
+    "METHODS",
+    "SPLIT_METHODS",
+    "ConversionError",
+    "ConversionMethod",
+    "balanced_kmeans",
+    "conversion_method",
+    "convert_to_moe",
+    "deviation_report",
+    "family_of_model_type",
+    "hash_block",
+    "map_dense_state_dict",
+    "probe_inputs",
+    "stock_to_ours",
+]
