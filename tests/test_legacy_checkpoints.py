@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-
 from fixtures.make_legacy_checkpoints import inputs_for
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy"
