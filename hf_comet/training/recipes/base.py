@@ -443,24 +443,3 @@ def _summary(recipe: Recipe, fast: bool, chosen: Settings, overrides: dict, seed
         },
     }  # fmt: skip
 
-
-__all__ = [
-    "MIN_SETTINGS",
-    "RECIPES",
-    "Recipe",
-    "RecipeArgumentError",
-    "ReloadCheck",
-    "Rows",
-    "Settings",
-    "VariantJob",
-    "VariantResult",
-    "VariantRun",
-    "accuracy",
-    "build_model",
-    "register_recipe",
-    "run_recipe",
-    "train_model",
-    "validate_recipe_arguments",
-    "variant_config_fields",
-    "variant_names",
-]
