@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .io import atomic_write_text
 from .modeling.moe_routers import ROUTER_CLASSES
 
 PIPELINE_TAGS = {
@@ -146,16 +146,9 @@ def render_model_card(
 
 
 def write_model_card(model, directory: str | Path, **kwargs) -> Path:
-    """Render the card and write ``directory/README.md`` atomically (temp file, then rename)."""
+    """Render the card and write ``directory/README.md`` atomically (`hf_comet.io.atomic_write_text`)."""
     card = render_model_card(model, **kwargs)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=directory, prefix=".README.", suffix=".tmp")
-    with os.fdopen(handle, "w", encoding="utf-8") as f:
-        f.write(str(card))
-    target = directory / "README.md"
-    os.replace(temp, target)
-    return target
+    return atomic_write_text(Path(directory) / "README.md", str(card))
 
 
 __all__ = ["describe_routing", "render_model_card", "write_model_card"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 
 def _info() -> int:
@@ -31,43 +32,63 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+DEMO_RECIPE = "vit_digits"
+
+
 def _demo(args: argparse.Namespace) -> int:
-    from hf_comet.training.recipes import run_recipe
+    from hf_comet.training.recipes import RECIPES, run_recipe
 
     _quiet_transformers()
     setting = "fast" if args.fast else "full"
     print(
         f"hf-comet demo: COMET vs top-k vs dense ViT on scikit-learn's digits ({setting} setting) -> {args.output_dir}"
     )
-    summary = run_recipe("vit_digits", args.output_dir, fast=args.fast, seed=args.seed, progress=not args.no_progress)
-    return _report(summary, args.output_dir, check_reload=True)
+    summary = run_recipe(DEMO_RECIPE, args.output_dir, fast=args.fast, seed=args.seed, progress=not args.no_progress)
+    return _report(summary, args.output_dir, reload_checks=RECIPES[DEMO_RECIPE].check_reload(summary))
 
 
-def _report(summary: dict, output_dir: str, check_reload: bool = False) -> int:
-    import transformers
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["comet_keep_rate=0.25", "moe_layers=[0,2]"]`` -> a dict; values are JSON when they parse, else strings."""
+    import json
 
-    from hf_comet.training.recipes import format_table
+    from hf_comet.training.recipes import RecipeArgumentError
 
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RecipeArgumentError(f"{item!r} is not KEY=VALUE (e.g. comet_keep_rate=0.25).")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """A plain-text comparison table of a recipe summary (one row per variant)."""
+    variants = summary["variants"]
+    keys = [k for k in next(iter(variants.values()))["metrics"] if k != "overlap_similarity_correlation"]
+    header = f"{'variant':<12}" + "".join(f"{k:>22}" for k in keys) + f"{'params':>10}{'seconds':>9}"
+    lines = [header, "-" * len(header)]
+    for name, entry in variants.items():
+        cells = "".join(f"{entry['metrics'][k]:>22.4f}" for k in keys)
+        lines.append(f"{name:<12}{cells}{entry['parameters']:>10,}{entry['train_seconds']:>9.1f}")
+    return "\n".join(lines)
+
+
+def _report(summary: dict, output_dir: str, reload_checks: list | None = None) -> int:
+    """Print the comparison table and each reload check; 1 when a reloaded checkpoint scores differently."""
     print()
     print(format_table(summary))
     status = 0
-    if check_reload:
-        import torch
-
-        from hf_comet.data import digits_images
-
-        _, test = digits_images(seed=summary["seed"])
-        for name, entry in summary["variants"].items():  # the saved checkpoint must score what training measured
-            model = transformers.AutoModelForImageClassification.from_pretrained(entry["checkpoint"]).eval()
-            with torch.no_grad():
-                predictions = model(pixel_values=test["pixel_values"]).logits.argmax(-1)
-            accuracy = float((predictions == test["labels"]).float().mean())
-            matches = abs(accuracy - entry["metrics"]["test_accuracy"]) < 1e-6
-            status |= 0 if matches else 1
-            print(
-                f"{name:<6} reloads with AutoModelForImageClassification as {type(model).__name__}: test accuracy "
-                f"{accuracy:.4f} {'(as trained)' if matches else '(DIFFERS from training!)'}"
-            )
+    for check in reload_checks or []:
+        status |= 0 if check.matches else 1
+        print(
+            f"{check.variant:<6} reloads with {check.auto_class} as {check.model_class}: "
+            f"{check.metric.replace('_', ' ')} {check.reloaded:.4f} "
+            f"{'(as trained)' if check.matches else '(DIFFERS from training!)'}"
+        )
     print(
         f"\nmetrics.json, loss_curves.png, expert_load_*.png, overlap_similarity_*.png and checkpoints with model "
         f"cards are in {output_dir}/"
@@ -76,7 +97,7 @@ def _report(summary: dict, output_dir: str, check_reload: bool = False) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from hf_comet.training.recipes import RecipeArgumentError, parse_overrides, run_recipe, validate_recipe_arguments
+    from hf_comet.training.recipes import RecipeArgumentError, run_recipe, validate_recipe_arguments
 
     variants = args.variants.split(",") if args.variants else None
     try:  # every argument is checked here, before anything is trained or written

@@ -350,3 +350,35 @@ def test_shipped_accelerate_config_starts_two_processes(tmp_path):
     assert "world size 2" in proc.stdout  # not the single process that `--cpu` would silently give
     model = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "out")
     assert model.config.routing == "topk"
+
+
+@pytest.mark.parametrize("family", list(HEAD))
+@pytest.mark.parametrize("loss_func", [False, True])
+def test_the_logged_aux_loss_is_the_part_of_the_logged_loss_that_training_added(family, loss_func, tmp_path):
+    # micro-batches of unequal label counts (GPT-2/BERT: padding varies): the model weights each micro-batch's aux
+    # loss by its share of the loss items, so a plain mean over micro-batches would log something else than what
+    # was trained. At the first step the weights do not depend on the coefficient, so the difference of the logged
+    # losses with and without the aux loss is exactly the aux loss's part of the loss.
+    rows = rows_of(family, 8, seed=3)
+    if family != "comet_vit":
+        for i, row in enumerate(rows[:4]):  # the first micro-batch has fewer counted labels
+            row["labels"] = row["labels"].clone()
+            row["labels"][: 2 + i] = -100
+    logged = {}
+    for coef in (0.0, 5.0):
+        model = tiny_model(family, HEAD[family], routing="topk", router_aux_loss_coef=coef)
+        extra = {}
+        if loss_func:  # Trainer computes the loss itself and CometTrainer adds the aux loss back
+            extra["compute_loss_func"] = lambda outputs, labels, num_items_in_batch=None: (
+                outputs.logits.float().square().mean()
+            )
+        trainer = CometTrainer(
+            model=model,
+            args=args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2),
+            train_dataset=ListDataset(rows),
+            **extra,
+        )
+        trainer.train()
+        logged[coef] = next(e for e in trainer.state.log_history if "loss" in e)
+    assert logged[5.0]["aux_loss"] > 0
+    assert logged[5.0]["loss"] - logged[0.0]["loss"] == pytest.approx(logged[5.0]["aux_loss"], rel=1e-4)

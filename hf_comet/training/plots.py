@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from .statistics import statistics_paused
+
 
 def _pyplot():
     import matplotlib
@@ -84,16 +86,10 @@ def overlap_vs_similarity(model, inputs: dict[str, torch.Tensor], num_pairs: int
 
     was_training = model.training
     model.eval()
-    blocks = model.moe_blocks()
-    previous = [block.track_statistics for block in blocks]
-    for block in blocks:
-        block.track_statistics = False
     try:
-        with collect_routing(inputs.get("attention_mask")) as collector:
+        with statistics_paused(model), collect_routing(inputs.get("attention_mask")) as collector:
             model(**{k: v for k, v in inputs.items() if k != "labels"})
     finally:
-        for block, enabled in zip(blocks, previous, strict=True):
-            block.track_statistics = enabled
         model.train(was_training)
     generator = torch.Generator().manual_seed(seed)
     result = {}

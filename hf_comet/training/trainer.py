@@ -15,6 +15,9 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from ..modeling.modeling_comet_common import aux_loss_share
+from .statistics import statistics_paused
+
 SUMMARY_KEYS = ("max_load_share", "min_load_share", "dead_experts", "gate_entropy", "usage_entropy")
 SUMMARY_KEYS += ("dropped_tokens", "mask_overlap", "overlap_similarity_correlation")
 
@@ -60,7 +63,8 @@ def flatten_routing_statistics(statistics: dict[int, dict[str, Any]], prefix: st
 class CometTrainer(Trainer):
     """`Trainer` that logs the routers' telemetry every ``logging_steps``.
 
-    Each training log line gains ``aux_loss`` (mean weighted router aux loss of the window) and, from the MoE
+    Each training log line gains ``aux_loss`` (the aux loss's part of the logged ``loss``: what was trained, per
+    optimizer step, averaged over the window like ``loss``) and, from the MoE
     blocks' statistics over the window (summed over ranks under DDP): per layer and as model summaries the max/min
     load share, dead experts, gate entropy H_s and usage entropy H_u (bits), dropped tokens, and the mask overlap
     between token pairs with its correlation to their input similarity (COMET's claim). The window then restarts.
@@ -78,8 +82,8 @@ class CometTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.routing_telemetry = routing_telemetry
         self.routing_history: list[dict[str, Any]] = []
-        self._aux_sum: torch.Tensor | None = None
-        self._aux_count = 0
+        self._aux_sum: torch.Tensor | None = None  # the aux loss's part of the reported loss, summed over the window
+        self._aux_window_start = 0
 
     # -- loss ----------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -87,15 +91,46 @@ class CometTrainer(Trainer):
             "labels" in inputs
         )
         labels = inputs.get("labels")
+        shift_labels = inputs.get("shift_labels")
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         aux_loss = outputs.get("aux_loss") if isinstance(outputs, dict) else None
         if aux_loss is not None and model.training:
             if replaces_model_loss:
-                loss = loss + aux_loss * self._aux_weight(model, labels, num_items_in_batch)
-            detached = aux_loss.detach().float()
-            self._aux_sum = detached if self._aux_sum is None else self._aux_sum + detached
-            self._aux_count += 1
+                weight = self._aux_weight(model, labels, num_items_in_batch)
+                loss = loss + aux_loss * weight
+            else:  # the model added it, weighted by its share; Trainer may then scale the whole loss
+                unwrapped = self.accelerator.unwrap_model(model)
+                passed = num_items_in_batch if self.model_accepts_loss_kwargs else None
+                weight = aux_loss_share(unwrapped, labels, passed, shift_labels) * self._token_average_scale(
+                    num_items_in_batch
+                )
+            contribution = (aux_loss.detach().float() * weight) / self._trainer_divisor(num_items_in_batch)
+            if self._aux_sum is None:  # a new window starts at the step last logged (also after a resume)
+                self._aux_sum, self._aux_window_start = contribution, self.state.global_step
+            else:
+                self._aux_sum = self._aux_sum + contribution
         return (loss, outputs) if return_outputs else loss
+
+    def _token_average_scale(self, num_items_in_batch) -> int:
+        """What Trainer multiplies a loss by when it averages tokens across devices (1 otherwise)."""
+        if (
+            self.args.average_tokens_across_devices
+            and (self.model_accepts_loss_kwargs or self.compute_loss_func)
+            and num_items_in_batch is not None
+        ):
+            return self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
+        return 1
+
+    def _trainer_divisor(self, num_items_in_batch) -> int:
+        """What Trainer divides the reported micro-batch loss by (the accumulation steps when it is not scaled)."""
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                self.compute_loss_func is not None
+            )
+        return (
+            1 if scaled else getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        )
 
     def _aux_weight(self, model, labels: torch.Tensor | None, num_items_in_batch) -> float | torch.Tensor:
         """Weight of the aux loss added to a loss Trainer computed itself, so it counts once per optimizer step.
@@ -115,13 +150,7 @@ class CometTrainer(Trainer):
             causal = getattr(unwrapped, "loss_type", None) == "ForCausalLM"
             counted = labels[..., 1:] if causal else labels
             weight = counted.ne(-100).sum().to(torch.float32) / num_items_in_batch
-        if (
-            self.args.average_tokens_across_devices
-            and (self.model_accepts_loss_kwargs or self.compute_loss_func)
-            and num_items_in_batch is not None
-        ):
-            weight = weight * (self.accelerator.num_processes // self.get_tp_size())
-        return weight
+        return weight * self._token_average_scale(num_items_in_batch)
 
     # -- telemetry -----------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -132,13 +161,14 @@ class CometTrainer(Trainer):
     def routing_logs(self) -> dict[str, float]:
         """The telemetry of the window since the last call (collective under DDP: every rank calls it), then reset."""
         logs: dict[str, float] = {}
-        if self._aux_count:
-            aux = self._aux_sum / self._aux_count
+        steps = self.state.global_step - self._aux_window_start
+        if self._aux_sum is not None and steps > 0:
+            aux = self._aux_sum / steps  # per optimizer step, as Trainer reports `loss`
             if _distributed():
                 torch.distributed.all_reduce(aux)
                 aux = aux / torch.distributed.get_world_size()
             logs["aux_loss"] = float(aux)
-            self._aux_sum, self._aux_count = None, 0
+            self._aux_sum = None
         model = self.accelerator.unwrap_model(self.model)
         if not hasattr(model, "moe_blocks"):
             return logs
@@ -154,22 +184,11 @@ class CometTrainer(Trainer):
         )
         return logs
 
-    def _moe_blocks(self) -> list:
-        model = self.accelerator.unwrap_model(self.model)
-        return model.moe_blocks() if hasattr(model, "moe_blocks") else []
-
     @contextlib.contextmanager
     def _statistics_paused(self):
         """Keep the forwards inside out of the training statistics window."""
-        blocks = self._moe_blocks()
-        previous = [block.track_statistics for block in blocks]
-        for block in blocks:
-            block.track_statistics = False
-        try:
+        with statistics_paused(self.accelerator.unwrap_model(self.model)):
             yield
-        finally:
-            for block, enabled in zip(blocks, previous, strict=True):
-                block.track_statistics = enabled
 
     def evaluate(self, *args, **kwargs):
         """Upstream ``evaluate``; evaluation forwards stay out of the training statistics window."""

@@ -1,0 +1,74 @@
+"""Recipes: MoE variants against a dense baseline on real data that ships offline, trained with `CometTrainer`.
+
+Each recipe is one `Recipe` object in its own module (``vit_digits``, ``gpt2_text``, ``bert_mlm_cls``), registered in
+`RECIPES`. It has a ``fast`` preset (seconds; tests) and a ``full`` one (minutes on 2 CPU cores; README results);
+`run_recipe` trains its variants side by side and writes into the output folder:
+
+* ``metrics.json`` (settings, per variant: metrics, parameters, runtime, telemetry of the last window),
+* ``loss_curves.png``, and per MoE variant ``expert_load_<variant>.png`` and ``overlap_similarity_<variant>.png``,
+* one checkpoint folder per variant (loadable with the Auto classes) with a model card for the MoE ones.
+
+Recipes: ``vit_digits`` (image classification on scikit-learn's digits; the demo), ``gpt2_text`` (byte-level causal
+LM on CPython's bundled English documentation, validation perplexity), ``bert_mlm_cls`` (byte-level masked-LM
+pre-training on the same text, then sequence classification of standard-library docstrings by topic).
+
+A new recipe is a module that builds a `Recipe` (presets, family, default variants, shared config fields, a runner
+that trains one `VariantJob`) and calls `register_recipe`; ``hf-comet train NAME`` then runs it.
+"""
+
+from .base import (
+    MIN_SETTINGS,
+    RECIPES,
+    Recipe,
+    RecipeArgumentError,
+    ReloadCheck,
+    Rows,
+    Settings,
+    VariantJob,
+    VariantResult,
+    VariantRun,
+    accuracy,
+    build_model,
+    register_recipe,
+    run_recipe,
+    train_model,
+    validate_recipe_arguments,
+    variant_config_fields,
+    variant_names,
+)
+
+# Each module registers its recipe on import, and `RECIPES` lists them in this order.
+# isort: off
+from . import vit_digits, gpt2_text, bert_mlm_cls  # noqa: E402, F401
+# isort: on
+
+
+def __getattr__(name: str):
+    # `parse_overrides` and `format_table` moved to the CLI that uses them; kept importable from here.
+    if name in ("parse_overrides", "format_table"):
+        from ... import cli
+
+        return getattr(cli, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "MIN_SETTINGS",
+    "RECIPES",
+    "Recipe",
+    "RecipeArgumentError",
+    "ReloadCheck",
+    "Rows",
+    "Settings",
+    "VariantJob",
+    "VariantResult",
+    "VariantRun",
+    "accuracy",
+    "build_model",
+    "register_recipe",
+    "run_recipe",
+    "train_model",
+    "validate_recipe_arguments",
+    "variant_config_fields",
+    "variant_names",
+]

@@ -1,0 +1,445 @@
+"""What every recipe shares: the `Recipe` object and its registry, argument checks, the training-loop helper, and
+`run_recipe` (train each variant, then write checkpoints, plots, model cards and ``metrics.json``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import transformers
+from transformers import AutoConfig, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from ...cards import write_model_card
+from ...io import atomic_save_pretrained, atomic_write_text
+from ...modeling import configuration_comet
+from ..callbacks import DeepConstraintCallback
+from ..plots import plot_expert_load, plot_loss_curves, plot_overlap_vs_similarity
+from ..trainer import CometTrainer
+
+
+@dataclass
+class Settings:
+    """Size and budget of a recipe run (``fast`` and ``full`` presets per recipe; any field can be overridden)."""
+
+    steps: int
+    batch_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    learning_rate: float
+    eval_steps: int
+    logging_steps: int
+    seq_len: int = 128
+    finetune_steps: int = 0
+    num_train: int = 0
+    num_eval: int = 256
+
+
+MIN_SETTINGS = {"steps": 1, "batch_size": 1, "hidden_size": 8, "num_layers": 1, "num_heads": 1, "eval_steps": 1}
+MIN_SETTINGS |= {"logging_steps": 1, "seq_len": 8, "num_eval": 1}
+"""Lower bounds of every recipe's settings; a recipe adds its own in `Recipe.min_settings`."""
+
+
+def variant_names() -> tuple[str, ...]:
+    """Every variant a recipe can train: ``"dense"`` (the upstream model), each routing of
+    `hf_comet.modeling.configuration_comet.ROUTINGS`, and ``"block_comet"`` (COMET over blocks of 32 units)."""
+    return ("dense", "block_comet", *configuration_comet.ROUTINGS)
+
+
+def variant_config_fields(variant: str) -> dict[str, Any]:
+    """The MoE config fields that make ``variant`` (a routing name or ``"block_comet"``), before overrides."""
+    fields: dict[str, Any] = {"routing": "comet" if variant == "block_comet" else variant}
+    fields |= {"num_experts": 4, "num_experts_per_tok": 2}
+    if variant == "block_comet":
+        fields["comet_block_size"] = 32
+    return fields
+
+
+class VariantRun(NamedTuple):
+    """What a recipe's runner returns for one variant."""
+
+    trainer: CometTrainer
+    """The trainer of the last phase: its model is saved, its ``state.log_history`` and ``routing_history`` are the
+    curves (a runner with several phases concatenates them here)."""
+    metrics: dict[str, float]
+    """The recipe's result metrics (the keys of ``metrics.json``)."""
+    seconds: float
+    """Training wall time (all phases)."""
+    sample: dict[str, torch.Tensor]
+    """Model inputs of held-out data for the overlap-vs-similarity plot."""
+
+
+class ReloadCheck(NamedTuple):
+    """One saved checkpoint, reloaded and scored again by `Recipe.check_reload`."""
+
+    variant: str
+    auto_class: str
+    model_class: str
+    metric: str
+    trained: float
+    reloaded: float
+
+    @property
+    def matches(self) -> bool:
+        return abs(self.reloaded - self.trained) < 1e-6
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One recipe: its presets, variants, model family, data and runner. Register it with `register_recipe`; then
+    `run_recipe(name, ...)` and ``hf-comet train NAME`` run it."""
+
+    name: str
+    family: str
+    """``model_type`` of the MoE variants (``comet_vit``, ``comet_gpt2``, ``comet_bert``)."""
+    fast: Settings
+    """The seconds-long preset (tests)."""
+    full: Settings
+    """The minutes-long preset (README results)."""
+    default_variants: tuple[str, ...]
+    shared_config: Callable[[Settings], dict[str, Any]]
+    """Config fields of the upstream family shared by the dense baseline and every MoE variant."""
+    run: Callable[[VariantJob], VariantRun]
+    """Loads the data, builds (`VariantJob.build_model`) and trains (`VariantJob.train`) one variant."""
+    data_description: str
+    """The model card's training-data text."""
+    dataset_name: str
+    """The dataset name of the model card's evaluation results."""
+    min_settings: Mapping[str, int] = field(default_factory=dict)
+    """Lower bounds on top of `MIN_SETTINGS` (e.g. ``num_train`` for recipes that sample windows)."""
+    check_settings: Callable[[Settings], None] | None = None
+    """Raises `RecipeArgumentError` for settings this recipe cannot run with (beyond the lower bounds)."""
+    check_reload: Callable[[dict[str, Any]], list[ReloadCheck]] | None = None
+    """Reloads each checkpoint of a run summary and scores it again (the demo shows the saved models work)."""
+
+    def settings(self, fast: bool) -> Settings:
+        return self.fast if fast else self.full
+
+
+RECIPES: dict[str, Recipe] = {}
+"""Every registered recipe by name (the built-in ones register on import of `hf_comet.training.recipes`)."""
+
+
+def register_recipe(recipe: Recipe, *, replace: bool = False) -> Recipe:
+    """Add ``recipe`` to `RECIPES` (refusing a name already taken unless ``replace``) and return it."""
+    if recipe.name in RECIPES and not replace:
+        raise ValueError(f"a recipe named {recipe.name!r} is already registered (pass replace=True to replace it).")
+    if not isinstance(recipe.fast, Settings) or not isinstance(recipe.full, Settings):
+        raise TypeError(f"recipe {recipe.name!r}: the fast and full presets must be Settings.")
+    RECIPES[recipe.name] = recipe
+    return recipe
+
+
+class RecipeArgumentError(ValueError):
+    """A recipe argument is out of range; raised before any training starts."""
+
+
+def _moe_config(family: str, variant: str, shared: dict, overrides: dict):
+    return AutoConfig.for_model(family, **{**shared, **variant_config_fields(variant), **overrides})
+
+
+DENSE_CONFIGS = {"comet_vit": "ViTConfig", "comet_gpt2": "GPT2Config", "comet_bert": "BertConfig"}
+"""The upstream config class of each family, for the dense baseline."""
+
+
+def build_model(family: str, head: str, variant: str, shared: dict, overrides: dict, seed: int):
+    """The dense upstream model (``variant="dense"``) or our MoE model with ``routing=variant`` and ``overrides``."""
+    torch.manual_seed(seed)
+    if variant == "dense":
+        config = getattr(transformers, DENSE_CONFIGS[family])(**shared)
+        return getattr(transformers, head).from_config(config)
+    return getattr(transformers, head).from_config(_moe_config(family, variant, shared, overrides))
+
+
+def validate_recipe_arguments(
+    name: str, fast: bool, variants: list[str] | None, overrides: dict | None, settings: dict | None
+) -> tuple[list[str], Settings, dict]:
+    """Check every argument of `run_recipe` (and build each MoE config at the recipe's real sizes) before any work.
+
+    Returns the variants, the chosen `Settings` and the overrides. Raises `RecipeArgumentError` naming the bad value
+    and what is allowed.
+    """
+    if name not in RECIPES:
+        raise RecipeArgumentError(f"recipe {name!r} does not exist; choose one of {', '.join(RECIPES)}.")
+    recipe = RECIPES[name]
+    variants = list(variants or recipe.default_variants)
+    allowed = variant_names()
+    bad = [v for v in variants if v not in allowed]
+    if bad or not variants or len(set(variants)) != len(variants):
+        raise RecipeArgumentError(
+            f"variants {bad or variants} are not allowed; choose distinct ones from {', '.join(allowed)}."
+        )
+    preset = recipe.settings(fast)
+    known = asdict(preset)
+    for key, value in (settings or {}).items():
+        if key not in known:
+            raise RecipeArgumentError(f"setting {key!r} does not exist; known: {', '.join(known)}.")
+        expected = type(known[key])
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (expected is int and value != int(value)):
+            raise RecipeArgumentError(f"setting {key}={value!r} must be a {expected.__name__}.")
+    chosen = replace(preset, **{k: type(known[k])(v) for k, v in (settings or {}).items()})
+    for key, low in {**MIN_SETTINGS, **recipe.min_settings}.items():
+        if getattr(chosen, key) < low:
+            raise RecipeArgumentError(f"setting {key}={getattr(chosen, key)} must be >= {low}.")
+    if chosen.learning_rate <= 0:
+        raise RecipeArgumentError(f"setting learning_rate={chosen.learning_rate} must be > 0.")
+    if recipe.check_settings is not None:
+        recipe.check_settings(chosen)
+    overrides = dict(overrides or {})
+    family = recipe.family
+    config_fields = {f.name for f in dataclasses.fields(AutoConfig.for_model(family).__class__)}
+    unknown = sorted(set(overrides) - config_fields)
+    if unknown:
+        raise RecipeArgumentError(f"{unknown} are not {family} config fields (misspelt?); e.g. comet_keep_rate.")
+    shared = recipe.shared_config(chosen)
+    for variant in variants:
+        if variant == "dense":
+            continue
+        try:
+            _moe_config(family, variant, shared, overrides)
+        except (ValueError, TypeError) as error:
+            raise RecipeArgumentError(f"variant {variant!r}: {error}") from error
+    return variants, chosen, overrides
+
+
+# -- helpers for runners -------------------------------------------------------------------------------------------
+class Rows(torch.utils.data.Dataset):
+    """A dict of equal-length tensors as a map-style dataset of row dicts."""
+
+    def __init__(self, columns: dict[str, torch.Tensor]):
+        self.columns = columns
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values())))
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {name: column[index] for name, column in self.columns.items()}
+
+
+def accuracy(prediction) -> dict[str, float]:
+    """``compute_metrics`` for classification and token prediction (labels ``-100`` are left out)."""
+    predictions = np.asarray(prediction.predictions)
+    labels = np.asarray(prediction.label_ids)
+    if predictions.ndim == labels.ndim + 1:
+        predictions = predictions.argmax(-1)
+    valid = labels != -100
+    return {"accuracy": float((predictions[valid] == labels[valid]).mean())}
+
+
+class _StepProgress(ProgressCallback):
+    """Trainer's progress bar, with the loss in the bar instead of printing every (long) telemetry log line."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
+
+
+def train_model(
+    model,
+    train: torch.utils.data.Dataset,
+    evaluation: torch.utils.data.Dataset,
+    settings: Settings,
+    workdir: Path,
+    *,
+    seed: int,
+    progress: bool,
+    compute_metrics: Callable | None = None,
+    data_collator: Callable | None = None,
+    preprocess_logits: Callable | None = None,
+) -> tuple[CometTrainer, dict[str, float], float]:
+    """Train ``model`` for ``settings.steps`` with `CometTrainer` on CPU (cosine schedule, evaluation every
+    ``settings.eval_steps``), then evaluate. Returns the trainer, the evaluation metrics and the training seconds."""
+    steps = settings.steps
+    args = TrainingArguments(
+        output_dir=str(workdir),
+        max_steps=steps,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=64,
+        learning_rate=settings.learning_rate,
+        weight_decay=0.01,
+        warmup_steps=max(1, steps // 20),
+        lr_scheduler_type="cosine",
+        max_grad_norm=1.0,
+        logging_steps=min(settings.logging_steps, steps),
+        eval_strategy="steps",
+        eval_steps=min(settings.eval_steps, steps),
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=seed,
+        disable_tqdm=not progress,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+    callbacks = [DeepConstraintCallback()] if getattr(model.config, "routing", None) == "deep" else []
+    trainer = CometTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        compute_metrics=compute_metrics,
+        data_collator=data_collator,
+        preprocess_logits_for_metrics=preprocess_logits,
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if progress:
+        trainer.add_callback(_StepProgress())
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    metrics = trainer.evaluate()
+    return trainer, metrics, seconds
+
+
+@dataclass
+class VariantJob:
+    """One variant of one recipe run, as its runner sees it."""
+
+    recipe: Recipe
+    settings: Settings
+    variant: str
+    overrides: dict[str, Any]
+    seed: int
+    workdir: Path
+    """A scratch folder for this variant (removed after the runner returns)."""
+    progress: bool
+
+    def build_model(self, head: str):
+        """The variant's model under the Auto class ``head`` (e.g. ``"AutoModelForCausalLM"``), seeded."""
+        shared = self.recipe.shared_config(self.settings)
+        return build_model(self.recipe.family, head, self.variant, shared, self.overrides, self.seed)
+
+    def train(self, model, train, evaluation, *, settings: Settings | None = None, workdir: Path | None = None, **kw):
+        """`train_model` with this job's settings (or ``settings``), scratch folder (or ``workdir``), seed and
+        progress; ``kw`` are `train_model`'s ``compute_metrics``, ``data_collator``, ``preprocess_logits``."""
+        settings = settings or self.settings
+        workdir = workdir or self.workdir
+        return train_model(model, train, evaluation, settings, workdir, seed=self.seed, progress=self.progress, **kw)
+
+
+# -- running a recipe ----------------------------------------------------------------------------------------------
+@dataclass
+class VariantResult:
+    name: str
+    metrics: dict[str, float]
+    parameters: int
+    seconds: float
+    checkpoint: str
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    routing_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_recipe(
+    name: str,
+    output_dir: str | os.PathLike,
+    *,
+    fast: bool = False,
+    variants: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train the recipe's variants side by side and write metrics, plots, checkpoints and model cards.
+
+    Args:
+        name: one of `RECIPES`.
+        output_dir: folder for the run (created; files in it are replaced).
+        fast: the seconds-long preset used by the tests instead of the full one.
+        variants: ``"dense"`` and/or routing names (``"comet"``, ``"topk"``, ... and ``"block_comet"``).
+        overrides: MoE config fields for every MoE variant (validated by the config, e.g. ``comet_keep_rate``).
+        settings: `Settings` fields to change (e.g. ``{"steps": 100}``).
+
+    Returns the content of ``metrics.json``. All arguments are checked before any training starts.
+    """
+    variants, chosen, overrides = validate_recipe_arguments(name, fast, variants, overrides, settings)
+    recipe = RECIPES[name]
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    results: dict[str, VariantResult] = {}
+    samples = {}
+    models = {}
+    for variant in variants:
+        log(f"[{name}] training {variant} ({chosen.steps} steps)")
+        with tempfile.TemporaryDirectory(prefix=".trainer-", dir=output) as workdir:
+            job = VariantJob(recipe, chosen, variant, overrides, seed, Path(workdir), progress)
+            trainer, metrics, seconds, sample = recipe.run(job)
+        model = trainer.model
+        checkpoint = atomic_save_pretrained(model, output / variant)
+        results[variant] = VariantResult(
+            name=variant,
+            metrics=metrics,
+            parameters=sum(p.numel() for p in model.parameters()),
+            seconds=seconds,
+            checkpoint=str(checkpoint),
+            log_history=trainer.state.log_history,
+            routing_history=trainer.routing_history,
+        )
+        samples[variant], models[variant] = sample, model
+    _write_plots_and_cards(recipe, output, results, models, samples)
+    summary = _summary(recipe, fast, chosen, overrides, seed, results)
+    atomic_write_text(output / "metrics.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _write_plots_and_cards(recipe: Recipe, output: Path, results: dict[str, VariantResult], models, samples) -> None:
+    """The loss curves of every variant; per MoE variant its load and overlap plots (adding the overlap-similarity
+    correlation to its metrics), copies of the plots in its checkpoint, and its model card."""
+    name = recipe.name
+    plot_loss_curves({v: r.log_history for v, r in results.items()}, output / "loss_curves.png", title=name)
+    for variant, result in results.items():
+        if variant == "dense":
+            continue
+        plots = [f"expert_load_{variant}.png", f"overlap_similarity_{variant}.png"]
+        plot_expert_load(result.routing_history, output / plots[0], title=f"{name}: {variant} expert load")
+        correlations = plot_overlap_vs_similarity(
+            models[variant], samples[variant], output / plots[1], title=f"{name}: {variant}"
+        )
+        result.metrics["overlap_similarity_correlation"] = float(np.nanmean(list(correlations.values())))
+        for plot in (*plots, "loss_curves.png"):
+            shutil.copy(output / plot, Path(result.checkpoint) / plot)
+        write_model_card(
+            models[variant],
+            result.checkpoint,
+            results={k: v for k, v in result.metrics.items() if isinstance(v, float)},
+            plots=["loss_curves.png", *plots],
+            datasets_text=recipe.data_description,
+            dataset_name=recipe.dataset_name,
+        )
+
+
+def _summary(recipe: Recipe, fast: bool, chosen: Settings, overrides: dict, seed: int, results) -> dict[str, Any]:
+    """The content of ``metrics.json``."""
+    return {
+        "recipe": recipe.name,
+        "setting": "fast" if fast else "full",
+        "settings": asdict(chosen),
+        "overrides": overrides,
+        "seed": seed,
+        "variants": {
+            v: {
+                "metrics": r.metrics,
+                "parameters": r.parameters,
+                "train_seconds": r.seconds,
+                "checkpoint": r.checkpoint,
+                "last_routing": {k: x for k, x in (r.routing_history[-1] if r.routing_history else {}).items()
+                                 if k.startswith("routing/") and "/layer_" not in k},
+            }
+            for v, r in results.items()
+        },
+    }  # fmt: skip
+

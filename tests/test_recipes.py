@@ -1,0 +1,158 @@
+"""The recipe registry: every recipe is one `Recipe` object, and a recipe registered from outside the package (here,
+inside a test) runs through `run_recipe` and ``hf-comet train NAME`` like the built-in ones.
+
+The built-in recipes' fast runs are `test_cli_and_demo.py::test_recipes_fast_setting_runs_end_to_end_and_writes_its_files`
+(parametrised over `RECIPES`, so a newly registered recipe is run there too)."""
+
+import dataclasses
+import json
+
+import pytest
+
+from hf_comet.cli import format_table, main, parse_overrides
+from hf_comet.data import digits_images
+from hf_comet.modeling import FAMILIES
+from hf_comet.modeling.configuration_comet import ROUTINGS
+from hf_comet.training import recipes
+from hf_comet.training.recipes import (
+    RECIPES,
+    Recipe,
+    RecipeArgumentError,
+    ReloadCheck,
+    Rows,
+    Settings,
+    VariantRun,
+    accuracy,
+    register_recipe,
+    run_recipe,
+    validate_recipe_arguments,
+    variant_names,
+)
+
+
+def test_every_registered_recipe_is_complete():
+    assert list(RECIPES) == ["vit_digits", "gpt2_text", "bert_mlm_cls"]
+    for name, recipe in RECIPES.items():
+        assert recipe.name == name and recipe.family in FAMILIES
+        assert isinstance(recipe.fast, Settings) and isinstance(recipe.full, Settings)
+        assert recipe.fast.steps < recipe.full.steps
+        assert recipe.default_variants and set(recipe.default_variants) <= set(variant_names())
+        assert recipe.data_description and recipe.dataset_name and callable(recipe.run)
+        for fast in (True, False):  # the presets themselves pass the argument checks, every MoE config builds
+            variants, settings, _ = validate_recipe_arguments(name, fast, None, None, None)
+            assert variants == list(recipe.default_variants) and settings == recipe.settings(fast)
+    assert RECIPES["vit_digits"].check_reload is not None, "the demo checks its saved checkpoints"
+
+
+def test_variant_names_are_dense_block_comet_and_every_routing():
+    assert variant_names() == ("dense", "block_comet", *ROUTINGS)
+
+
+def test_a_recipe_name_is_registered_once():
+    with pytest.raises(ValueError, match="already registered"):
+        register_recipe(RECIPES["vit_digits"])
+    assert register_recipe(RECIPES["vit_digits"], replace=True) is RECIPES["vit_digits"]
+
+
+def test_override_parsing_and_table_formatting_live_in_the_cli_and_stay_importable_from_recipes():
+    assert parse_overrides(["comet_keep_rate=0.25", "moe_layers=[0,2]", "routing=topk"]) == {
+        "comet_keep_rate": 0.25,
+        "moe_layers": [0, 2],
+        "routing": "topk",
+    }
+    with pytest.raises(RecipeArgumentError, match="KEY=VALUE"):
+        parse_overrides(["comet_keep_rate"])
+    assert recipes.parse_overrides is parse_overrides and recipes.format_table is format_table
+
+
+def test_the_cli_reports_a_checkpoint_that_reloads_differently(capsys):
+    from hf_comet.cli import _report
+
+    summary = {"variants": {"comet": {"metrics": {"acc": 0.5}, "parameters": 10, "train_seconds": 1.0}}}
+    same = ReloadCheck("comet", "AutoModel", "CometModel", "acc", 0.5, 0.5)
+    differs = same._replace(reloaded=0.25)
+    assert _report(summary, "out", reload_checks=[same]) == 0
+    assert "comet  reloads with AutoModel as CometModel: acc 0.5000 (as trained)" in capsys.readouterr().out
+    assert _report(summary, "out", reload_checks=[same, differs]) == 1
+    assert "acc 0.2500 (DIFFERS from training!)" in capsys.readouterr().out
+
+
+# -- a recipe from outside the package ------------------------------------------------------------------------------
+def _toy_shared(settings: Settings) -> dict:
+    return dict(
+        image_size=8, patch_size=4, num_channels=1, num_labels=10, hidden_size=settings.hidden_size,
+        num_hidden_layers=settings.num_layers, num_attention_heads=settings.num_heads,
+        intermediate_size=2 * settings.hidden_size,
+    )  # fmt: skip
+
+
+def _toy_run(job) -> VariantRun:
+    train, test = digits_images(seed=job.seed)
+    train = {k: v[: job.settings.num_train] for k, v in train.items()}
+    test = {k: v[: job.settings.num_eval] for k, v in test.items()}
+    model = job.build_model("AutoModelForImageClassification")
+    trainer, metrics, seconds = job.train(model, Rows(train), Rows(test), compute_metrics=accuracy)
+    sample = {"pixel_values": test["pixel_values"]}
+    return VariantRun(trainer, {"toy_accuracy": metrics["eval_accuracy"]}, seconds, sample)
+
+
+def _toy_check(settings: Settings) -> None:
+    if settings.batch_size > settings.num_train:
+        raise RecipeArgumentError(f"setting batch_size={settings.batch_size} must be <= num_train.")
+
+
+@pytest.fixture
+def toy_recipe():
+    tiny = Settings(steps=2, batch_size=16, hidden_size=16, num_layers=1, num_heads=2, learning_rate=3e-3,
+                    eval_steps=2, logging_steps=1, num_train=64, num_eval=32)  # fmt: skip
+    recipe = register_recipe(
+        Recipe(
+            name="toy_digits",
+            family="comet_vit",
+            fast=tiny,
+            full=dataclasses.replace(tiny, steps=4),
+            default_variants=("dense", "comet"),
+            shared_config=_toy_shared,
+            run=_toy_run,
+            data_description="64 of scikit-learn's digits (a toy recipe of the tests).",
+            dataset_name="toy digits",
+            min_settings={"num_train": 16},
+            check_settings=_toy_check,
+        )
+    )
+    yield recipe
+    del RECIPES[recipe.name]
+
+
+def test_a_recipe_registered_in_a_test_runs_through_run_recipe(toy_recipe, tmp_path):
+    summary = run_recipe("toy_digits", tmp_path, fast=True, progress=False, log=lambda line: None)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == summary
+    assert summary["recipe"] == "toy_digits" and summary["settings"]["steps"] == 2
+    assert list(summary["variants"]) == ["dense", "comet"]
+    assert set(summary["variants"]["comet"]["metrics"]) == {"toy_accuracy", "overlap_similarity_correlation"}
+    for name in ("loss_curves.png", "expert_load_comet.png", "overlap_similarity_comet.png", "comet/config.json"):
+        assert (tmp_path / name).exists()
+    card = (tmp_path / "comet" / "README.md").read_text()
+    assert "a toy recipe of the tests" in card and "toy_accuracy" in card
+
+
+def test_a_recipe_registered_in_a_test_runs_through_the_cli(toy_recipe, tmp_path, capsys):
+    args = ["train", "toy_digits", "--fast", "--no-progress", "--variants", "comet", "--output-dir", str(tmp_path)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "toy_accuracy" in out and "comet" in out
+    assert list(json.loads((tmp_path / "metrics.json").read_text())["variants"]) == ["comet"]
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (["num_train=8"], "num_train=8 must be >= 16"),
+        (["batch_size=32", "num_train=24"], "batch_size=32 must be <= num_train"),
+    ],
+)
+def test_a_registered_recipe_s_own_setting_checks_run_before_any_work(toy_recipe, tmp_path, capsys, settings, message):
+    flags = [flag for setting in settings for flag in ("--setting", setting)]
+    assert main(["train", "toy_digits", "--fast", *flags, "--output-dir", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
