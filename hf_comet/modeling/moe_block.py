@@ -54,7 +54,7 @@ class MoEBlock(nn.Module):
         self.similarity_num_pairs = config.similarity_num_pairs
         self.track_statistics = True
         self._pair_seed = mix_seed(config.routing_seed, layer_idx, PAIR_SEED_OFFSET)
-        self._pair_generator: torch.Generator | None = None
+        self._pair_draws: torch.Tensor | None = None
         self._statistics: RoutingStatistics | None = None
         self._selection_counts: torch.Tensor | None = None
         self._recompute_token_mask: torch.Tensor | None = None
@@ -127,21 +127,40 @@ class MoEBlock(nn.Module):
     def _sample_pairs(
         self, num_tokens: int, num_pairs: int, token_mask: torch.Tensor | None, device: torch.device
     ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """``num_pairs`` random pairs of distinct tokens from a private generator (the global RNG is untouched),
-        and per-pair weights that are 0 where a pair touches padding (no host sync to filter them)."""
+        """``num_pairs`` pseudo-random pairs of distinct tokens and per-pair weights that are 0 where a pair touches
+        padding (no host sync to filter them).
+
+        The pairs come from a counter-based hash of (layer seed, draw counter, pair index), not from a
+        ``torch.Generator``: the global RNG (training noise) is untouched, the stream is the same on every device,
+        its whole state is one integer (``pair_draws``), and ``torch.compile`` traces it without a graph break.
+        """
         if num_tokens < 2:
             empty = torch.zeros(0, dtype=torch.long, device=device)
             return (empty, empty), torch.zeros(0, device=device)
-        if self._pair_generator is None or self._pair_generator.device != device:
-            self._pair_generator = torch.Generator(device=device).manual_seed(self._pair_seed)
-        first = torch.randint(0, num_tokens, (num_pairs,), device=device, generator=self._pair_generator)
-        offset = torch.randint(1, num_tokens, (num_pairs,), device=device, generator=self._pair_generator)
-        second = (first + offset) % num_tokens
+        if self._pair_draws is None:
+            self._pair_draws = _fresh_long(device)
+        elif self._pair_draws.device != device:
+            self._pair_draws = self._pair_draws.to(device)
+        index = torch.arange(2 * num_pairs, device=device, dtype=torch.long)
+        keys = (self._pair_seed % _HASH_MODULUS) + (self._pair_draws * (2 * num_pairs) + index) * 2_654_435_761
+        draws = _hash31(keys % _HASH_MODULUS)
+        self._pair_draws += 1
+        first = draws[:num_pairs] % num_tokens
+        second = (first + 1 + draws[num_pairs:] % (num_tokens - 1)) % num_tokens
         if token_mask is None:
             weights = torch.ones(num_pairs, device=device)
         else:
             weights = (token_mask[first] & token_mask[second]).float()
         return (first, second), weights
+
+    @property
+    def pair_draws(self) -> int:
+        """How many pair draws this block made (the whole state of its pair sampler)."""
+        return 0 if self._pair_draws is None else int(self._pair_draws)
+
+    @pair_draws.setter
+    def pair_draws(self, value: int) -> None:
+        self._pair_draws = torch.tensor(int(value), dtype=torch.long, device=self.experts_module.up_proj.device)
 
     # -- running counters ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -210,6 +229,25 @@ class MoEBlock(nn.Module):
 
 CometMoEBlock = MoEBlock  # the first release's name
 
+_HASH_MODULUS = 2**31
+
+
+def _hash31(x: torch.Tensor) -> torch.Tensor:
+    """A 31-bit integer mixing hash of int64 ``x`` in [0, 2^31) (multiply-xorshift rounds; every product stays below
+    2^62, so int64 arithmetic never overflows). Uniform enough for sampling token pairs."""
+    for multiplier, increment, shift in ((1_103_515_245, 12_345, 16), (1_664_525, 1_013_904_223, 13), (69_069, 1, 16)):
+        x = (x * multiplier + increment) % _HASH_MODULUS
+        x = x ^ (x >> shift)
+    return x
+
+
+def _fresh_long(device) -> torch.Tensor:
+    """A 0-d int64 zero that stays a normal tensor even when created under ``torch.inference_mode``."""
+    if torch.compiler.is_compiling():
+        return torch.zeros((), dtype=torch.long, device=device)
+    with torch.inference_mode(False):
+        return torch.zeros((), dtype=torch.long, device=device)
+
 
 class RoutingCollector:
     """Gathers the routing decisions of one model forward and derives aux losses and router logits from them.
@@ -275,7 +313,9 @@ class _CompilableContextVar:
         self.compiling = False
 
     def get(self):
-        return self.global_value if self.compiling else self.context_var.get()
+        if self.compiling or torch.compiler.is_compiling():
+            return self.global_value
+        return self.context_var.get()
 
     def set(self, value):
         if torch.compiler.is_compiling():

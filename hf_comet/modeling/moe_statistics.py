@@ -71,7 +71,6 @@ class RoutingStatistics:
         self.tensors = {name: value.to(device) for name, value in self.tensors.items()}
         return self
 
-    @torch.no_grad()
     def update(
         self,
         decision: RoutingDecision,
@@ -80,7 +79,8 @@ class RoutingStatistics:
         token_mask: torch.Tensor | None,
         pairs: tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> None:
-        """Fold one forward's decision into the window. ``pairs`` are sampled token pairs and their weights."""
+        """Fold one forward's decision into the window (call under ``torch.no_grad``). ``pairs`` are sampled token
+        pairs and their weights."""
         stats = self.tensors
         device = selection.device
         valid = torch.ones(selection.shape[0], device=device) if token_mask is None else token_mask.float()
