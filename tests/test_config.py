@@ -109,6 +109,8 @@ def test_bert_feed_forward_chunking_is_refused():
 def test_expert_width_defaults_to_an_even_split_of_the_ffn():
     assert tiny_config("comet_gpt2", routing="topk", num_experts=4).expert_intermediate_size == 128 // 4
     assert tiny_config("comet_gpt2", n_inner=96).ffn_width == 96
+    assert tiny_config("comet_gpt2", routing="topk", num_experts=4, n_inner=96).expert_intermediate_size == 96 // 4
+    assert tiny_config("comet_gpt2", routing="topk", moe_intermediate_size=20).expert_intermediate_size == 20
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from conftest import ALL_HEADS, dense_twin, main_output, tiny_config, tiny_input
 from hf_comet import AttentiveRouter, CometMoEBlock, NoisyTopKRouter, RoutingDecision, SwitchRouter
 from hf_comet.modeling.moe_block import collect_routing
 from hf_comet.modeling.moe_experts import choose_execution
-from hf_comet.modeling.moe_routers import cv_squared, noisy_top_k_load, sample_similarity_loss
+from hf_comet.modeling.moe_routers import cv_squared, load_balancing_loss, noisy_top_k_load, sample_similarity_loss
 
 
 def phi(z: float) -> float:
@@ -257,25 +257,38 @@ def test_sample_similarity_loss_matches_the_authors_double_loop_in_mean_form():
 
 def test_similarity_betas_add_the_regulariser_to_the_aux_loss_of_a_learned_router():
     inputs = tiny_inputs("comet_gpt2", "AutoModelForCausalLM")
-    base = tiny_model("comet_gpt2", "AutoModelForCausalLM", routing="topk").train()
-    regularised = tiny_model(
-        "comet_gpt2", "AutoModelForCausalLM", routing="topk", similarity_beta_s=1.0, similarity_beta_d=0.1
+    betas = (1.0, 0.1)
+    model = tiny_model(
+        "comet_gpt2",
+        "AutoModelForCausalLM",
+        routing="topk",
+        router_aux_loss_coef=0.3,
+        similarity_beta_s=betas[0],
+        similarity_beta_d=betas[1],
     ).train()
-    out_base, out_reg = base(**inputs), regularised(**inputs)
-    assert out_reg.aux_loss.item() != pytest.approx(out_base.aux_loss.item())
-    with collect_routing(inputs["attention_mask"]) as collector:
-        regularised.transformer(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-    losses = [layer_losses for _, layer_losses in collector.layer_losses()]
-    assert all("similarity_loss" in layer for layer in losses)
-    # the pairs come from the block's private generator: sampling them leaves the global RNG (training noise) alone
+    draws = [block.pair_draws for block in model.moe_blocks()]
     state = torch.get_rng_state()
-    collector._layer_losses = None  # sample the pairs again
-    again = [layer_losses["similarity_loss"] for _, layer_losses in collector.layer_losses()]
-    assert torch.equal(state, torch.get_rng_state())
-    assert all(torch.isfinite(v) for v in again)
+    with collect_routing(inputs["attention_mask"]) as collector:
+        model.transformer(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        layer_losses = collector.layer_losses()
+    assert torch.equal(state, torch.get_rng_state())  # the pairs never touch the global RNG (training noise)
+    assert len(layer_losses) == len(collector.records) == 2
+    expected_layers = []
+    for (block, decision, batch_shape, tokens), draw, (_, losses) in zip(
+        collector.records, draws, layer_losses, strict=True
+    ):
+        mask = collector.token_mask(batch_shape)
+        block.pair_draws = draw  # replay the block's pair stream
+        pairs, weights = block._sample_pairs(tokens.shape[0], block.similarity_num_pairs, mask, tokens.device)
+        assert weights.sum() < weights.numel()  # padded pairs are weighted out
+        similarity = sample_similarity_loss(tokens, decision.gate_probs, pairs, *betas, pair_weights=weights)
+        balance = load_balancing_loss(decision.gate_probs, decision.top_k_index, 4, mask)
+        torch.testing.assert_close(losses["similarity_loss"], similarity)
+        torch.testing.assert_close(losses["load_balancing_loss"], balance)
+        expected_layers.append(0.3 * balance + similarity)  # betas inside the loss, coefficient 1
+    torch.testing.assert_close(collector.aux_loss(), torch.stack(expected_layers).mean())
 
 
-# -- Deep MoE gate (Eigen et al. 2013) ----------------------------------------------------------------------------
 def test_deep_gate_is_a_two_layer_relu_mlp_softmax():
     config = tiny_config("comet_vit", routing="deep", num_experts=4, gate_hidden_size=6)
     block = filled_block(config).eval()

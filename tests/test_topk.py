@@ -112,14 +112,38 @@ def test_gradient_accumulation_counts_the_aux_loss_once():
 
 
 @pytest.mark.parametrize("family, head", [fh for fh in ALL_HEADS if fh[1] not in ("AutoModel", "AutoModelForCausalLM")])
-def test_heads_with_mean_losses_let_trainer_divide_by_accumulation(family, head):
-    model = tiny_model(family, head, routing="topk")
-    assert model.accepts_loss_kwargs is False
-    trainer = transformers.Trainer(
-        model=model, args=transformers.TrainingArguments("unused", use_cpu=True, report_to="none")
-    )
-    assert trainer.model_accepts_loss_kwargs is False
-
+def test_heads_with_mean_losses_let_trainer_divide_by_accumulation(family, head, tmp_path):
+    """Their upstream loss is a per-batch mean: Trainer must divide it (aux loss included) by the accumulation steps.
+    Two identical halves under GA=2 must then take the same SGD step as the whole batch; an undivided loss would
+    take twice the step."""
+    assert tiny_model(family, head, routing="topk").accepts_loss_kwargs is False
+    inputs = tiny_inputs(family, head, batch=2)
+    rows = [{k: v[i] for k, v in inputs.items()} for i in range(2)] * 2
+    weights = []
+    for batch, accumulation in ((4, 1), (2, 2)):
+        model = tiny_model(family, head, routing="topk", router_aux_loss_coef=5.0)
+        arguments = transformers.TrainingArguments(
+            str(tmp_path / f"ga{accumulation}"),
+            use_cpu=True,
+            report_to="none",
+            save_strategy="no",
+            disable_tqdm=True,
+            train_sampling_strategy="sequential",
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            learning_rate=0.5,
+            optim="sgd",
+        )
+        trainer = transformers.Trainer(model=model, args=arguments, train_dataset=rows)
+        assert trainer.model_accepts_loss_kwargs is False
+        trainer.train()
+        weights.append({name: param.detach().clone() for name, param in model.named_parameters()})
+    moved = False
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        moved |= not torch.equal(value, tiny_model(family, head, routing="topk").state_dict()[name])
+    assert moved  # the step changed the weights, so equal weights mean equal steps
 
 @pytest.mark.parametrize("family, head", [fh for fh in ALL_HEADS if fh[1] != "AutoModel"])
 def test_identical_experts_with_renormalised_weights_reproduce_the_dense_model(family, head):
