@@ -14,12 +14,19 @@ import torch
 from transformers import AutoConfig, PreTrainedModel
 
 from ..modeling import FAMILY_ADAPTERS, FamilyAdapter
+from ..modeling.configuration_comet import CONVERSION_METHODS
+from ..modeling.configuration_comet import SPLIT_METHODS as CONFIG_SPLIT_METHODS
 from .comet import COMET
 from .method import ConversionError, ConversionMethod, hash_block
 from .split import DEFAULT_SPLIT_METHOD, SPLIT, SPLIT_METHODS
 from .upcycle import UPCYCLE
 
 METHODS: dict[str, ConversionMethod] = {method.name: method for method in (COMET, UPCYCLE, SPLIT)}
+if tuple(METHODS) != CONVERSION_METHODS or tuple(SPLIT_METHODS) != CONFIG_SPLIT_METHODS:  # one vocabulary
+    raise RuntimeError(
+        f"conversion registry {tuple(METHODS)} / {tuple(SPLIT_METHODS)} differs from the config's provenance values "
+        f"{CONVERSION_METHODS} / {CONFIG_SPLIT_METHODS}: update configuration_comet.py with the registry."
+    )
 """``method`` of `convert_to_moe` -> the method (its routings, config defaults and FFN mapping)."""
 
 

@@ -20,7 +20,11 @@ EXCLUSIVE_FIELDS = ("comet_block_size", "capacity_factor", "mixture_top_k", "rou
 """Routing-specific fields refused at a non-default value when the chosen routing does not read them (which routers
 read a field is each router's ``config_fields``)."""
 
-CONVERSION_METHODS = (None, "comet", "upcycle", "split")
+CONVERSION_METHODS = ("comet", "upcycle", "split")
+"""Values of the ``conversion_method`` provenance field: the names of `hf_comet.convert.METHODS` (the converter
+checks at import that its registry is exactly this)."""
+SPLIT_METHODS = ("contiguous", "random", "kmeans")
+"""Values of the ``split_method`` provenance field: the names of `hf_comet.convert.SPLIT_METHODS`."""
 
 
 @dataclass(kw_only=True)
@@ -197,9 +201,15 @@ class CometMoEConfigMixin:
             )
         if isinstance(self.router_scale, bool) or not self.router_scale > 0:
             raise ValueError(f"router_scale={self.router_scale!r} must be a number > 0.")
-        if self.conversion_method not in CONVERSION_METHODS:
+        if self.conversion_method is not None and self.conversion_method not in CONVERSION_METHODS:
             raise ValueError(
-                f"conversion_method={self.conversion_method!r} is not a conversion; use 'comet', 'upcycle' or 'split'."
+                f"conversion_method={self.conversion_method!r} is not a conversion; use one of "
+                f"{', '.join(CONVERSION_METHODS)} (or None)."
+            )
+        if self.split_method is not None and self.split_method not in SPLIT_METHODS:
+            raise ValueError(
+                f"split_method={self.split_method!r} is not a split method; use one of {', '.join(SPLIT_METHODS)} "
+                "(or None)."
             )
         self._refuse_fields_the_routing_ignores(router_class)
         router_class.validate_config(self)

@@ -8,7 +8,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ..merging import merge_most_used_into_least_used, reset_merged_optimizer_state
+from ..merging import MERGE_METHODS, merge_most_used_into_least_used, reset_merged_optimizer_state
 from ..modeling.moe_routers import DeepMoEGate
 
 logger = logging.getLogger(__name__)
@@ -43,8 +43,8 @@ class ExpertMergingCallback(TrainerCallback):
             raise ValueError(f"at_steps={at_steps} must hold optimizer steps >= 1.")
         if every_n_steps is None and not at_steps and not at_epoch_end:
             raise ValueError("ExpertMergingCallback needs a trigger: every_n_steps, at_steps or at_epoch_end=True.")
-        if how not in ("mean", "count_weighted"):
-            raise ValueError(f"how={how!r} is not a merge method; choose 'mean' or 'count_weighted'.")
+        if how not in MERGE_METHODS:
+            raise ValueError(f"how={how!r} is not a merge method; choose one of {', '.join(MERGE_METHODS)}.")
         self.every_n_steps = every_n_steps
         self.at_steps = set(at_steps)
         self.at_epoch_end = at_epoch_end
