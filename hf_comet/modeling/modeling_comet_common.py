@@ -147,6 +147,19 @@ def routed_forward(upstream_forward, output_class):
     return forward
 
 
+def loss_item_share(
+    labels: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int,
+    causal: bool,
+    shift_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """This micro-batch's counted label positions (not -100; shifted for causal LMs) over ``num_items_in_batch``."""
+    counted = shift_labels
+    if counted is None:
+        counted = labels[..., 1:] if causal else labels
+    return counted.ne(-100).sum().to(torch.float32) / num_items_in_batch
+
+
 def aux_loss_share(
     model,
     labels: torch.Tensor | None,
@@ -160,10 +173,7 @@ def aux_loss_share(
     """
     if num_items_in_batch is None or labels is None or not getattr(model, "accepts_loss_kwargs", True):
         return 1.0
-    counted = shift_labels
-    if counted is None:
-        counted = labels[..., 1:] if model.loss_type == "ForCausalLM" else labels
-    return counted.ne(-100).sum().to(torch.float32) / num_items_in_batch
+    return loss_item_share(labels, num_items_in_batch, model.loss_type == "ForCausalLM", shift_labels)
 
 
 def register_family(pretrained_class: type, auto_classes: dict[str, type]) -> None:
@@ -173,4 +183,4 @@ def register_family(pretrained_class: type, auto_classes: dict[str, type]) -> No
         cls.register_for_auto_class(auto_name)
 
 
-__all__ = ["CometPreTrainedMixin", "MoEOutputFields", "aux_loss_share", "register_family", "routed_forward"]
+__all__ = ["CometPreTrainedMixin", "MoEOutputFields", "aux_loss_share", "loss_item_share", "register_family", "routed_forward"]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from ..modeling.modeling_comet_common import aux_loss_share
+from ..modeling.modeling_comet_common import aux_loss_share, loss_item_share
 from .statistics import statistics_paused
 
 SUMMARY_KEYS = ("max_load_share", "min_load_share", "dead_experts", "gate_entropy", "usage_entropy")
@@ -146,10 +146,8 @@ class CometTrainer(Trainer):
         if num_items_in_batch is None or labels is None:
             weight = 1.0 / self.args.gradient_accumulation_steps
         else:
-            unwrapped = self.accelerator.unwrap_model(model)
-            causal = getattr(unwrapped, "loss_type", None) == "ForCausalLM"
-            counted = labels[..., 1:] if causal else labels
-            weight = counted.ne(-100).sum().to(torch.float32) / num_items_in_batch
+            causal = getattr(self.accelerator.unwrap_model(model), "loss_type", None) == "ForCausalLM"
+            weight = loss_item_share(labels, num_items_in_batch, causal)
         return weight * self._token_average_scale(num_items_in_batch)
 
     # -- telemetry -----------------------------------------------------------------------------------------------
