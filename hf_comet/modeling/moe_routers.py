@@ -718,8 +718,19 @@ class SwitchRouter(Router):
     aux_losses = TopKRouter.aux_losses  # the Switch load-balancing loss (pre-capacity assignment) and the z-loss
 
 
+class MixtureRouter(Router):
+    """A router that mixes every expert by default and keeps the ``mixture_top_k`` best when it is set."""
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        if config.mixture_top_k is not None and not 1 <= config.mixture_top_k <= config.num_experts:
+            raise ValueError(
+                f"mixture_top_k={config.mixture_top_k} must be between 1 and num_experts={config.num_experts}, or None."
+            )
+
+
 @register_router
-class AttentiveRouter(Router):
+class AttentiveRouter(MixtureRouter):
     """Attentive gating (Krishnamurthy et al. 2023, §2.3; transformer mapping §2.9): the gate attends over experts.
 
     Per token: query ``q = W_q ReLU(A u + a)`` from a small gate trunk (width H = ``gate_hidden_size``), one key per
@@ -750,10 +761,6 @@ class AttentiveRouter(Router):
         self.query = nn.Linear(config.gate_hidden_size, config.gate_hidden_size, bias=False)
         self.key_proj = nn.Parameter(torch.empty(num_experts, config.gate_hidden_size, expert_width))
         self.loss_weights = {"importance_loss": float(config.router_aux_loss_coef)}
-
-    @classmethod
-    def validate_config(cls, config) -> None:
-        _validate_mixture_top_k(config)
 
     @classmethod
     def describe(cls, config) -> str:
@@ -795,15 +802,8 @@ class AttentiveRouter(Router):
         return {"key_proj": self.key_proj}
 
 
-def _validate_mixture_top_k(config) -> None:
-    if config.mixture_top_k is not None and not 1 <= config.mixture_top_k <= config.num_experts:
-        raise ValueError(
-            f"mixture_top_k={config.mixture_top_k} must be between 1 and num_experts={config.num_experts}, or None."
-        )
-
-
 @register_router
-class DeepMoEGate(Router):
+class DeepMoEGate(MixtureRouter):
     """Deep mixture of experts gate (Eigen, Ranzato & Sutskever 2013, §4.5 mapping): per layer
     ``g = softmax(B ReLU(A u + a) + b)`` (hidden width ``gate_hidden_size``), a dense soft mixture of every expert
     (``mixture_top_k`` keeps the k largest, renormalised, and then only those experts run). Stacked blocks give the
@@ -837,10 +837,6 @@ class DeepMoEGate(Router):
         self.register_buffer("constraint_steps_done", torch.zeros((), dtype=torch.long), persistent=True)
         self._totals_snapshot: torch.Tensor | None = None
         self._on_snapshot: torch.Tensor | None = None
-
-    @classmethod
-    def validate_config(cls, config) -> None:
-        _validate_mixture_top_k(config)
 
     @classmethod
     def describe(cls, config) -> str:
@@ -928,6 +924,7 @@ DeepRouter = DeepMoEGate  # the first release's name
 __all__ = [
     "LEARNED_ROUTINGS",
     "MIXTURE_ROUTINGS",
+    "MixtureRouter",
     "PAIR_SEED_OFFSET",
     "ROUTER_CLASSES",
     "ROUTINGS",
