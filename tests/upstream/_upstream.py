@@ -235,9 +235,3 @@ BATCHED_MM_REFUSED = {
     )
     for suffix in ("0_fp16", "1_fp32", "2_bf16")
 }
-INIT_BUFFERS_DEFECT = {
-    "test_init_weights_can_init_buffers": defect(
-        "COMET's `projection` buffer is torch.empty in CometRouter.__init__ and filled only in _init_weights, so "
-        "_init_weights does not reproduce a value __init__ defined (issue 10, section 9)"
-    )
-}
