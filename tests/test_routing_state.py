@@ -293,10 +293,10 @@ def test_distillation_refuses_models_without_attentive_gates():
         attentive_to_softmax_gates(tiny_model(*VIT, routing="attentive"), top_k=5)
 
 
-def test_deep_totals_stay_float32_in_a_half_precision_model():
+def test_deep_totals_stay_float64_in_a_half_precision_model():
     model = tiny_model(*VIT, routing="deep", deep_constraint_steps=10).to(torch.bfloat16)
     router = model.moe_blocks()[0].router
-    assert router.assignment_totals.dtype == torch.float32 and router.gate_proj.weight.dtype == torch.bfloat16
+    assert router.assignment_totals.dtype == torch.float64 and router.gate_proj.weight.dtype == torch.bfloat16
     with torch.no_grad():
         router.assignment_totals.fill_(1e6)  # far beyond bf16's integer resolution and fp16's range
     model.train()

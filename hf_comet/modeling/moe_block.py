@@ -14,6 +14,7 @@ the same), so compiled forwards, training steps and ``generate`` need no graph b
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -167,18 +168,28 @@ class MoEBlock(nn.Module):
     def commit(
         self, decision: RoutingDecision, inputs: torch.Tensor, token_mask: torch.Tensor | None, training: bool
     ) -> None:
-        """Fold one forward's decision into the counters (after the forward; see the module docstring)."""
+        """Fold one forward's decision into the counters (after the forward; see the module docstring).
+
+        A decision that is not finite (a NaN or inf in the block's inputs or gate, a NaN score, e.g. from one bad
+        sample or an fp16 overflow the grad scaler will skip) enters no running state: selection counts, router
+        state and statistics stay as they were, and the statistics count it (``non_finite_decisions``). Decided on
+        the device, without a host sync.
+        """
         if not training and not self.track_statistics:
             return
+        valid = torch.isfinite(inputs).all() & ~torch.isnan(decision.router_logits).any()  # -inf scores are legal
+        if decision.gate_probs is not None:
+            valid = valid & torch.isfinite(decision.gate_probs).all()
         selection = decision.selection_mask(self.num_choices)
         if training:
             if self.learned:
-                counts = masked_sum(selection, token_mask)
+                counts = masked_sum(selection, token_mask).round().long()
+                counts = torch.where(valid, counts, torch.zeros_like(counts))
                 self.selection_counts.add_(counts.to(self.selection_counts.device))
-            self.router.commit(decision, token_mask)
+            self.router.commit(decision, token_mask, valid)
         if self.track_statistics:
             pairs = self._sample_pairs(selection.shape[0], STATISTICS_PAIRS, token_mask, selection.device)
-            self.statistics(selection.device).update(decision, selection, inputs, token_mask, pairs)
+            self.statistics(selection.device).update(decision, selection, inputs, token_mask, pairs, valid)
 
     def statistics(self, device: torch.device | None = None) -> RoutingStatistics:
         """This block's statistics window (created on first use; moved along when the model moves)."""
@@ -205,7 +216,7 @@ class MoEBlock(nn.Module):
 
     @property
     def selection_counts(self) -> torch.Tensor:
-        """(E,) tokens routed to each expert in training since the last reset (what expert merging ranks by)."""
+        """(E,) int64 tokens routed to each expert in training since the last reset (what expert merging ranks by)."""
         device = self.experts_module.up_proj.device
         if self._selection_counts is None:
             self._selection_counts = new_counter(self.num_choices, device)
@@ -298,7 +309,18 @@ class RoutingCollector:
         return tuple(decision.router_logits for _, decision, _, _ in self.records)
 
     def commit(self, training: bool) -> None:
-        """Fold every recorded decision into its block's counters and its router's running state."""
+        """Fold every recorded decision into its block's counters and its router's running state.
+
+        Commits of concurrent forwards (threads sharing one model) are serialised by one lock, so no update is
+        lost; inside ``torch.compile`` (which cannot trace a lock) forwards are assumed to run one at a time.
+        """
+        if torch.compiler.is_compiling():
+            self._commit(training)
+            return
+        with _COMMIT_LOCK:
+            self._commit(training)
+
+    def _commit(self, training: bool) -> None:
         for block, decision, batch_shape, inputs in self.records:
             block.commit(decision, inputs.detach(), self.token_mask(batch_shape), training)
 
@@ -331,6 +353,7 @@ class _CompilableContextVar:
 
 
 _ACTIVE_COLLECTOR = _CompilableContextVar("hf_comet_routing_collector")
+_COMMIT_LOCK = threading.Lock()  # module level: models stay deep-copyable and picklable
 
 
 def active_collector() -> RoutingCollector | None:

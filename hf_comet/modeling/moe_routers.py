@@ -18,8 +18,9 @@ A router is one class that knows everything about its routing (the peft-style "o
   every expert's intermediate activations (T, E, I).
 * ``aux_losses(decision, token_mask) -> dict[str, Tensor]``: unweighted auxiliary losses over non-padding tokens;
   ``loss_weights`` holds their coefficients.
-* ``refresh_state()`` before and ``commit(decision, token_mask)`` after a routed training forward, for routers with
-  running state (``deep``'s assignment totals); never during activation-checkpointing recompute.
+* ``refresh_state()`` before and ``commit(decision, token_mask, valid)`` after a routed training forward, for routers
+  with running state (``deep``'s assignment totals; ``valid`` is False for a non-finite decision, which must change
+  nothing); never during activation-checkpointing recompute.
 * ``expert_parameters()``: router tensors indexed by expert on dim 0 that belong to the experts (attentive key maps),
   so expert merging moves them with the experts.
 
@@ -315,8 +316,11 @@ class Router(nn.Module):
     def refresh_state(self) -> None:
         """Called at the start of every routed model forward, before routing (routers with running state)."""
 
-    def commit(self, decision: RoutingDecision, token_mask: torch.Tensor | None) -> None:
-        """Update running state after a training forward (never during activation-checkpointing recompute)."""
+    def commit(self, decision: RoutingDecision, token_mask: torch.Tensor | None, valid: torch.Tensor) -> None:
+        """Update running state after a training forward (never during activation-checkpointing recompute).
+
+        ``valid`` is a 0-d bool tensor, False for a non-finite decision: the state must then stay as it was (decide
+        with ``torch.where`` on the device, not with a host sync)."""
 
     def expert_parameters(self) -> dict[str, torch.Tensor]:
         """Router tensors indexed by expert on dim 0 that travel with their expert when experts are merged."""
@@ -833,7 +837,9 @@ class DeepMoEGate(MixtureRouter):
         self.driven_by_callback = False
         self.gate_proj = nn.Linear(hidden_size, config.gate_hidden_size)
         self.gate_out = nn.Linear(config.gate_hidden_size, config.num_experts)
-        self.register_buffer("assignment_totals", torch.zeros(config.num_experts), persistent=True)
+        self.register_buffer(
+            "assignment_totals", torch.zeros(config.num_experts, dtype=torch.float64), persistent=True
+        )
         self.register_buffer("constraint_steps_done", torch.zeros((), dtype=torch.long), persistent=True)
         self._totals_snapshot: torch.Tensor | None = None
         self._on_snapshot: torch.Tensor | None = None
@@ -851,12 +857,19 @@ class DeepMoEGate(MixtureRouter):
         init.zeros_(self.constraint_steps_done)
 
     def _apply(self, fn, recurse: bool = True):
-        # The running totals count tokens: in fp16 they overflow at 65504 and in bf16 they stop growing past 2^8
-        # relative steps. Keep them float32 whatever dtype the model is cast to.
+        # The running totals count gate mass over tokens: in fp16 they overflow at 65504, in bf16 they stop growing
+        # past 2^8 relative steps and in fp32 past 2^24. Keep them float64 whatever dtype the model is cast to
+        # (checkpoints of the first release hold float32 totals; loading upcasts them).
         result = super()._apply(fn, recurse)
-        if self.assignment_totals.dtype != torch.float32:
-            self.assignment_totals = self.assignment_totals.float()
+        if self.assignment_totals.dtype != torch.float64:
+            self.assignment_totals = self.assignment_totals.double()
         return result
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "assignment_totals"
+        if key in state_dict and state_dict[key].dtype != torch.float64:
+            state_dict[key] = state_dict[key].double()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def constraint_active(self) -> bool:
@@ -909,13 +922,13 @@ class DeepMoEGate(MixtureRouter):
         )
 
     @torch.no_grad()
-    def commit(self, decision: RoutingDecision, token_mask: torch.Tensor | None) -> None:
+    def commit(self, decision: RoutingDecision, token_mask: torch.Tensor | None, valid: torch.Tensor) -> None:
         if self.constraint_steps == 0 and not self.driven_by_callback:
             return
-        on = self._constraint_on()
+        on = self._constraint_on() & valid  # a non-finite decision neither counts nor advances the phase
         used = decision.extras.get("used_gates", decision.gate_probs)  # the float32 gate values the block combined
-        increment = masked_sum(used.detach().float(), token_mask)
-        self.assignment_totals += increment * on.to(increment.dtype)
+        increment = masked_sum(used.detach().to(self.assignment_totals.dtype), token_mask)
+        self.assignment_totals += torch.where(on, increment, torch.zeros_like(increment))
         self.constraint_steps_done += on.long()
 
 

@@ -20,8 +20,10 @@ from .moe_routers import RoutingDecision, masked_sum
 STATISTICS_PAIRS = 64
 """Token pairs sampled per layer and forward for the overlap-vs-similarity statistic."""
 
-SCALARS = ("tokens", "entropy_sum", "dropped", "pairs", "overlap_sum", "similarity_sum")
-SCALARS += ("overlap_sq", "similarity_sq", "cross")
+COUNTS = ("tokens", "dropped", "pairs", "non_finite_decisions")
+"""int64 accumulators: exact however long the window."""
+SUMS = ("entropy_sum", "overlap_sum", "similarity_sum", "overlap_sq", "similarity_sq", "cross")
+"""float64 accumulators of fractional quantities."""
 
 
 def pair_overlap_and_similarity(
@@ -45,12 +47,17 @@ def gate_entropy_bits(decision: RoutingDecision, selection: torch.Tensor) -> tor
     return -torch.special.xlogy(probs, probs).sum(dim=-1) / math.log(2)
 
 
-def _zeros(shape, device) -> torch.Tensor:
-    """A float32 zero tensor that stays a normal tensor even when created under ``torch.inference_mode``."""
+def _zeros(shape, device, dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor that stays a normal tensor even when created under ``torch.inference_mode``."""
     if torch.compiler.is_compiling():
-        return torch.zeros(shape, device=device, dtype=torch.float32)
+        return torch.zeros(shape, device=device, dtype=dtype)
     with torch.inference_mode(False):
-        return torch.zeros(shape, device=device, dtype=torch.float32)
+        return torch.zeros(shape, device=device, dtype=dtype)
+
+
+def _kept(valid: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` where the decision is valid, else zero (NaN-safe: ``where``, not a multiplication)."""
+    return torch.where(valid, value, torch.zeros_like(value))
 
 
 class RoutingStatistics:
@@ -58,9 +65,10 @@ class RoutingStatistics:
 
     def __init__(self, num_choices: int, device: torch.device | str):
         self.num_choices = num_choices
-        self.tensors = {name: _zeros((), device) for name in SCALARS}
-        self.tensors["selections"] = _zeros((num_choices,), device)
-        self.tensors["gate_sum"] = _zeros((num_choices,), device)
+        self.tensors = {name: _zeros((), device, torch.long) for name in COUNTS}
+        self.tensors.update({name: _zeros((), device, torch.float64) for name in SUMS})
+        self.tensors["selections"] = _zeros((num_choices,), device, torch.long)
+        self.tensors["gate_sum"] = _zeros((num_choices,), device, torch.float64)
 
     @property
     def device(self) -> torch.device:
@@ -78,33 +86,42 @@ class RoutingStatistics:
         inputs: torch.Tensor,
         token_mask: torch.Tensor | None,
         pairs: tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor],
+        valid: torch.Tensor | None = None,
     ) -> None:
         """Fold one forward's decision into the window (call under ``torch.no_grad``). ``pairs`` are sampled token
-        pairs and their weights."""
+        pairs and their weights; ``valid`` (0-d bool) is False for a non-finite decision, which is only counted."""
         stats = self.tensors
         device = selection.device
-        valid = torch.ones(selection.shape[0], device=device) if token_mask is None else token_mask.float()
-        selections = masked_sum(selection, token_mask)
+        if valid is None:
+            valid = torch.ones((), dtype=torch.bool, device=device)
+        stats["non_finite_decisions"] += (~valid).long()
+        count_mask = None if token_mask is None else token_mask
+        tokens = selection.shape[0] if count_mask is None else count_mask.sum()
+        selections = masked_sum(selection, count_mask)
         if decision.gate_probs is None:  # COMET: uniform over the k kept units / blocks (k is the same for all)
             gate_sum = selections / selection.sum(dim=-1).clamp_min(1.0).max()
         else:
-            gate_sum = masked_sum(decision.gate_probs.detach().float(), token_mask)
-        stats["tokens"] += valid.sum()
-        stats["selections"] += selections
-        stats["gate_sum"] += gate_sum
-        stats["entropy_sum"] += (gate_entropy_bits(decision, selection) * valid).sum()
+            gate_sum = masked_sum(decision.gate_probs.detach().float(), count_mask)
+        weights = torch.ones(selection.shape[0], device=device) if count_mask is None else count_mask.float()
+        entropy = (gate_entropy_bits(decision, selection) * weights).sum()
+        stats["tokens"] += _kept(valid, torch.as_tensor(tokens, device=device).long())
+        stats["selections"] += _kept(valid, selections.round().long())
+        stats["gate_sum"] += _kept(valid, gate_sum.double())
+        stats["entropy_sum"] += _kept(valid, entropy.double())
         dropped = decision.extras.get("dropped")
         if dropped is not None:
-            stats["dropped"] += (dropped.float() * valid).sum()
-        (first, second), weights = pairs
+            stats["dropped"] += _kept(valid, (dropped & (weights > 0)).sum())
+        (first, second), pair_weights = pairs
         if first.numel():
             overlap, cosine = pair_overlap_and_similarity(selection, inputs, first, second)
-            stats["pairs"] += weights.sum()
-            stats["overlap_sum"] += (weights * overlap).sum()
-            stats["similarity_sum"] += (weights * cosine).sum()
-            stats["overlap_sq"] += (weights * overlap.square()).sum()
-            stats["similarity_sq"] += (weights * cosine.square()).sum()
-            stats["cross"] += (weights * overlap * cosine).sum()
+            pair_weights = pair_weights.double()
+            overlap, cosine = overlap.double(), cosine.double()
+            stats["pairs"] += _kept(valid, pair_weights.sum().round().long())
+            stats["overlap_sum"] += _kept(valid, (pair_weights * overlap).sum())
+            stats["similarity_sum"] += _kept(valid, (pair_weights * cosine).sum())
+            stats["overlap_sq"] += _kept(valid, (pair_weights * overlap.square()).sum())
+            stats["similarity_sq"] += _kept(valid, (pair_weights * cosine.square()).sum())
+            stats["cross"] += _kept(valid, (pair_weights * overlap * cosine).sum())
 
     def summary(self) -> dict[str, float | int | list[float] | None]:
         """The window's statistics (host sync; call at logging time).
@@ -113,7 +130,8 @@ class RoutingStatistics:
         ``min_load_share`` (share of the routed (token, slot) pairs; 1/E is perfect balance); ``dead_experts``
         (never selected in the window); ``gate_entropy`` (mean per-token entropy H_s of ``gate_probs``, bits);
         ``usage_entropy`` (entropy H_u of the mean ``gate_probs``, bits) and its maximum ``max_usage_entropy``;
-        ``dropped_tokens`` (capacity overflow); ``mask_overlap`` (mean Jaccard overlap of the selections of random
+        ``dropped_tokens`` (capacity overflow); ``non_finite_decisions`` (forwards whose NaN/inf decision was left
+        out of every count); ``mask_overlap`` (mean Jaccard overlap of the selections of random
         token pairs) and ``overlap_similarity_correlation`` (Pearson correlation of that overlap with the pair's
         input cosine similarity; COMET's claim is that it is positive). ``None`` where a window has no data.
         """
@@ -134,6 +152,7 @@ class RoutingStatistics:
             else None,
             "max_usage_entropy": math.log2(self.num_choices),
             "dropped_tokens": int(stats["dropped"]),
+            "non_finite_decisions": int(stats["non_finite_decisions"]),
             "mask_overlap": None,
             "overlap_similarity_correlation": None,
         }
@@ -151,8 +170,8 @@ class RoutingStatistics:
 
 
 def new_counter(num_choices: int, device) -> torch.Tensor:
-    """A zero (num_choices,) selection counter (what expert merging ranks by)."""
-    return _zeros((num_choices,), device)
+    """A zero (num_choices,) int64 selection counter (what expert merging ranks by)."""
+    return _zeros((num_choices,), device, torch.long)
 
 
 __all__ = [

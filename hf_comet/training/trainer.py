@@ -9,17 +9,23 @@ log line to ``log_history`` before callbacks see it, so only ``log`` itself can 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer
 
+from ..io import atomic_write_text
 from ..modeling.modeling_comet_common import aux_loss_share, loss_item_share
 from .statistics import statistics_paused
 
 SUMMARY_KEYS = ("max_load_share", "min_load_share", "dead_experts", "gate_entropy", "usage_entropy")
-SUMMARY_KEYS += ("dropped_tokens", "mask_overlap", "overlap_similarity_correlation")
+SUMMARY_KEYS += ("dropped_tokens", "non_finite_decisions", "mask_overlap", "overlap_similarity_correlation")
+ROUTING_STATE_FILE = "routing_state_{rank}.json"
+"""Per process in every Trainer checkpoint: what resuming needs beyond the weights and Trainer's own RNG states."""
 
 
 def _distributed() -> bool:
@@ -53,6 +59,7 @@ def flatten_routing_statistics(statistics: dict[int, dict[str, Any]], prefix: st
             logs[f"{prefix}/layer_{layer}/{key}"] = float(value)
             per_key[key].append(float(value))
     reducers = {"max_load_share": max, "min_load_share": min, "dead_experts": sum, "dropped_tokens": sum}
+    reducers["non_finite_decisions"] = sum
     for key, values in per_key.items():
         if values:
             reduce = reducers.get(key, lambda v: sum(v) / len(v))
@@ -149,6 +156,40 @@ class CometTrainer(Trainer):
             causal = getattr(self.accelerator.unwrap_model(model), "loss_type", None) == "ForCausalLM"
             weight = loss_item_share(labels, num_items_in_batch, causal)
         return weight * self._token_average_scale(num_items_in_batch)
+
+    # -- resumable routing state ---------------------------------------------------------------------------------
+    def _routing_state_file(self, folder: str) -> str:
+        return os.path.join(folder, ROUTING_STATE_FILE.format(rank=self.args.process_index))
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """Trainer's RNG states plus, per MoE layer, the token-pair sampler's position (the similarity regulariser
+        and the statistics draw from it) and the selection counts expert merging ranks by, so a resumed run
+        continues bit for bit."""
+        super()._save_rng_state(output_dir)
+        model = self.accelerator.unwrap_model(self.model)
+        if not hasattr(model, "moe_blocks"):
+            return
+        state = {
+            str(block.layer_idx): {"pair_draws": block.pair_draws, "selection_counts": block.selection_counts.tolist()}
+            for block in model.moe_blocks()
+        }
+        atomic_write_text(self._routing_state_file(output_dir), json.dumps(state))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is None:
+            return
+        path = self._routing_state_file(checkpoint)
+        model = self.accelerator.unwrap_model(self.model)
+        if not os.path.isfile(path) or not hasattr(model, "moe_blocks"):
+            return
+        state = json.loads(Path(path).read_text())
+        for block in model.moe_blocks():
+            saved = state.get(str(block.layer_idx))
+            if saved is None:
+                continue
+            block.pair_draws = saved["pair_draws"]
+            block.selection_counts.copy_(torch.tensor(saved["selection_counts"], dtype=torch.long))
 
     # -- telemetry -----------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
