@@ -158,7 +158,7 @@ def convert_to_moe(
     missing, unexpected = moe.load_state_dict(mapped, strict=False)
     if unexpected:
         raise ConversionError(f"dense weights with no place in the MoE model: {unexpected[:5]}")
-    allowed_missing = re.compile(r".*\.router\..*")
+    allowed_missing = re.compile(r".*\.router\..*|.*\.routing_record")  # the model builds both itself
     left = [key for key in missing if not allowed_missing.fullmatch(key)]
     if left:
         raise ConversionError(f"MoE weights the dense model does not provide: {left[:5]}")

@@ -10,10 +10,23 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from transformers import initialization as init
+from transformers.utils import logging
 
-from .moe_block import MoEBlock, active_collector, collect_routing
+from .moe_block import RECORD_FIELDS, MoEBlock, active_collector, collect_routing, describe_record
 from .moe_experts import PackedExperts
-from .moe_routers import Router
+from .moe_routers import CometRouter, Router
+
+logger = logging.get_logger(__name__)
+
+RUNTIME_FIELDS = ("units_kept",)
+"""Record fields a config may change on purpose, with a warning: COMET's k (the same weights at another keep rate,
+e.g. a keep-rate schedule or ``from_pretrained(path, comet_keep_rate=...)``). Every other difference between the
+record and the config is refused."""
+
+
+class CheckpointMismatchError(ValueError):
+    """An hf_comet checkpoint whose weights do not fit its config (or are missing or damaged): refused at load."""
 
 
 @dataclass
@@ -44,7 +57,9 @@ class CometPreTrainedMixin:
     @torch.no_grad()
     def _init_weights(self, module: torch.nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, PackedExperts):
+        if isinstance(module, MoEBlock):
+            init.copy_(module.routing_record, module.expected_record(self.config))
+        elif isinstance(module, PackedExperts):
             module.init_weights(self.config, self.config.initializer_range * self._down_proj_std_factor)
         elif isinstance(module, Router):
             module.init_weights(self.config)
@@ -53,6 +68,12 @@ class CometPreTrainedMixin:
     def _down_proj_std_factor(self) -> float:
         """Scale of the output projection's init relative to ``initializer_range`` (GPT-2 overrides it)."""
         return 1.0
+
+    def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
+        """Upstream's clean-up of the load report, then `check_routing_weights` (``from_pretrained`` refuses MoE
+        weights that do not fit the config with `CheckpointMismatchError`)."""
+        super()._adjust_missing_and_unexpected_keys(loading_info)
+        check_routing_weights(self, loading_info)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         if requested_experts == "batched_mm":
@@ -93,6 +114,8 @@ class CometPreTrainedMixin:
         """Upstream ``save_pretrained``, writing the complete ``auto_map`` (upstream writes only the saved class);
         with hf_comet installed also the model card (and ``push_to_hub=True`` uploads it)."""
         self.config.auto_map = self.complete_auto_map()
+        for block in self.moe_blocks():  # the record describes the weights as they are now
+            block.routing_record.copy_(block.expected_record(self.config))
         upstream = super().save_pretrained
         if self.sharing is None:
             return upstream(save_directory, is_main_process, *args, **kwargs)
@@ -176,6 +199,94 @@ def aux_loss_share(
     return loss_item_share(labels, num_items_in_batch, model.loss_type == "ForCausalLM", shift_labels)
 
 
+def _list(keys) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+
+
+@torch.no_grad()
+def check_routing_weights(model, loading_info) -> None:
+    """Refuse a loaded checkpoint whose MoE weights do not fit its config, before transformers' generic report.
+
+    * MoE tensors (experts, routers) missing, or unexpected ones (experts where the config has a dense FFN, a dense
+      FFN where it has experts: ``moe_layers`` changed), are an error naming them.
+    * Each block's saved ``routing_record`` (routing, experts, widths, block size, COMET's k, seed, layer) must
+      equal what the config builds; only COMET's keep rate may differ (`RUNTIME_FIELDS`), with a warning.
+    * A COMET projection is a pure function of ``routing_seed`` and the layer: a missing one is recreated, and said
+      so; a loaded one must match the CRC-32 saved in the record (damaged bytes of the same size are an error).
+    * A checkpoint of the first release has no record: its routing is not cross-checked (said at info level).
+    """
+    where = model.config._name_or_path or "the checkpoint"
+    blocks = {name: module for name, module in model.named_modules() if isinstance(module, MoEBlock)}
+    missing, unexpected = loading_info.missing_keys, loading_info.unexpected_keys
+    family = getattr(model, "family", None)
+    recreated, unrecorded = [], []
+    for name, block in blocks.items():
+        if isinstance(block.router, CometRouter) and f"{name}.router.projection" in missing:
+            missing.discard(f"{name}.router.projection")
+            recreated.append(block.layer_idx)
+        if f"{name}.routing_record" in missing:
+            missing.discard(f"{name}.routing_record")
+            unrecorded.append(block.layer_idx)
+    moe_missing = {key for key in missing if any(key.startswith(f"{name}.") for name in blocks)}
+    moe_unexpected = {
+        key
+        for key in unexpected
+        if ".experts." in key
+        or ".router." in key
+        or key.endswith(".routing_record")
+        or any(key.startswith(f"{name}.") for name in blocks)
+        or (family is not None and (ffn := family.ffn_key(key)) is not None and model.config.is_moe_layer(ffn.layer))
+    }
+    if moe_missing or moe_unexpected:
+        problems = []
+        if moe_missing:
+            problems.append(f"MoE tensors missing from it: {_list(moe_missing)}")
+        if moe_unexpected:
+            problems.append(f"tensors it has that this config has no place for: {_list(moe_unexpected)}")
+        raise CheckpointMismatchError(
+            f"{where}: the weights do not fit config.json ({'; '.join(problems)}). moe_layers="
+            f"{model.config.moe_layers}, routing={model.config.routing!r}: restore the config the weights were saved "
+            "with; to convert a dense checkpoint use hf_comet.convert_to_moe."
+        )
+    for block in blocks.values():
+        if block.layer_idx in unrecorded:
+            continue
+        saved = [int(v) for v in block.routing_record.tolist()]
+        expected = [int(v) for v in block.expected_record(model.config).tolist()]
+        differing = [field for field, a, b in zip(RECORD_FIELDS, saved, expected, strict=True) if a != b]
+        allowed = [field for field in differing if field in RUNTIME_FIELDS]
+        refused = [field for field in differing if field not in allowed]
+        if "projection_crc32" in refused and block.layer_idx not in recreated:
+            raise CheckpointMismatchError(
+                f"{where}: layer {block.layer_idx}'s COMET projection does not match the checksum saved with it: the "
+                "weights file is damaged. Restore the file (the projection can be recreated from routing_seed only by "
+                "deleting it from the file, if it was the seeded one)."
+            )
+        refused = [field for field in refused if field != "projection_crc32"]
+        if refused:
+            was, now = describe_record(saved), describe_record(expected)
+            detail = ", ".join(f"{field} {was[field]!r} (config: {now[field]!r})" for field in refused)
+            raise CheckpointMismatchError(
+                f"{where}: layer {block.layer_idx}'s weights were saved for {detail}. Restore those fields in "
+                "config.json (or pass the checkpoint's values), or retrain/convert for the new routing."
+            )
+        if allowed:
+            logger.warning(
+                f"{where}: layer {block.layer_idx} was saved with COMET k={saved[RECORD_FIELDS.index('units_kept')]} "
+                f"units per token; running with k={expected[RECORD_FIELDS.index('units_kept')]} as requested."
+            )
+        block.routing_record.copy_(block.expected_record(model.config))
+    if recreated:
+        logger.warning(
+            f"{where}: the COMET projection of layers {recreated} was not in the checkpoint and was recreated from "
+            f"routing_seed={model.config.routing_seed}: it is a pure function of the seed and the layer, so it is "
+            "identical to the one the model was trained with if the seed is unchanged."
+        )
+    if unrecorded:
+        logger.info(f"{where}: saved before routing records; its routing was not cross-checked against config.json.")
+
+
 def register_family(pretrained_class: type, auto_classes: dict[str, type]) -> None:
     """Record a family's Auto classes (for the complete ``auto_map``) and mark each class for remote-code saving."""
     pretrained_class._comet_auto_classes = auto_classes
@@ -183,4 +294,7 @@ def register_family(pretrained_class: type, auto_classes: dict[str, type]) -> No
         cls.register_for_auto_class(auto_name)
 
 
-__all__ = ["CometPreTrainedMixin", "MoEOutputFields", "aux_loss_share", "loss_item_share", "register_family", "routed_forward"]
+__all__ = [
+    "CheckpointMismatchError",
+    "check_routing_weights",
+    "CometPreTrainedMixin", "MoEOutputFields", "aux_loss_share", "loss_item_share", "register_family", "routed_forward"]

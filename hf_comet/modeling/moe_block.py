@@ -15,6 +15,7 @@ the same), so compiled forwards, training steps and ``generate`` need no graph b
 from __future__ import annotations
 
 import threading
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -59,6 +60,25 @@ class MoEBlock(nn.Module):
         self._statistics: RoutingStatistics | None = None
         self._selection_counts: torch.Tensor | None = None
         self._recompute_token_mask: torch.Tensor | None = None
+        self.register_buffer("routing_record", self.expected_record(config), persistent=True)
+
+    def expected_record(self, config) -> torch.Tensor:
+        """What this block's weights are for (`RECORD_FIELDS`), as an int64 tensor saved with the weights: a
+        checkpoint whose config.json no longer matches it is refused at load (``CometPreTrainedMixin``)."""
+        router_class = type(self.router)
+        num_experts, width = router_class.expert_layout(config)
+        values = {
+            "routing": routing_code(router_class.routing),
+            "num_experts": num_experts,
+            "expert_width": width,
+            "num_choices": router_class.num_choices(config),
+            "comet_block_size": config.comet_block_size if not router_class.has_trainable_gate else 1,
+            "units_kept": getattr(self.router, "num_active", 0),
+            "routing_seed": config.routing_seed,
+            "layer_idx": self.layer_idx,
+            "projection_crc32": projection_checksum(getattr(self.router, "projection", None)),
+        }
+        return torch.tensor([values[name] for name in RECORD_FIELDS], dtype=torch.long)
 
     @property
     def loss_weights(self) -> dict[str, float]:
@@ -240,6 +260,41 @@ class MoEBlock(nn.Module):
 
 CometMoEBlock = MoEBlock  # the first release's name
 
+RECORD_FIELDS = (
+    "routing",
+    "num_experts",
+    "expert_width",
+    "num_choices",
+    "comet_block_size",
+    "units_kept",
+    "routing_seed",
+    "layer_idx",
+    "projection_crc32",
+)
+"""The structural facts ``MoEBlock.routing_record`` stores (``routing`` as `routing_code`; ``units_kept`` is COMET's k
+per token, 0 for learned routers; ``projection_crc32`` the CRC-32 of COMET's frozen projection, 0 for learned
+routers: byte damage that keeps the file's size is caught for the one tensor that is never trained)."""
+
+
+def projection_checksum(projection: torch.Tensor | None) -> int:
+    """CRC-32 of a frozen routing tensor's float32 bytes (0 when there is none or it is not materialised)."""
+    if projection is None or projection.device.type == "meta":
+        return 0
+    return zlib.crc32(projection.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+
+
+def routing_code(name: str) -> int:
+    """A stable integer for a routing name (CRC-32), so the record is a plain int64 tensor."""
+    return zlib.crc32(name.encode())
+
+
+def describe_record(record: list[int]) -> dict[str, int | str]:
+    """A saved record as field -> value, the routing by name where it is registered."""
+    values: dict[str, int | str] = dict(zip(RECORD_FIELDS, record, strict=True))
+    names = {routing_code(name): name for name in ROUTER_CLASSES}
+    values["routing"] = names.get(int(values["routing"]), f"<unregistered routing code {values['routing']}>")
+    return values
+
 _HASH_MODULUS = 2**31
 
 
@@ -372,4 +427,13 @@ def collect_routing(attention_mask: torch.Tensor | None = None) -> Iterator[Rout
         _ACTIVE_COLLECTOR.reset(token)
 
 
-__all__ = ["CometMoEBlock", "MoEBlock", "RoutingCollector", "active_collector", "collect_routing"]
+__all__ = [
+    "RECORD_FIELDS",
+    "CometMoEBlock",
+    "MoEBlock",
+    "RoutingCollector",
+    "active_collector",
+    "collect_routing",
+    "describe_record",
+    "routing_code",
+]
