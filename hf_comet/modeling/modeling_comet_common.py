@@ -213,7 +213,8 @@ def check_routing_weights(model, loading_info) -> None:
     * Each block's saved ``routing_record`` (routing, experts, widths, block size, COMET's k, seed, layer) must
       equal what the config builds; only COMET's keep rate may differ (`RUNTIME_FIELDS`), with a warning.
     * A COMET projection is a pure function of ``routing_seed`` and the layer: a missing one is recreated, and said
-      so; a loaded one must match the CRC-32 saved in the record (damaged bytes of the same size are an error).
+      so; a loaded one must match the CRC-32 saved in the record (damaged bytes of the same size are an error; not
+      checked when the model is loaded in a precision below float32, which changes the bytes by design).
     * A checkpoint of the first release has no record: its routing is not cross-checked (said at info level).
     """
     where = model.config._name_or_path or "the checkpoint"
@@ -257,7 +258,10 @@ def check_routing_weights(model, loading_info) -> None:
         differing = [field for field, a, b in zip(RECORD_FIELDS, saved, expected, strict=True) if a != b]
         allowed = [field for field in differing if field in RUNTIME_FIELDS]
         refused = [field for field in differing if field not in allowed]
-        if "projection_crc32" in refused and block.layer_idx not in recreated:
+        lossy = getattr(block.router, "projection", torch.empty(0)).dtype not in (torch.float32, torch.float64)
+        if "projection_crc32" in refused and (lossy or block.layer_idx in recreated):
+            refused.remove("projection_crc32")  # loaded in a lower precision (or recreated): the bytes differ by design
+        if "projection_crc32" in refused:
             raise CheckpointMismatchError(
                 f"{where}: layer {block.layer_idx}'s COMET projection does not match the checksum saved with it: the "
                 "weights file is damaged. Restore the file (the projection can be recreated from routing_seed only by "
