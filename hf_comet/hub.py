@@ -32,7 +32,9 @@ class Sharing:
         hidden sibling and swapped in (`hf_comet.io.staged_path`), so a failure or kill midway leaves the previous
         checkpoint (never new config beside old weights). The result is what upstream's in-place save gives: the
         files upstream leaves alone (e.g. your notes, Trainer files, an existing README.md, other weight variants)
-        are kept (hard links), and the stale weight shards upstream deletes are not.
+        are kept (hard links), and the stale weight shards upstream deletes are not. Two differences: the written
+        files get the umask's mode (safetensors 0.8 itself writes weights 0600), and the folder is a new one (a
+        process whose working directory or open folder handle is the old one keeps seeing the old one).
         """
         push = kwargs.pop("push_to_hub", False)
         push_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "token", "commit_message", "private") if k in kwargs}
