@@ -8,10 +8,15 @@ it. A checkpoint loaded as remote code without the package behaves like upstream
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 from .cards import write_model_card
+from .io import apply_umask, holds_checkpoint, recover, staged_path
+
+_SHARD = re.compile(r"(.*?)-\d{5}-of-\d{5}")
 
 
 class Sharing:
@@ -21,16 +26,65 @@ class Sharing:
         self, model, upstream_save: Callable, save_directory, is_main_process: bool = True, *args, **kwargs
     ):
         """Upstream save, then the model card when the folder has none yet; ``push_to_hub=True`` uploads the folder
-        with `push_to_hub` (card included)."""
+        with `push_to_hub` (card included).
+
+        Crash-safe where it can be (see `stages_save`): a new folder, or one that holds a checkpoint, is written as a
+        hidden sibling and swapped in (`hf_comet.io.staged_path`), so a failure or kill midway leaves the previous
+        checkpoint (never new config beside old weights). The result is what upstream's in-place save gives: the
+        files upstream leaves alone (e.g. your notes, Trainer files, an existing README.md, other weight variants)
+        are kept (hard links), and the stale weight shards upstream deletes are not. Two differences: the written
+        files get the umask's mode (safetensors 0.8 itself writes weights 0600), and the folder is a new one (a
+        process whose working directory or open folder handle is the old one keeps seeing the old one).
+        """
         push = kwargs.pop("push_to_hub", False)
         push_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "token", "commit_message", "private") if k in kwargs}
-        result = upstream_save(save_directory, is_main_process, *args, **kwargs)
-        if is_main_process and not os.path.exists(os.path.join(save_directory, "README.md")):
-            write_model_card(model, save_directory, repo_id=push_kwargs.get("repo_id"))
+        if self.stages_save(model, save_directory, is_main_process, args, kwargs):
+            recover(save_directory)
+            has_card = os.path.lexists(os.path.join(save_directory, "README.md"))
+            keep = _left_by_upstream(model, kwargs.get("variant"))
+            with staged_path(save_directory, directory=True, carry_over=keep) as staging:
+                result = upstream_save(staging, is_main_process, *args, **kwargs)
+                if not has_card:
+                    write_model_card(model, staging, repo_id=push_kwargs.get("repo_id"))
+                apply_umask(staging)
+        else:
+            result = upstream_save(save_directory, is_main_process, *args, **kwargs)
+            card = os.path.join(save_directory, "README.md")
+            if is_main_process and os.path.isdir(save_directory) and not os.path.lexists(card):
+                write_model_card(model, save_directory, repo_id=push_kwargs.get("repo_id"))
         if push and is_main_process:
             repo_id = push_kwargs.pop("repo_id", None) or os.path.basename(os.path.abspath(save_directory))
             self.push_to_hub(model, repo_id, **push_kwargs)
         return result
+
+    @staticmethod
+    def stages_save(model, save_directory, is_main_process: bool, args: tuple, kwargs: dict) -> bool:
+        """Whether `save_pretrained` writes a hidden sibling and swaps it in rather than writing in place (upstream).
+
+        It does for the main process of a single-process run, saving to a folder that does not exist yet or that
+        holds a checkpoint (``config.json`` or weights), in a parent folder it can write, on the same file system.
+        Otherwise upstream's in-place save runs unchanged: ``is_main_process=False``, distributed (several ranks,
+        tensor parallel, ``distributed_checkpoint``), a symbolic link, a file, a folder without a checkpoint (e.g. a
+        Trainer's ``checkpoint-N`` it created, or a temporary folder), a mount point, a read-only parent.
+        """
+        if not is_main_process or args or kwargs.get("distributed_checkpoint"):
+            return False
+        if getattr(model, "_tp_size", None) is not None or getattr(model.config, "distributed_config", None):
+            return False
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return False
+        target = Path(os.path.abspath(save_directory))
+        if target.is_symlink() or (os.path.lexists(target) and not target.is_dir()):
+            return False
+        parent = target.parent
+        if target.is_dir():
+            if not holds_checkpoint(target) or os.path.ismount(target):
+                return False
+            if os.stat(target).st_dev != os.stat(parent).st_dev:
+                return False
+        return not parent.exists() or os.access(parent, os.W_OK | os.X_OK)
 
     def push_to_hub(
         self,
@@ -69,6 +123,30 @@ class Sharing:
                 revision=revision,
                 commit_description=commit_description,
             )
+
+
+def _add_variant(weights_name: str, variant: str | None) -> str:
+    """transformers' ``model.safetensors`` -> ``model.VARIANT.safetensors``."""
+    if not variant:
+        return weights_name
+    parts = weights_name.split(".")
+    return ".".join([*parts[:-1], variant, parts[-1]])
+
+
+def _left_by_upstream(model, variant: str | None) -> Callable[[Path], bool]:
+    """Which entries of a folder upstream's in-place ``save_pretrained`` leaves: all but the weight shards of the
+    name it writes (``model[.VARIANT]-0000i-of-0000n.safetensors``, ``adapter_model...`` with adapters), which it
+    deletes when it does not rewrite them (transformers ``modeling_utils.save_pretrained``, "Clean the folder")."""
+    peft = getattr(model, "_hf_peft_config_loaded", False)
+    weights_name = "adapter_model.safetensors" if peft else _add_variant("model.safetensors", variant)
+    prefix = weights_name.replace(".bin", "").replace(".safetensors", "")
+
+    def keep(path: Path) -> bool:
+        name = path.name
+        stem = name.replace(".bin", "").replace(".safetensors", "")
+        return not (name.startswith(prefix) and path.is_file() and _SHARD.fullmatch(stem) is not None)
+
+    return keep
 
 
 __all__ = ["Sharing"]

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..io import staged_path
 from .statistics import statistics_paused
 
 
@@ -18,6 +19,13 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, path: str | Path) -> None:
+    """``fig.savefig`` atomically (`hf_comet.io.staged_path`): a failure or kill never leaves a partial image."""
+    path = Path(path)
+    with staged_path(path) as staging:
+        fig.savefig(staging, dpi=110, format=path.suffix.lstrip(".") or "png")
 
 
 def plot_loss_curves(histories: dict[str, list[dict[str, Any]]], path: str | Path, title: str = "") -> Path:
@@ -38,7 +46,7 @@ def plot_loss_curves(histories: dict[str, list[dict[str, Any]]], path: str | Pat
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return Path(path)
 
@@ -72,7 +80,7 @@ def plot_expert_load(routing_history: list[dict[str, Any]], path: str | Path, ti
         fig.colorbar(image, ax=ax, label="load share")
     fig.suptitle(title or "expert load")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return Path(path)
 
@@ -125,7 +133,7 @@ def plot_overlap_vs_similarity(model, inputs: dict[str, torch.Tensor], path: str
         ax.grid(alpha=0.3)
     fig.suptitle(title or "routing overlap vs input similarity")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return correlations
 

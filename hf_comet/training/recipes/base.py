@@ -6,8 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -21,7 +19,14 @@ from transformers import AutoConfig, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ...cards import write_model_card
-from ...io import atomic_save_pretrained, atomic_write_text
+from ...io import (
+    atomic_save_pretrained,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_destination,
+    recover_folder,
+    scratch_directory,
+)
 from ...modeling import configuration_comet
 from ..callbacks import DeepConstraintCallback
 from ..plots import plot_expert_load, plot_loss_curves, plot_overlap_vs_similarity
@@ -368,14 +373,15 @@ def run_recipe(
     """
     variants, chosen, overrides = validate_recipe_arguments(name, fast, variants, overrides, settings)
     recipe = RECIPES[name]
-    output = Path(output_dir)
+    output = check_recipe_outputs(name, output_dir, variants)
     output.mkdir(parents=True, exist_ok=True)
+    recover_folder(output)  # what an interrupted earlier run left (each repair is logged as a warning)
     results: dict[str, VariantResult] = {}
     samples = {}
     models = {}
     for variant in variants:
         log(f"[{name}] training {variant} ({chosen.steps} steps)")
-        with tempfile.TemporaryDirectory(prefix=".trainer-", dir=output) as workdir:
+        with scratch_directory(output / f"{variant}.trainer") as workdir:
             job = VariantJob(recipe, chosen, variant, overrides, seed, Path(workdir), progress)
             trainer, metrics, seconds, sample = recipe.run(job)
         model = trainer.model
@@ -396,6 +402,35 @@ def run_recipe(
     return summary
 
 
+def recipe_outputs(name: str, variants: list[str]) -> tuple[list[str], list[str]]:
+    """The folders (one checkpoint per variant) and files (``metrics.json`` and plots) `run_recipe` writes."""
+    moe = [v for v in variants if v != "dense"]
+    files = ["metrics.json", "loss_curves.png"]
+    files += [f"{plot}_{v}.png" for v in moe for plot in ("expert_load", "overlap_similarity")]
+    return list(variants), files
+
+
+def check_recipe_outputs(name: str, output_dir: str | os.PathLike, variants: list[str] | None = None) -> Path:
+    """Raise `RecipeArgumentError` if `run_recipe` could not write its outputs in ``output_dir`` (a file there, a
+    symbolic link or a file where a checkpoint folder goes, a non-checkpoint folder it would replace, a folder where
+    a file goes); run before any training. Returns the output folder (a symbolic link to a folder is fine: the run
+    writes into it). Every output is written atomically (`hf_comet.io`)."""
+    if name not in RECIPES:
+        raise RecipeArgumentError(f"recipe {name!r} does not exist; choose one of {', '.join(RECIPES)}.")
+    output = Path(output_dir)
+    if output.exists() and not output.is_dir():
+        raise RecipeArgumentError(f"output folder {output} is a file; choose a folder (new or existing).")
+    folders, files = recipe_outputs(name, list(variants or RECIPES[name].default_variants))
+    try:
+        for folder in folders:
+            check_destination(output / folder, directory=True, checkpoint=True)
+        for file in files:
+            check_destination(output / file, directory=False)
+    except ValueError as error:
+        raise RecipeArgumentError(f"output folder {output}: {error}") from error
+    return output
+
+
 def _write_plots_and_cards(recipe: Recipe, output: Path, results: dict[str, VariantResult], models, samples) -> None:
     """The loss curves of every variant; per MoE variant its load and overlap plots (adding the overlap-similarity
     correlation to its metrics), copies of the plots in its checkpoint, and its model card."""
@@ -411,7 +446,7 @@ def _write_plots_and_cards(recipe: Recipe, output: Path, results: dict[str, Vari
         )
         result.metrics["overlap_similarity_correlation"] = float(np.nanmean(list(correlations.values())))
         for plot in (*plots, "loss_curves.png"):
-            shutil.copy(output / plot, Path(result.checkpoint) / plot)
+            atomic_write_bytes(Path(result.checkpoint) / plot, (output / plot).read_bytes())
         write_model_card(
             models[variant],
             result.checkpoint,
