@@ -3,7 +3,7 @@
 Ratios against the dense FFN measured in the same process (median of repeats after warm-up). Unit-level COMET
 computes every unit and masks (it costs the dense FFN plus the router); block-COMET runs only the kept blocks
 through the packed-expert kernels, so its FFN work scales with the keep rate, and switches to masked dense compute
-when more than half the blocks are kept (the block's one strategy choice, ``CometMoEBlock._dense_is_cheaper``).
+when more than half the blocks are kept (the one execution choice, ``moe_experts.choose_execution``).
 
     python benchmarks/bench_block_comet.py [--tokens 2048] [--hidden 768] [--threads 2] [--backward]
 """
@@ -18,7 +18,7 @@ import torch
 from transformers import AutoConfig
 
 import hf_comet  # noqa: F401  (registers comet_gpt2)
-from hf_comet.modeling.moe_block import CometMoEBlock
+from hf_comet.modeling.moe_block import MoEBlock
 
 
 def median_ms(fn, repeats: int, warmup: int = 2) -> float:
@@ -48,10 +48,10 @@ def main() -> None:
 
     dense = torch.nn.Sequential(torch.nn.Linear(d, ffn), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(ffn, d))
 
-    def make(**fields) -> CometMoEBlock:
+    def make(**fields) -> MoEBlock:
         config = AutoConfig.for_model("comet_gpt2", n_embd=d, n_layer=1, n_head=12, routing="comet", **fields)
         config._experts_implementation = args.implementation
-        block = CometMoEBlock(config, 0, d, "gelu_new")
+        block = MoEBlock(config, 0, d, "gelu_new")
         with torch.no_grad():
             for p in block.parameters():
                 p.normal_(0, 0.02)

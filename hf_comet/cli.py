@@ -135,7 +135,7 @@ def _moe_field_flags(parser: argparse.ArgumentParser) -> list[str]:
     from hf_comet.modeling.configuration_comet import CometMoEConfigMixin
 
     names = []
-    group = parser.add_argument_group("MoE config fields (see the README's table; unset = the config default)")
+    group = parser.add_argument_group("MoE config fields (see docs/config.md; unset = the config default)")
     for field in dataclasses.fields(CometMoEConfigMixin):
         if field.name in PROVENANCE_FIELDS or field.name == "output_router_logits":
             continue

@@ -25,7 +25,7 @@ def test_a_checkpoint_saved_before_the_reshape_gives_the_recorded_outputs(name):
     with torch.no_grad():
         out = model(**inputs_for(family))
     expected = torch.tensor(record["logits"]).reshape(record["shape"])
-    # 1e-6: CPU grouped_mm may round a memory-mapped weight 1 ulp differently (README, checkpoint round trips)
+    # 1e-6: CPU grouped_mm may round a memory-mapped weight 1 ulp differently (docs/decisions.md, checkpoint round trips)
     torch.testing.assert_close(out.logits, expected, rtol=0, atol=1e-6)
     if record["aux_loss"] is None:
         assert out.aux_loss is None

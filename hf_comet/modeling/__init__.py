@@ -3,9 +3,6 @@
 from .configuration_comet import CometBertConfig, CometGPT2Config, CometMoEConfigMixin, CometViTConfig
 from .family_adapter import DenseFFN, FamilyAdapter, FFNKey
 from .modeling_comet_bert import (
-    AUTO_CLASSES as BERT_AUTO_CLASSES,
-)
-from .modeling_comet_bert import (
     FAMILY as BERT_FAMILY,
 )
 from .modeling_comet_bert import (
@@ -17,9 +14,6 @@ from .modeling_comet_bert import (
 )
 from .modeling_comet_common import CometPreTrainedMixin
 from .modeling_comet_gpt2 import (
-    AUTO_CLASSES as GPT2_AUTO_CLASSES,
-)
-from .modeling_comet_gpt2 import (
     FAMILY as GPT2_FAMILY,
 )
 from .modeling_comet_gpt2 import (
@@ -27,9 +21,6 @@ from .modeling_comet_gpt2 import (
     CometGPT2ForSequenceClassification,
     CometGPT2Model,
     CometGPT2PreTrainedModel,
-)
-from .modeling_comet_vit import (
-    AUTO_CLASSES as VIT_AUTO_CLASSES,
 )
 from .modeling_comet_vit import (
     FAMILY as VIT_FAMILY,
@@ -58,17 +49,15 @@ from .moe_routers import (
     register_router,
 )
 
-FAMILIES = {
-    "comet_gpt2": (CometGPT2Config, GPT2_AUTO_CLASSES),
-    "comet_vit": (CometViTConfig, VIT_AUTO_CLASSES),
-    "comet_bert": (CometBertConfig, BERT_AUTO_CLASSES),
-}
-"""model type -> (config class, {Auto class name: model class})."""
-
 FAMILY_ADAPTERS: dict[str, FamilyAdapter] = {
     family.model_type: family for family in (GPT2_FAMILY, VIT_FAMILY, BERT_FAMILY)
 }
-"""model type -> the family's facts (`FamilyAdapter`: FFN layout, stock classes, LoRA targets, display name)."""
+"""model type -> the family's facts (`FamilyAdapter`: FFN layout, stock classes, LoRA targets, display name). The one
+list of families: a new family is one more entry here."""
+
+FAMILIES = {model_type: (family.config_class, family.auto_classes) for model_type, family in FAMILY_ADAPTERS.items()}
+"""model type -> (config class, {Auto class name: model class}), derived from `FAMILY_ADAPTERS` (what ``import
+hf_comet`` registers with the Auto classes)."""
 
 __all__ = [
     "LEARNED_ROUTINGS",

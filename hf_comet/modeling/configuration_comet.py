@@ -31,32 +31,40 @@ SPLIT_METHODS = ("contiguous", "random", "kmeans")
 class CometMoEConfigMixin:
     """MoE fields shared by the three families, and their validation.
 
+    Every field is documented once here, in the order of the dataclass; ``docs/config.md`` is generated from this
+    section (`hf_comet.config_reference.config_field_reference`, checked by ``tests/test_docs.py``).
+
     Args:
-        routing: which router decides (see ``moe_routers``): ``"comet"`` (fixed random projection picks
-            ``comet_keep_rate`` of the FFN units per token; no trainable gate, no aux loss), ``"topk"`` (Mixtral-style
-            softmax top-k), ``"noisy_topk"`` (Shazeer et al. 2017), ``"switch"`` (Fedus et al. 2021, top-1),
-            ``"attentive"`` (Krishnamurthy et al. 2023) or ``"deep"`` (Eigen et al. 2013).
+        routing: which router decides: a routing name registered with `register_router` (``ROUTER_CLASSES``;
+            ``hf-comet info`` lists them). ``"comet"`` is a frozen random projection that keeps ``comet_keep_rate``
+            of the FFN units per token (no trainable gate, no aux loss); learned routings gate ``num_experts``
+            experts.
         num_experts: experts per MoE layer for learned routers.
         num_experts_per_tok: experts each token is sent to by ``topk`` and ``noisy_topk``.
-        norm_topk_prob: renormalise the kept top-k probabilities to sum to 1 (Mixtral); needed for exact upcycling.
+        norm_topk_prob: ``topk``: renormalise the kept probabilities to sum to 1 (Mixtral); needed for exact
+            upcycling.
         moe_intermediate_size: width of one expert. ``None`` splits the dense FFN width evenly over
             ``num_experts`` (same parameter count as the dense model); set it to the FFN width for full-size experts.
-        comet_keep_rate: fraction of FFN units kept per token by COMET, in (0, 1].
+        comet_keep_rate: fraction of FFN units (or blocks) kept per token by COMET, in (0, 1]:
+            ``k = max(1, floor(rate * units))``.
         moe_layers: indices of the blocks whose FFN becomes an MoE block; ``None`` means every block.
         router_aux_loss_coef: weight of the router's balance losses (learned routers only): the Switch load-balancing
             loss (``topk``, ``switch``), importance + load cv^2 (``noisy_topk``), importance cv^2 (``attentive``;
             the paper used 0.2). ``deep`` balances with its constraint instead.
-        router_z_loss_coef: weight of the ST-MoE router z-loss (learned routers only; 0 disables it).
+        router_z_loss_coef: weight of the ST-MoE router z-loss (``topk``, ``noisy_topk``, ``switch``; ST-MoE used
+            1e-3; 0 disables it).
         output_router_logits: return every MoE layer's router scores as ``router_logits``.
-        routing_seed: seed of every random routing quantity (the COMET projections); recorded so a model built from
-            this config gets the same routing everywhere.
+        routing_seed: seed of every random routing quantity: the COMET projections and the token pairs of the
+            similarity regulariser and the overlap statistic; recorded so a model built from this config routes the
+            same everywhere.
         comet_block_size: COMET only. 1 (default) masks single FFN units, as in the paper. ``b > 1`` is block-COMET:
             the projection scores blocks of ``b`` consecutive units (experts = disjoint slices of the FFN), keeps the
-            top ``comet_keep_rate`` fraction of blocks per token with weight 1 and runs only those through the
-            packed-expert kernels. Must divide the FFN width.
+            top ``comet_keep_rate`` fraction of blocks per token with weight 1 and runs only those. Must divide the
+            FFN width.
         capacity_factor: ``switch`` only. ``None`` (default) is dropless; a float caps each expert at
-            ``ceil(capacity_factor * tokens / num_experts)`` tokens per forward, in token order. Dropped tokens get
-            a zero FFN output, so they pass through the residual connection, and are counted in the statistics.
+            ``ceil(capacity_factor * tokens / num_experts)`` tokens per training forward, in token order. Dropped
+            tokens get a zero FFN output (no output bias), so they pass through the residual connection, and are
+            counted in the statistics.
         router_jitter_noise: ``switch`` only. Multiplicative jitter ``U(1 - eps, 1 + eps)`` on the router input in
             training (Fedus et al. 2021 used 1e-2); 0 disables it.
         gate_hidden_size: hidden width of the two-layer gate trunk of ``attentive`` (H, paper 32) and ``deep``
@@ -67,21 +75,23 @@ class CometMoEConfigMixin:
         deep_constraint_steps: ``deep`` only. Length of the balancing-constraint phase (Eigen et al. 2013, §3) in
             training forward passes of the layer; afterwards the constraint is lifted for good. 0 disables it.
         deep_constraint_margin: ``deep`` only. An expert whose running assignment total exceeds the mean total by more
-            than ``margin * mean`` is switched off for the next batch (the paper's absolute margin m, expressed
-            relative to the mean so it does not have to grow with the step count; the paper does not report m).
+            than ``margin * mean`` is switched off for the next batch.
         similarity_beta_s: weight of the same-expert term of the sample-similarity regulariser L_s (Krishnamurthy et
-            al. 2023): distant tokens sharing an expert are penalised. Learned routers only; 0 disables.
+            al. 2023) on the gate distribution ``gate_probs``: distant tokens sharing an expert are penalised.
+            Learned routers only; 0 disables.
         similarity_beta_d: weight of the different-expert reward of L_s: distant tokens sent to different experts.
         similarity_num_pairs: token pairs sampled per layer and forward for L_s (memory linear in this, not in T^2).
         expert_output_bias: ``"per_expert"`` (each expert has its own output bias, weighted like its output) or
-            ``"shared"`` (one output bias added once per token, as in the dense FFN: experts that are slices of one
-            FFN, from ``split`` conversion). Block-COMET always shares it.
+            ``"shared"`` (one output bias added once per routed token, as in the dense FFN: experts that are slices
+            of one FFN, from ``split`` conversion). Block-COMET always shares it.
         router_scale: ``topk``/``noisy_topk``: the kept gate weights are multiplied by this (LLaMA-MoE's score scale).
             ``split`` conversion sets it to ``num_experts_per_tok`` with renormalised weights, so a uniform gate gives
             each selected slice weight 1 and every-expert routing is exactly the dense FFN.
         converted_from: provenance, set by `hf_comet.convert_to_moe`: the dense checkpoint's path or repo id.
-        conversion_method: provenance: ``"comet"``, ``"upcycle"`` or ``"split"``.
-        split_method: provenance for ``split``: ``"contiguous"``, ``"random"`` or ``"kmeans"``.
+        conversion_method: provenance, set by conversion: one of `CONVERSION_METHODS` (``"comet"``, ``"upcycle"``,
+            ``"split"``), or ``None``; other values are refused.
+        split_method: provenance of ``split`` conversion: one of `SPLIT_METHODS` (``"contiguous"``, ``"random"``,
+            ``"kmeans"``), or ``None``; other values are refused.
         conversion_seed: provenance: the seed of the conversion's random choices (router init, unit partition).
     """
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 
 class FFNKey(NamedTuple):
@@ -135,7 +135,7 @@ class FamilyAdapter:
         return self.auto_classes["AutoModel"].main_input_name
 
     # -- the FFN -------------------------------------------------------------------------------------------------
-    def ffn_width(self, config) -> int:
+    def ffn_width(self, config: PretrainedConfig) -> int:
         """F, the dense FFN's width, read from a config of this family (stock or ours)."""
         width = getattr(config, self.ffn_width_field)
         return width if width is not None else self.ffn_width_fallback(config)

@@ -23,6 +23,7 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
+from .configuration_comet import CometMoEConfigMixin
 from .moe_experts import PackedExperts
 from .moe_routers import PAIR_SEED_OFFSET, ROUTER_CLASSES, Router, RoutingDecision, masked_sum, mix_seed
 from .moe_routers import sample_similarity_loss as similarity_loss
@@ -35,7 +36,9 @@ class MoEBlock(nn.Module):
     ``dropout`` is applied to the output for families whose dense FFN owns its output dropout (GPT-2).
     """
 
-    def __init__(self, config, layer_idx: int, hidden_size: int, activation: str, dropout: float = 0.0):
+    def __init__(
+        self, config: CometMoEConfigMixin, layer_idx: int, hidden_size: int, activation: str, dropout: float = 0.0
+    ):
         super().__init__()
         router_class = ROUTER_CLASSES[config.routing]
         num_experts, expert_width = router_class.expert_layout(config)

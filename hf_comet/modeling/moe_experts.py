@@ -25,6 +25,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.integrations.moe import use_experts_implementation
 
+from .configuration_comet import CometMoEConfigMixin
 from .moe_routers import RoutingDecision
 
 DENSE_BLOCK_FRACTION = 0.5
@@ -44,7 +45,7 @@ class ExpertKernels(nn.Module):
 
     def __init__(
         self,
-        config,
+        config: CometMoEConfigMixin,
         num_experts: int,
         hidden_size: int,
         intermediate_size: int,
@@ -94,7 +95,7 @@ class PackedExperts(ExpertKernels):
             return self.expert_activations(hidden_states)
         return run_experts(self, hidden_states, decision)
 
-    def init_weights(self, config, down_proj_std: float) -> None:
+    def init_weights(self, config: CometMoEConfigMixin, down_proj_std: float) -> None:
         """Normal(0, ``initializer_range``) weights (``down_proj_std`` for the output projection), zero biases."""
         init.normal_(self.up_proj, mean=0.0, std=config.initializer_range)
         init.zeros_(self.up_proj_bias)

@@ -32,12 +32,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
+
+if TYPE_CHECKING:  # configuration_comet imports this module: a runtime import would be circular
+    from .configuration_comet import CometMoEConfigMixin
 
 
 def comet_num_active(keep_rate: float, num_units: int) -> int:
@@ -265,43 +268,43 @@ class Router(nn.Module):
 
     loss_weights: dict[str, float]
 
-    def __init__(self, config, layer_idx: int, hidden_size: int):
+    def __init__(self, config: CometMoEConfigMixin, layer_idx: int, hidden_size: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.loss_weights = {}
 
     # -- facts about a config (class level: no model needed) ---------------------------------------------------
     @classmethod
-    def expert_layout(cls, config) -> tuple[int, int]:
+    def expert_layout(cls, config: CometMoEConfigMixin) -> tuple[int, int]:
         """Learned routers gate ``num_experts`` experts of ``expert_intermediate_size`` units (COMET overrides)."""
         return config.num_experts, config.expert_intermediate_size
 
     @classmethod
-    def num_choices(cls, config) -> int:
+    def num_choices(cls, config: CometMoEConfigMixin) -> int:
         """How many choices the statistics and selection counts count (the experts, by default)."""
         return cls.expert_layout(config)[0]
 
     @classmethod
-    def shares_output_bias(cls, config) -> bool:
+    def shares_output_bias(cls, config: CometMoEConfigMixin) -> bool:
         """Whether the experts add one shared output bias once per token instead of one bias each."""
         return config.expert_output_bias == "shared" and cls.expert_layout(config)[0] > 1
 
     @classmethod
-    def validate_config(cls, config) -> None:
+    def validate_config(cls, config: CometMoEConfigMixin) -> None:
         """Raise ``ValueError`` naming the first field this router reads that is out of range (none by default)."""
 
     @classmethod
-    def describe(cls, config) -> str:
+    def describe(cls, config: CometMoEConfigMixin) -> str:
         """One line for model cards: how this routing works with ``config``."""
         raise NotImplementedError
 
     @classmethod
-    def describe_experts(cls, config) -> str:
+    def describe_experts(cls, config: CometMoEConfigMixin) -> str:
         num_experts, width = cls.expert_layout(config)
         return f"{num_experts} experts of width {width}"
 
     # -- state ---------------------------------------------------------------------------------------------------
-    def init_weights(self, config) -> None:
+    def init_weights(self, config: CometMoEConfigMixin) -> None:
         """Set every parameter and buffer of this router to its initial value (``transformers.initialization``)."""
 
     def forward(
@@ -378,11 +381,11 @@ MIXTURE_ROUTINGS = RoutingNames(lambda cls: "mixture_top_k" in cls.config_fields
 """Routings that mix every expert by default (dense soft mixture); ``mixture_top_k`` makes them top-k."""
 
 
-def _layers(config) -> str:
+def _layers(config: CometMoEConfigMixin) -> str:
     return "every block" if config.moe_layers is None else f"blocks {config.moe_layers}"
 
 
-def _learned_description(config, words: str) -> str:
+def _learned_description(config: CometMoEConfigMixin, words: str) -> str:
     return f"Learned routing in {_layers(config)}: {words}; aux-loss weight {config.router_aux_loss_coef:g}."
 
 
@@ -408,7 +411,7 @@ class CometRouter(Router):
     has_trainable_gate = False
     config_fields = ("comet_keep_rate", "comet_block_size")
 
-    def __init__(self, config, layer_idx: int, hidden_size: int):
+    def __init__(self, config: CometMoEConfigMixin, layer_idx: int, hidden_size: int):
         super().__init__(config, layer_idx, hidden_size)
         self.block_size = config.comet_block_size
         num_groups = config.ffn_width // self.block_size
@@ -417,22 +420,22 @@ class CometRouter(Router):
         self.register_buffer("projection", self.draw_projection(num_groups, hidden_size), persistent=True)
 
     @classmethod
-    def expert_layout(cls, config) -> tuple[int, int]:
+    def expert_layout(cls, config: CometMoEConfigMixin) -> tuple[int, int]:
         if config.comet_block_size > 1:
             return config.ffn_width // config.comet_block_size, config.comet_block_size
         return 1, config.ffn_width  # unit-level COMET: the whole FFN is one group of units, masked per token
 
     @classmethod
-    def num_choices(cls, config) -> int:
+    def num_choices(cls, config: CometMoEConfigMixin) -> int:
         num_experts, width = cls.expert_layout(config)
         return num_experts if config.comet_block_size > 1 else width  # blocks, or single FFN units
 
     @classmethod
-    def shares_output_bias(cls, config) -> bool:
+    def shares_output_bias(cls, config: CometMoEConfigMixin) -> bool:
         return config.comet_block_size > 1  # the blocks are slices of one FFN
 
     @classmethod
-    def validate_config(cls, config) -> None:
+    def validate_config(cls, config: CometMoEConfigMixin) -> None:
         if config.comet_block_size > 1 and config.ffn_width % config.comet_block_size:
             raise ValueError(
                 f"comet_block_size={config.comet_block_size} does not divide the FFN width {config.ffn_width} "
@@ -446,7 +449,7 @@ class CometRouter(Router):
             )
 
     @classmethod
-    def describe(cls, config) -> str:
+    def describe(cls, config: CometMoEConfigMixin) -> str:
         if config.comet_block_size > 1:
             groups = config.ffn_width // config.comet_block_size
             what = f"blocks of {config.comet_block_size} units ({groups} blocks)"
@@ -471,7 +474,7 @@ class CometRouter(Router):
         self.seed = seed
         return self.draw_projection()
 
-    def init_weights(self, config) -> None:
+    def init_weights(self, config: CometMoEConfigMixin) -> None:
         self.seed = config.routing_seed
         init.copy_(self.projection, self.draw_projection())
 
@@ -509,7 +512,7 @@ class TopKRouter(Router):
     citation = "Fedus, W., Zoph, B., Shazeer, N. *Switch Transformers.* JMLR 2022 (load-balancing loss)."
     config_fields = ("num_experts_per_tok", "norm_topk_prob", "router_scale")
 
-    def __init__(self, config, layer_idx: int, hidden_size: int):
+    def __init__(self, config: CometMoEConfigMixin, layer_idx: int, hidden_size: int):
         super().__init__(config, layer_idx, hidden_size)
         self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_tok
@@ -522,14 +525,14 @@ class TopKRouter(Router):
         }
 
     @classmethod
-    def describe(cls, config) -> str:
+    def describe(cls, config: CometMoEConfigMixin) -> str:
         return _learned_description(
             config,
             f"a learned softmax gate sends each token to its top {config.num_experts_per_tok} of "
             f"{cls.describe_experts(config)}",
         )
 
-    def init_weights(self, config) -> None:
+    def init_weights(self, config: CometMoEConfigMixin) -> None:
         init.normal_(self.weight, mean=0.0, std=config.initializer_range)
 
     def forward(
@@ -578,7 +581,7 @@ class NoisyTopKRouter(Router):
     config_fields = ("num_experts_per_tok", "router_scale")
     noise_floor = 1e-2
 
-    def __init__(self, config, layer_idx: int, hidden_size: int):
+    def __init__(self, config: CometMoEConfigMixin, layer_idx: int, hidden_size: int):
         super().__init__(config, layer_idx, hidden_size)
         self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_tok
@@ -589,13 +592,13 @@ class NoisyTopKRouter(Router):
         self.loss_weights = {"importance_loss": coef, "load_loss": coef, "z_loss": float(config.router_z_loss_coef)}
 
     @classmethod
-    def describe(cls, config) -> str:
+    def describe(cls, config: CometMoEConfigMixin) -> str:
         return _learned_description(
             config,
             f"a noisy top-{config.num_experts_per_tok} gate (Shazeer et al.) over {cls.describe_experts(config)}",
         )
 
-    def init_weights(self, config) -> None:
+    def init_weights(self, config: CometMoEConfigMixin) -> None:
         init.zeros_(self.weight)  # Shazeer et al. 2017: both gate matrices start at zero
         init.zeros_(self.noise_weight)
 
@@ -654,7 +657,7 @@ class SwitchRouter(Router):
     citation = "Fedus, W., Zoph, B., Shazeer, N. *Switch Transformers.* JMLR 2022."
     config_fields = ("capacity_factor", "router_jitter_noise")
 
-    def __init__(self, config, layer_idx: int, hidden_size: int):
+    def __init__(self, config: CometMoEConfigMixin, layer_idx: int, hidden_size: int):
         super().__init__(config, layer_idx, hidden_size)
         self.num_experts = config.num_experts
         self.capacity_factor = config.capacity_factor
@@ -666,18 +669,18 @@ class SwitchRouter(Router):
         }
 
     @classmethod
-    def validate_config(cls, config) -> None:
+    def validate_config(cls, config: CometMoEConfigMixin) -> None:
         if config.capacity_factor is not None and (
             isinstance(config.capacity_factor, bool) or config.capacity_factor <= 0
         ):
             raise ValueError(f"capacity_factor={config.capacity_factor!r} must be > 0, or None for dropless.")
 
     @classmethod
-    def describe(cls, config) -> str:
+    def describe(cls, config: CometMoEConfigMixin) -> str:
         capacity = f", capacity factor {config.capacity_factor:g}" if config.capacity_factor else ", dropless"
         return _learned_description(config, f"a Switch top-1 gate over {cls.describe_experts(config)}{capacity}")
 
-    def init_weights(self, config) -> None:
+    def init_weights(self, config: CometMoEConfigMixin) -> None:
         init.normal_(self.weight, mean=0.0, std=config.initializer_range)
 
     def capacity(self, num_tokens: int | torch.Tensor) -> int | torch.Tensor | None:
@@ -726,7 +729,7 @@ class MixtureRouter(Router):
     """A router that mixes every expert by default and keeps the ``mixture_top_k`` best when it is set."""
 
     @classmethod
-    def validate_config(cls, config) -> None:
+    def validate_config(cls, config: CometMoEConfigMixin) -> None:
         if config.mixture_top_k is not None and not 1 <= config.mixture_top_k <= config.num_experts:
             raise ValueError(
                 f"mixture_top_k={config.mixture_top_k} must be between 1 and num_experts={config.num_experts}, or None."
@@ -755,7 +758,7 @@ class AttentiveRouter(MixtureRouter):
     citation = "Krishnamurthy, Y., Watkins, C., Gärtner, T. *Improving Expert Specialization in Mixture of Experts.* arXiv:2302.14703, 2023."
     config_fields = ("gate_hidden_size", "mixture_top_k")
 
-    def __init__(self, config, layer_idx: int, hidden_size: int):
+    def __init__(self, config: CometMoEConfigMixin, layer_idx: int, hidden_size: int):
         super().__init__(config, layer_idx, hidden_size)
         num_experts, expert_width = self.expert_layout(config)
         self.num_experts = num_experts
@@ -767,14 +770,14 @@ class AttentiveRouter(MixtureRouter):
         self.loss_weights = {"importance_loss": float(config.router_aux_loss_coef)}
 
     @classmethod
-    def describe(cls, config) -> str:
+    def describe(cls, config: CometMoEConfigMixin) -> str:
         return _learned_description(
             config,
             f"an attentive gate (query from a {config.gate_hidden_size}-unit trunk, keys from each expert) mixing "
             f"{cls.describe_experts(config)}",
         )
 
-    def init_weights(self, config) -> None:
+    def init_weights(self, config: CometMoEConfigMixin) -> None:
         init.normal_(self.key_proj, mean=0.0, std=config.initializer_range)  # gate_proj/query: upstream Linear init
 
     def forward(
@@ -828,7 +831,7 @@ class DeepMoEGate(MixtureRouter):
     citation = "Eigen, D., Ranzato, M., Sutskever, I. *Learning Factored Representations in a Deep Mixture of Experts.* arXiv:1312.4314, 2013."
     config_fields = ("gate_hidden_size", "mixture_top_k", "deep_constraint_steps", "deep_constraint_margin")
 
-    def __init__(self, config, layer_idx: int, hidden_size: int):
+    def __init__(self, config: CometMoEConfigMixin, layer_idx: int, hidden_size: int):
         super().__init__(config, layer_idx, hidden_size)
         self.num_experts = config.num_experts
         self.top_k = config.mixture_top_k
@@ -845,14 +848,14 @@ class DeepMoEGate(MixtureRouter):
         self._on_snapshot: torch.Tensor | None = None
 
     @classmethod
-    def describe(cls, config) -> str:
+    def describe(cls, config: CometMoEConfigMixin) -> str:
         return _learned_description(
             config,
             f"a two-layer softmax gate ({config.gate_hidden_size} hidden units, Deep MoE) mixing "
             f"{cls.describe_experts(config)}",
         )
 
-    def init_weights(self, config) -> None:
+    def init_weights(self, config: CometMoEConfigMixin) -> None:
         init.zeros_(self.assignment_totals)  # gate_proj / gate_out are nn.Linear: upstream init
         init.zeros_(self.constraint_steps_done)
 

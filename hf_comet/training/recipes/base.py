@@ -27,7 +27,7 @@ from ...io import (
     recover_folder,
     scratch_directory,
 )
-from ...modeling import configuration_comet
+from ...modeling import FAMILY_ADAPTERS, configuration_comet
 from ..callbacks import DeepConstraintCallback
 from ..plots import plot_expert_load, plot_loss_curves, plot_overlap_vs_similarity
 from ..trainer import CometTrainer
@@ -154,15 +154,11 @@ def _moe_config(family: str, variant: str, shared: dict, overrides: dict):
     return AutoConfig.for_model(family, **{**shared, **variant_config_fields(variant), **overrides})
 
 
-DENSE_CONFIGS = {"comet_vit": "ViTConfig", "comet_gpt2": "GPT2Config", "comet_bert": "BertConfig"}
-"""The upstream config class of each family, for the dense baseline."""
-
-
 def build_model(family: str, head: str, variant: str, shared: dict, overrides: dict, seed: int):
     """The dense upstream model (``variant="dense"``) or our MoE model with ``routing=variant`` and ``overrides``."""
     torch.manual_seed(seed)
     if variant == "dense":
-        config = getattr(transformers, DENSE_CONFIGS[family])(**shared)
+        config = FAMILY_ADAPTERS[family].stock_config_class(**shared)  # the upstream family's config
         return getattr(transformers, head).from_config(config)
     return getattr(transformers, head).from_config(_moe_config(family, variant, shared, overrides))
 
