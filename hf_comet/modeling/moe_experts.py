@@ -10,6 +10,15 @@ mixture weights, and transformers' experts-implementation kernels (``grouped_mm`
 for sparse top-k decisions. Every path goes through ``PackedExperts.forward``, so wrappers of the module (PEFT's
 ``ParamWrapper``, which applies LoRA to ``up_proj``/``down_proj`` only while the wrapped forward runs) see them all.
 
+Reproducibility: ``grouped_mm`` here is our `deterministic_grouped_mm_experts_forward`, not transformers' kernel of
+that name. Transformers' kernel gathers the biases per routed row (``bias[expert_ids]``) and the hidden states per
+slot (``hidden_states[perm // k]``); the backward of such a gather is ``index_put_(accumulate=True)`` with repeated
+indices, which torch documents as nondeterministic on CPU unless ``torch.use_deterministic_algorithms(True)``: it
+runs as a parallel atomic float add once the gradient has 32768 elements and more than one thread is on, so the
+summation order, hence the last bits, changed from run to run and top-k training was not reproducible (issue 11
+§6). Ours keeps the grouped matmuls and forms those two gathers so that no gradient element sums values in an
+unordered way, with or without deterministic mode; the ``eager`` kernel was already deterministic.
+
 With ``shared_output_bias`` (block-COMET and split experts, which are slices of one FFN) the experts have no bias of
 their own on the output: ``down_proj_bias`` is a zero buffer (the kernels still read it) and ``output_bias`` (d,) is
 added once per routed token, exactly as the dense FFN adds its second bias. A token that no expert takes (dropped
@@ -23,7 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.integrations.moe import use_experts_implementation
+from transformers.integrations.moe import (
+    ExpertsInterface,
+    _grouped_linear,
+    grouped_mm_experts_forward,
+    use_experts_implementation,
+)
 
 from .configuration_comet import CometMoEConfigMixin
 from .moe_routers import RoutingDecision
@@ -35,12 +49,57 @@ half the blocks are on (benchmarks/bench_block_comet.py: at keep 1.0 kernels 2.4
 at keep 0.25 kernels 0.4x)."""
 
 
-@use_experts_implementation(has_gate=False, has_bias=True, is_transposed=False)
+def _rows_of_experts(one_hot: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``table[expert_ids]`` as ``one_hot (S, E) @ table (E, n)`` in the table's dtype with autocast off, exact for finite values: its gradient
+    ``one_hot^T @ grad`` is a matmul, whose summation order is fixed, where the gather's is an atomic scatter-add."""
+    with torch.autocast(device_type=table.device.type, enabled=False):
+        return one_hot.to(table.dtype) @ table
+
+
+def deterministic_grouped_mm_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """Transformers' ``grouped_mm`` experts kernel with a backward that gives the same bits on every run.
+
+    Same computation (rows sorted by expert, two grouped matmuls, weighted sum over the k slots); two gathers differ:
+    each token is copied once per slot with ``expand`` (whose gradient sums the k slots in order) and then permuted
+    (a gather without repeats: every gradient row receives one value), and the per-row biases are a one-hot matmul
+    (`_rows_of_experts`). The sort is stable. Expert parallelism (sentinel rows) runs transformers' kernel.
+    """
+    if self._is_expert_parallel:
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    num_tokens, hidden_dim = hidden_states.shape
+    num_top_k = top_k_index.shape[-1]
+    expert_ids_g, perm = torch.sort(top_k_index.reshape(-1), stable=True)
+    per_slot = hidden_states.unsqueeze(1).expand(num_tokens, num_top_k, hidden_dim).reshape(-1, hidden_dim)
+    selected = per_slot[perm]  # (S, d), S = T * k, grouped by expert
+    sample_weights_g = top_k_weights.reshape(-1)[perm]
+    # histc, as transformers' kernel (static shape for CUDA graphs; float on CPU/MPS, int on CUDA in deterministic mode)
+    counted = expert_ids_g.float() if expert_ids_g.device.type in ("cpu", "mps") else expert_ids_g.int()
+    tokens_per_expert = torch.histc(counted, bins=self.num_experts, min=0, max=self.num_experts - 1)
+    offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
+    one_hot = F.one_hot(expert_ids_g, self.num_experts)
+    proj = _grouped_linear(selected, self.up_proj, offsets) + _rows_of_experts(one_hot, self.up_proj_bias)
+    proj = _grouped_linear(self.act_fn(proj), self.down_proj, offsets) + _rows_of_experts(one_hot, self.down_proj_bias)
+    weighted = proj * sample_weights_g.unsqueeze(-1)
+    inv_perm = torch.empty_like(perm)
+    inv_perm[perm] = torch.arange(perm.numel(), device=perm.device)
+    output = weighted[inv_perm].view(num_tokens, num_top_k, hidden_dim).sum(dim=1)
+    return output.to(hidden_states.dtype)
+
+
+EXPERTS_FUNCTIONS = ExpertsInterface()
+"""Transformers' experts implementations, with ``grouped_mm`` replaced by `deterministic_grouped_mm_experts_forward`."""
+EXPERTS_FUNCTIONS["grouped_mm"] = deterministic_grouped_mm_experts_forward
+
+
+@use_experts_implementation(experts_interface=EXPERTS_FUNCTIONS, has_gate=False, has_bias=True, is_transposed=False)
 class ExpertKernels(nn.Module):
     """The packed parameters and the sparse top-k kernel ``(T, d), (T, k), (T, k) -> (T, d)``.
 
     ``forward`` is transformers' experts-implementation dispatch: ``config._experts_implementation`` picks
-    ``grouped_mm`` (default) or ``eager`` (the loop below). `PackedExperts` is the module models hold.
+    ``grouped_mm`` (default; `deterministic_grouped_mm_experts_forward`) or ``eager`` (the loop below).
+    `PackedExperts` is the module models hold.
     """
 
     def __init__(
@@ -196,6 +255,8 @@ __all__ = [
     "CometExperts",
     "ExpertKernels",
     "PackedExperts",
+    "EXPERTS_FUNCTIONS",
     "choose_execution",
+    "deterministic_grouped_mm_experts_forward",
     "run_experts",
 ]
