@@ -208,8 +208,9 @@ def _list(keys) -> str:
 def check_routing_weights(model, loading_info) -> None:
     """Refuse a loaded checkpoint whose MoE weights do not fit its config, before transformers' generic report.
 
-    * MoE tensors (experts, routers) missing, or unexpected ones (experts where the config has a dense FFN, a dense
-      FFN where it has experts: ``moe_layers`` changed), are an error naming them.
+    * Unexpected MoE tensors (experts where the config has a dense FFN, a dense FFN where it has experts:
+      ``moe_layers`` changed, or a dense checkpoint) are an error naming them. Missing ones follow transformers'
+      convention (load, initialise them) with a warning that names them and says the routing is not the saved one.
     * Each block's saved ``routing_record`` (routing, experts, widths, block size, COMET's k, seed, layer) must
       equal what the config builds; only COMET's keep rate may differ (`RUNTIME_FIELDS`), with a warning.
     * A COMET projection is a pure function of ``routing_seed`` and the layer: a missing one is recreated, and said
@@ -239,16 +240,20 @@ def check_routing_weights(model, loading_info) -> None:
         or any(key.startswith(f"{name}.") for name in blocks)
         or (family is not None and (ffn := family.ffn_key(key)) is not None and model.config.is_moe_layer(ffn.layer))
     }
-    if moe_missing or moe_unexpected:
-        problems = []
+    if moe_unexpected:
+        problem = f"tensors it has that this config has no place for: {_list(moe_unexpected)}"
         if moe_missing:
-            problems.append(f"MoE tensors missing from it: {_list(moe_missing)}")
-        if moe_unexpected:
-            problems.append(f"tensors it has that this config has no place for: {_list(moe_unexpected)}")
+            problem = f"MoE tensors missing from it: {_list(moe_missing)}; {problem}"
         raise CheckpointMismatchError(
-            f"{where}: the weights do not fit config.json ({'; '.join(problems)}). moe_layers="
-            f"{model.config.moe_layers}, routing={model.config.routing!r}: restore the config the weights were saved "
-            "with; to convert a dense checkpoint use hf_comet.convert_to_moe."
+            f"{where}: the weights do not fit config.json ({problem}). moe_layers={model.config.moe_layers}, "
+            f"routing={model.config.routing!r}: restore the config the weights were saved with; to convert a dense "
+            "checkpoint use hf_comet.convert_to_moe."
+        )
+    if moe_missing:  # transformers' convention: load and initialise what is missing, but say exactly what it means
+        logger.warning(
+            f"{where}: MoE tensors missing from the checkpoint were initialised at random: {_list(moe_missing)}. "
+            "Those layers' experts or routers are not the saved ones, so the routing and outputs differ from the "
+            "saved model's; restore the weights file if this is not intended."
         )
     for block in blocks.values():
         if block.layer_idx in unrecorded:

@@ -31,7 +31,16 @@ COMMON_MARKS = {
         "the packed experts would also split COMET's unit masks, so the plan comes with its own tests (issue 13)"
     ),
 }
-VARIANT_MARKS: dict[str, dict] = {"comet": {}, "topk": {}}
+VARIANT_MARKS: dict[str, dict] = {
+    "comet": {
+        "test_sdpa_padding_matches_padding_free_with_position_ids": U.design(
+            "COMET's unit choice is discrete: in bf16/fp16 the padded and the padding-free layouts round the FFN "
+            "input differently, which can flip a near-tie unit and move a few logits by more than the test's 8e-3 "
+            "(0.1% of them in one run; the fp32 comparison passes)"
+        )
+    },
+    "topk": {},
+}
 # Fail for the dense GPT2LMHeadModel too when the checkout is older than the installed transformers.
 SKEW = {
     name: "the older checkout's assisted-decoding tests ask for cache_implementation='dynamic_full', which the "
