@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 import torch
 from transformers import initialization as init
 
+from .modeling.configuration_comet import MOE_FIELD_DEFAULTS
 from .modeling.moe_routers import AttentiveRouter, DeepRouter
 
 
@@ -25,8 +26,8 @@ def attentive_to_softmax_gates(model: torch.nn.Module, top_k: int | None = None)
         top_k: experts kept per token by the new gates. ``None`` takes ``config.mixture_top_k`` if set, else
             ``config.num_experts_per_tok``; ``num_experts`` keeps a dense mixture.
 
-    The config becomes ``routing="deep"``, ``deep_constraint_steps=0``, ``mixture_top_k=top_k`` so the saved model
-    reloads with the new gates. Every parameter except the gates' is frozen (``requires_grad=False``).
+    The config becomes ``routing="deep"``, ``deep_constraint_steps=0``, ``mixture_top_k=top_k`` (and
+    ``router_aux_loss_coef``, which deep does not read, its default) so the saved model reloads with the new gates. Every parameter except the gates' is frozen (``requires_grad=False``).
     Returns the names of the trainable (gate) parameters.
     """
     config = model.config
@@ -39,10 +40,13 @@ def attentive_to_softmax_gates(model: torch.nn.Module, top_k: int | None = None)
         top_k = config.mixture_top_k if config.mixture_top_k is not None else config.num_experts_per_tok
     if not 1 <= top_k <= config.num_experts:
         raise ValueError(f"top_k={top_k} must be between 1 and num_experts={config.num_experts}.")
-    config.routing = "deep"
-    config.deep_constraint_steps = 0
-    config.mixture_top_k = None if top_k == config.num_experts else top_k
-    config.validate_moe_config()
+    # one checked change (`update_moe`): the fields only attentive reads go back to their defaults, as deep ignores them
+    config.update_moe(
+        routing="deep",
+        deep_constraint_steps=0,
+        mixture_top_k=None if top_k == config.num_experts else top_k,
+        router_aux_loss_coef=MOE_FIELD_DEFAULTS["router_aux_loss_coef"],
+    )
     for block in model.moe_blocks():
         old = block.router
         if not isinstance(old, AttentiveRouter):

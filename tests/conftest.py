@@ -14,6 +14,7 @@ import transformers  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
 
 import hf_comet  # noqa: E402, F401  (registers the model types)
+from hf_comet.modeling.moe_routers import ROUTER_CLASSES  # noqa: E402
 
 torch.set_num_threads(2)
 transformers.logging.set_verbosity_error()
@@ -65,7 +66,11 @@ def tiny_config(family: str, **overrides):
     """A tiny config of ``family`` with dropout off (so outputs are comparable) and 3 labels."""
     if overrides.get("routing") == "block_comet":
         overrides = dict(overrides, routing="comet", comet_block_size=overrides.get("comet_block_size", BLOCK_SIZE))
-    kwargs = dict(TINY[family], num_labels=3, num_experts=4, num_experts_per_tok=2)
+    kwargs = dict(TINY[family], num_labels=3)
+    # 4 experts, 2 per token, for the routings that read those fields (a field a routing ignores is refused)
+    router = ROUTER_CLASSES.get(overrides.get("routing", "comet"))
+    reads = router.config_fields if router is not None else ("num_experts", "num_experts_per_tok")
+    kwargs.update({k: v for k, v in dict(num_experts=4, num_experts_per_tok=2).items() if k in reads})
     dropout_keys = {
         "comet_gpt2": ["resid_pdrop", "embd_pdrop", "attn_pdrop"],
         "comet_vit": ["hidden_dropout_prob", "attention_probs_dropout_prob"],

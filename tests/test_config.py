@@ -28,12 +28,12 @@ def test_auto_config_builds_our_class_and_keeps_upstream_fields(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_config_json_round_trip(family, tmp_path):
     config = tiny_config(
-        family, routing="topk", moe_layers=[1], comet_keep_rate=0.3, router_z_loss_coef=0.001, routing_seed=7
+        family, routing="topk", moe_layers=[1], router_scale=0.3, router_z_loss_coef=0.001, routing_seed=7
     )
     config.save_pretrained(tmp_path)
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert type(loaded) is type(config)
-    for field in ("routing", "moe_layers", "comet_keep_rate", "router_z_loss_coef", "routing_seed", "num_experts"):
+    for field in ("routing", "moe_layers", "router_scale", "router_z_loss_coef", "routing_seed", "num_experts"):
         assert getattr(loaded, field) == getattr(config, field)
 
 
@@ -83,14 +83,15 @@ def test_indivisible_ffn_width_names_the_family_field():
         tiny_config("comet_gpt2", routing="topk", num_experts=3, num_experts_per_tok=1, n_inner=64)
     with pytest.raises(ValueError, match="intermediate_size"):
         tiny_config("comet_bert", routing="topk", num_experts=3, num_experts_per_tok=1)
-    # explicit expert width or COMET lifts the divisibility requirement
+    # an explicit expert width lifts the divisibility requirement; COMET does not read num_experts at all
     assert (
         tiny_config(
             "comet_bert", routing="topk", num_experts=3, num_experts_per_tok=1, moe_intermediate_size=40
         ).expert_intermediate_size
         == 40
     )
-    assert tiny_config("comet_bert", routing="comet", num_experts=3, num_experts_per_tok=1).routing == "comet"
+    with pytest.raises(ValueError, match=r"num_experts=3 only applies to routing in \('topk'"):
+        tiny_config("comet_bert", routing="comet", num_experts=3)
 
 
 def test_bad_value_is_refused_when_loading_a_config_file(tmp_path):

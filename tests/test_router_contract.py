@@ -11,6 +11,7 @@ from torch import nn
 from transformers import initialization as init
 
 from hf_comet.modeling.moe_routers import (
+    LEARNED_FIELDS,
     LEARNED_ROUTINGS,
     MIXTURE_ROUTINGS,
     ROUTER_CLASSES,
@@ -31,6 +32,7 @@ class SharpestGateRouter(Router):
     """A toy router: top-1 of a learned softmax with weight 1, and an aux loss that rewards confident gates."""
 
     routing = "toy_sharpest"
+    config_fields = (*LEARNED_FIELDS, "router_aux_loss_coef")  # every routing-specific field it reads
     citation = "Tester, T. *A router written inside a test.* 2026."
 
     def __init__(self, config, layer_idx: int, hidden_size: int):
@@ -76,7 +78,7 @@ def test_a_router_registered_in_a_test_runs_trains_saves_and_loads_in_every_fami
     assert "toy_sharpest" in ROUTINGS and "toy_sharpest" in LEARNED_ROUTINGS
     assert "toy_sharpest" not in MIXTURE_ROUTINGS
     with pytest.raises(ValueError, match="toy_sharpest needs at least 2 experts"):
-        tiny_config(family, routing="toy_sharpest", num_experts=1, num_experts_per_tok=1)
+        tiny_config(family, routing="toy_sharpest", num_experts=1)
     with pytest.raises(ValueError, match="only applies to routing='comet'"):  # fields it does not read
         tiny_config(family, routing="toy_sharpest", comet_block_size=16)
     model = tiny_model(family, head, routing="toy_sharpest", router_aux_loss_coef=0.5)
@@ -108,7 +110,7 @@ def test_the_registry_is_the_one_list_of_routings():
     assert tuple(ROUTINGS) == tuple(ROUTER_CLASSES)
     assert set(LEARNED_ROUTINGS) == {name for name, cls in ROUTER_CLASSES.items() if cls.has_trainable_gate}
     assert set(MIXTURE_ROUTINGS) == {"attentive", "deep"}
-    with pytest.raises(ValueError, match="routing='hash'.*choose one of comet, topk"):
+    with pytest.raises(ValueError, match="routing='hash'.*one of 'comet', 'topk'"):
         tiny_config("comet_vit", routing="hash")
 
 

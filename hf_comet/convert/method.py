@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..modeling.configuration_comet import LEARNED_ROUTINGS, MIXTURE_ROUTINGS
+from ..modeling.configuration_comet import LEARNED_ROUTINGS, ROUTER_CLASSES
 from ..modeling.family_adapter import DenseFFN
 
 
@@ -87,14 +87,22 @@ class ConversionMethod:
         """Set router weights from the mapped experts once they are loaded (routers keep their init by default)."""
 
     def sweep_fields(self, fields: dict[str, Any], value: float | int) -> dict[str, Any]:
-        """``fields`` with one setting of `deviation_report`'s sweep: experts per token (``mixture_top_k`` for the
-        mixtures ``attentive``/``deep``)."""
+        """``fields`` with one setting of `deviation_report`'s sweep: experts per token (``num_experts_per_tok``, or
+        ``mixture_top_k`` for the mixtures ``attentive``/``deep``; a routing that reads neither, such as ``switch``,
+        cannot be swept)."""
         fields = dict(fields)
-        if fields.get("routing") in MIXTURE_ROUTINGS:
+        routing = self.resolve_routing(fields.get("routing"))
+        reads = ROUTER_CLASSES[routing].config_fields
+        if "num_experts_per_tok" in reads:
+            fields["num_experts_per_tok"] = int(value)
+        elif "mixture_top_k" in reads:
             fields.pop("num_experts_per_tok", None)
             fields["mixture_top_k"] = int(value)
         else:
-            fields["num_experts_per_tok"] = int(value)
+            raise ConversionError(
+                f"routing={routing!r} has no experts-per-token setting (it reads neither num_experts_per_tok nor "
+                "mixture_top_k): there is nothing to sweep; leave out the report or pick another routing."
+            )
         return fields
 
 

@@ -6,6 +6,8 @@ library, ``transformers`` and sibling modules.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from huggingface_hub.dataclasses import strict
@@ -13,18 +15,138 @@ from transformers import BertConfig, GPT2Config, ViTConfig
 
 from .moe_routers import LEARNED_ROUTINGS, MIXTURE_ROUTINGS, ROUTER_CLASSES, ROUTINGS, comet_num_active
 
-FIELD_HINTS = {"mixture_top_k": "use num_experts_per_tok for the other learned routers"}
+_NO_GATE = "the sample-similarity regulariser needs gate probabilities, which routing='comet' does not have; leave it at 0"
+FIELD_HINTS = {
+    "mixture_top_k": "use num_experts_per_tok for the other learned routers",
+    "num_experts_per_tok": "switch always sends a token to one expert; attentive and deep use mixture_top_k",
+    "similarity_beta_s": _NO_GATE,
+    "similarity_beta_d": _NO_GATE,
+}
 """Extra advice for a routing-specific field set under a routing that does not read it."""
 
-EXCLUSIVE_FIELDS = ("comet_block_size", "capacity_factor", "mixture_top_k", "router_scale")
-"""Routing-specific fields refused at a non-default value when the chosen routing does not read them (which routers
-read a field is each router's ``config_fields``)."""
 
 CONVERSION_METHODS = ("comet", "upcycle", "split")
 """Values of the ``conversion_method`` provenance field: the names of `hf_comet.convert.METHODS` (the converter
 checks at import that its registry is exactly this)."""
 SPLIT_METHODS = ("contiguous", "random", "kmeans")
 """Values of the ``split_method`` provenance field: the names of `hf_comet.convert.SPLIT_METHODS`."""
+
+
+@dataclass(frozen=True)
+class FieldRule:
+    """What one MoE config field accepts: its kind, its range or choices, and whether every routing reads it.
+
+    ``kind`` is ``"int"`` (an ``int``, never a ``bool``), ``"float"`` (an ``int`` or ``float``, never a ``bool``,
+    finite), ``"bool"`` (``True``/``False`` only), ``"str"`` or ``"layers"`` (a non-empty list of distinct block
+    indices). ``low``/``high`` bound numbers (``low_open``/``high_open``: the bound itself is excluded); ``choices``
+    is a sequence (or a callable returning one) of the strings allowed; ``optional`` also allows ``None``.
+    ``common``: every routing reads the field; otherwise the routings that read it are those whose router lists it
+    in ``config_fields``, and it is refused at a non-default value under any other routing.
+    """
+
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: Sequence[str] | Callable[[], Sequence[str]] | None = None
+    optional: bool = False
+    common: bool = False
+
+    def allowed(self, config=None) -> str:
+        """What is allowed, in words (for error messages)."""
+        if self.kind == "bool":
+            what = "a bool (True or False)"
+        elif self.kind == "str":
+            choices = self.choices() if callable(self.choices) else self.choices
+            what = f"one of {', '.join(repr(c) for c in choices)}" if choices is not None else "a string"
+        elif self.kind == "layers":
+            n = getattr(config, "num_hidden_layers", None) if config is not None else None
+            where = f"[0, {n - 1}]" if n else "[0, num_hidden_layers - 1]"
+            what = f"a non-empty list of distinct int block indices in {where}"
+        else:
+            what = "an int (not a bool)" if self.kind == "int" else "a finite number (int or float, not a bool)"
+            if self.low is not None and self.high is not None:
+                left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+                what += f" in {left}{self.low:g}, {self.high:g}{right}"
+            elif self.low is not None:
+                what += f" {'>' if self.low_open else '>='} {self.low:g}"
+        return what + (", or None" if self.optional else "")
+
+    def check(self, name: str, value, config=None) -> None:
+        """Raise ``ValueError`` naming ``name``, ``value`` and what is allowed unless ``value`` fits this rule."""
+        if value is None and self.optional:
+            return
+        if not self._fits(value, config):
+            raise ValueError(f"{name}={value!r} is not allowed: {name} must be {self.allowed(config)}.")
+
+    def _fits(self, value, config) -> bool:
+        if self.kind == "bool":
+            return isinstance(value, bool)
+        if self.kind == "str":
+            choices = self.choices() if callable(self.choices) else self.choices
+            return isinstance(value, str) and (choices is None or value in choices)
+        if self.kind == "layers":
+            if not isinstance(value, (list, tuple)) or not value:
+                return False
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in value) or len(set(value)) != len(value):
+                return False
+            n = getattr(config, "num_hidden_layers", None) if config is not None else None
+            return all(i >= 0 and (n is None or i < n) for i in value)
+        if isinstance(value, bool):
+            return False
+        if self.kind == "int" and not isinstance(value, int):
+            return False
+        if self.kind == "float" and (not isinstance(value, (int, float)) or not math.isfinite(value)):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+
+MOE_FIELD_RULES: dict[str, FieldRule] = {
+    "routing": FieldRule("str", choices=lambda: tuple(ROUTINGS), common=True),
+    "num_experts": FieldRule("int", low=1),
+    "num_experts_per_tok": FieldRule("int", low=1),
+    "norm_topk_prob": FieldRule("bool"),
+    "moe_intermediate_size": FieldRule("int", low=1, optional=True),
+    "comet_keep_rate": FieldRule("float", low=0, high=1, low_open=True),
+    "moe_layers": FieldRule("layers", optional=True, common=True),
+    "router_aux_loss_coef": FieldRule("float", low=0),
+    "router_z_loss_coef": FieldRule("float", low=0),
+    "output_router_logits": FieldRule("bool", common=True),
+    "routing_seed": FieldRule("int", low=0, high=2**63 - 1, common=True),
+    "comet_block_size": FieldRule("int", low=1),
+    "capacity_factor": FieldRule("float", low=0, low_open=True, optional=True),
+    "router_jitter_noise": FieldRule("float", low=0, high=1, high_open=True),
+    "gate_hidden_size": FieldRule("int", low=1),
+    "mixture_top_k": FieldRule("int", low=1, optional=True),
+    "deep_constraint_steps": FieldRule("int", low=0),
+    "deep_constraint_margin": FieldRule("float", low=0),
+    "similarity_beta_s": FieldRule("float", low=0),
+    "similarity_beta_d": FieldRule("float", low=0),
+    "similarity_num_pairs": FieldRule("int", low=1),
+    "expert_output_bias": FieldRule("str", choices=("per_expert", "shared")),
+    "router_scale": FieldRule("float", low=0, low_open=True),
+    "converted_from": FieldRule("str", optional=True, common=True),
+    "conversion_method": FieldRule("str", choices=CONVERSION_METHODS, optional=True, common=True),
+    "split_method": FieldRule("str", choices=SPLIT_METHODS, optional=True, common=True),
+    "conversion_seed": FieldRule("int", low=0, high=2**63 - 1, optional=True, common=True),
+}
+"""Type and range of every MoE field (checked at construction, at loading and on assignment); the cross-field rules
+are in `CometMoEConfigMixin.validate_moe_config` and each router's ``validate_config``."""
+
+CROSS_FIELDS = frozenset(
+    {"n_layer", "num_hidden_layers", "n_inner", "n_embd", "intermediate_size", "chunk_size_feed_forward"}
+)
+"""Upstream fields the MoE rules depend on (the FFN width, the number of blocks): assigning one re-validates."""
+
+
+def routings_reading(name: str) -> tuple[str, ...]:
+    """The routings whose router reads field ``name`` (every routing for a common field)."""
+    if MOE_FIELD_RULES[name].common:
+        return tuple(ROUTER_CLASSES)
+    return tuple(routing for routing, cls in ROUTER_CLASSES.items() if name in cls.config_fields)
 
 
 @dataclass(kw_only=True)
@@ -147,93 +269,100 @@ class CometMoEConfigMixin:
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self.validate_moe_config()
+        self.__dict__["_moe_checked"] = True  # from now on every assignment of an MoE field is checked
 
     def validate_moe_config(self) -> None:
-        """Raise ``ValueError`` naming the first MoE field that is out of range, and what is allowed.
+        """Raise ``ValueError`` naming the first MoE field that is out of range, its value and what is allowed.
 
-        Fields every routing reads are checked here; each router checks the fields it owns
-        (``Router.validate_config``), and a routing-specific field set under a routing that does not read it is
-        refused (`EXCLUSIVE_FIELDS`).
+        Every field's type and range come from `MOE_FIELD_RULES`; then the cross-field rules every routing shares;
+        then a routing-specific field set to a non-default value under a routing that does not read it is refused
+        (which routings read a field is each router's ``config_fields``); last, the router checks the fields it
+        owns (``Router.validate_config``).
         """
-        if self.routing not in ROUTINGS:
-            raise ValueError(f"routing={self.routing!r} is not supported; choose one of {', '.join(ROUTINGS)}.")
+        for name, rule in MOE_FIELD_RULES.items():
+            rule.check(name, getattr(self, name), self)
         router_class = ROUTER_CLASSES[self.routing]
-        if isinstance(self.comet_keep_rate, bool) or not 0.0 < self.comet_keep_rate <= 1.0:
-            raise ValueError(
-                f"comet_keep_rate={self.comet_keep_rate!r} must be in (0, 1] (the fraction of units kept)."
-            )
-        if self.num_experts < 1:
-            raise ValueError(f"num_experts={self.num_experts} must be >= 1.")
-        if not 1 <= self.num_experts_per_tok <= self.num_experts:
-            raise ValueError(
-                f"num_experts_per_tok={self.num_experts_per_tok} must be between 1 and num_experts={self.num_experts}."
-            )
-        n_layers = self.num_hidden_layers
-        if self.moe_layers is not None:
-            if len(self.moe_layers) == 0:
-                raise ValueError("moe_layers=[] selects no block; pass None for every block or a list of indices.")
-            bad = [i for i in self.moe_layers if not 0 <= i < n_layers]
-            if bad:
-                raise ValueError(
-                    f"moe_layers={self.moe_layers} has {bad} outside [0, {n_layers - 1}] (num layers {n_layers})."
-                )
-            if len(set(self.moe_layers)) != len(self.moe_layers):
-                raise ValueError(f"moe_layers={self.moe_layers} repeats a block index.")
-        if self.moe_intermediate_size is not None and self.moe_intermediate_size < 1:
-            raise ValueError(f"moe_intermediate_size={self.moe_intermediate_size} must be >= 1 or None.")
         if router_class.has_trainable_gate and self.moe_intermediate_size is None and self.ffn_width % self.num_experts:
             raise ValueError(
-                f"the FFN width {self.ffn_width} ({self._ffn_width_field}) is not divisible by num_experts="
-                f"{self.num_experts}; pick num_experts dividing it or set moe_intermediate_size explicitly."
-            )
-        for name in (
-            "router_aux_loss_coef",
-            "router_z_loss_coef",
-            "router_jitter_noise",
-            "deep_constraint_margin",
-            "deep_constraint_steps",
-            "similarity_beta_s",
-            "similarity_beta_d",
-        ):
-            if isinstance(getattr(self, name), bool) or getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be a number >= 0.")
-        if self.comet_block_size < 1:
-            raise ValueError(f"comet_block_size={self.comet_block_size} must be >= 1 (1 = unit-level COMET).")
-        if self.router_jitter_noise >= 1:
-            raise ValueError(f"router_jitter_noise={self.router_jitter_noise} must be in [0, 1).")
-        if self.gate_hidden_size < 1:
-            raise ValueError(f"gate_hidden_size={self.gate_hidden_size} must be >= 1.")
-        if self.similarity_num_pairs < 1:
-            raise ValueError(f"similarity_num_pairs={self.similarity_num_pairs} must be >= 1.")
-        if self.expert_output_bias not in ("per_expert", "shared"):
-            raise ValueError(
-                f"expert_output_bias={self.expert_output_bias!r} is not supported; choose 'per_expert' or 'shared'."
-            )
-        if isinstance(self.router_scale, bool) or not self.router_scale > 0:
-            raise ValueError(f"router_scale={self.router_scale!r} must be a number > 0.")
-        if self.conversion_method is not None and self.conversion_method not in CONVERSION_METHODS:
-            raise ValueError(
-                f"conversion_method={self.conversion_method!r} is not a conversion; use one of "
-                f"{', '.join(CONVERSION_METHODS)} (or None)."
-            )
-        if self.split_method is not None and self.split_method not in SPLIT_METHODS:
-            raise ValueError(
-                f"split_method={self.split_method!r} is not a split method; use one of {', '.join(SPLIT_METHODS)} "
-                "(or None)."
+                f"num_experts={self.num_experts!r} does not divide the FFN width {self.ffn_width} "
+                f"({self._ffn_width_field}); pick num_experts dividing it or set moe_intermediate_size explicitly."
             )
         self._refuse_fields_the_routing_ignores(router_class)
         router_class.validate_config(self)
 
     def _refuse_fields_the_routing_ignores(self, router_class) -> None:
-        defaults = {name: f.default for name, f in CometMoEConfigMixin.__dataclass_fields__.items()}
-        for name in EXCLUSIVE_FIELDS:
-            value = getattr(self, name)
-            if value == defaults[name] or name in router_class.config_fields:
+        for name, rule in MOE_FIELD_RULES.items():
+            if rule.common or name in router_class.config_fields:
                 continue
-            readers = [routing for routing, cls in ROUTER_CLASSES.items() if name in cls.config_fields]
-            where = f"routing={readers[0]!r}" if len(readers) == 1 else f"routing in {tuple(readers)}"
-            hint = FIELD_HINTS.get(name, f"leave it at {defaults[name]!r}")
+            value, default = getattr(self, name), MOE_FIELD_DEFAULTS[name]
+            if value == default:
+                continue
+            readers = routings_reading(name)
+            if not readers:
+                where = "no registered routing"
+            elif len(readers) == 1:
+                where = f"routing={readers[0]!r}"
+            else:
+                where = f"routing in {tuple(readers)}"
+            hint = FIELD_HINTS.get(name, f"leave it at {default!r} (or choose a routing that reads it)")
             raise ValueError(f"{name}={value!r} only applies to {where} (got routing={self.routing!r}); {hint}.")
+
+    # -- checked assignment ----------------------------------------------------------------------------------------
+    def __setattr__(self, name, value):
+        if not self.__dict__.get("_moe_checked") or (name not in MOE_FIELD_RULES and name not in CROSS_FIELDS):
+            super().__setattr__(name, value)  # construction, loading internals, upstream-only fields
+            return
+        if name in MOE_FIELD_RULES:
+            MOE_FIELD_RULES[name].check(name, value, self)  # the value alone, before it is stored
+        self._assign_and_validate({name: value})
+
+    def update_moe(self, **fields) -> None:
+        """Assign several fields at once, then validate once: a change that needs two fields together (e.g. the
+        routing and a field only the new routing reads). On a ``ValueError`` every field keeps its old value."""
+        for name, value in fields.items():
+            if name in MOE_FIELD_RULES:
+                MOE_FIELD_RULES[name].check(name, value, self)
+        self._assign_and_validate(fields)
+
+    def update(self, config_dict: dict) -> None:
+        """Upstream ``update``, made atomic: the fields are assigned together and validated once (`update_moe`)."""
+        self.update_moe(**config_dict)
+
+    def _assign_and_validate(self, fields: dict) -> None:
+        missing = object()
+        old = {name: getattr(self, name, missing) for name in fields}
+        checked = self.__dict__.get("_moe_checked", False)
+        self.__dict__["_moe_checked"] = False  # plain stores while the batch is assigned
+        try:
+            for name, value in fields.items():
+                setattr(self, name, value)
+            if checked:
+                self.validate_moe_config()
+        except BaseException:
+            for name, value in old.items():
+                if value is missing:
+                    self.__dict__.pop(self.attribute_map.get(name, name), None)
+                else:
+                    setattr(self, name, value)
+            raise
+        finally:
+            self.__dict__["_moe_checked"] = checked
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """Upstream ``from_dict``, with MoE overrides (``from_pretrained(path, routing=..., ...)``) merged into the
+        loaded fields before the config is built, so they are validated together like a new config."""
+        overrides = {name: kwargs.pop(name) for name in list(kwargs) if name in MOE_FIELD_RULES}
+        return super().from_dict({**config_dict, **overrides}, **kwargs)
+
+    def _remove_keys_not_serialized(self, d: dict) -> None:
+        super()._remove_keys_not_serialized(d)
+        d.pop("_moe_checked", None)
+
+
+MOE_FIELD_DEFAULTS = {name: CometMoEConfigMixin.__dataclass_fields__[name].default for name in MOE_FIELD_RULES}
+"""The default of every MoE field: a default value is never refused (checkpoints serialise every field)."""
+assert set(MOE_FIELD_RULES) == set(CometMoEConfigMixin.__dataclass_fields__), "every MoE field needs a rule"
 
 
 @strict

@@ -38,9 +38,12 @@ from transformers.integrations.moe import (
     grouped_mm_experts_forward,
     use_experts_implementation,
 )
+from transformers.utils import logging
 
 from .configuration_comet import CometMoEConfigMixin
 from .moe_routers import RoutingDecision
+
+logger = logging.get_logger(__name__)
 
 DENSE_BLOCK_FRACTION = 0.5
 """A weight-1 block decision (block-COMET) keeping more than this fraction of the blocks runs as masked dense compute:
@@ -129,6 +132,12 @@ class ExpertKernels(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        """Eager kernel (`eager_forward`); transformers' dispatch replaces it by the configured kernel."""
+        return self.eager_forward(hidden_states, top_k_index, top_k_weights)
+
+    def eager_forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         """Eager kernel: loop over the experts that received tokens; accumulates in the input's dtype."""
         output = torch.zeros_like(hidden_states)
         with torch.no_grad():
@@ -166,8 +175,27 @@ class PackedExperts(ExpertKernels):
     def sparse_forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        """The experts-implementation kernel chosen by the config (``grouped_mm`` or ``eager``)."""
+        """The experts-implementation kernel chosen by the config (``grouped_mm`` or ``eager``).
+
+        ``grouped_mm`` needs every weight stride to be a multiple of 16 bytes (an expert width and hidden size that
+        are multiples of 4 in float32, of 8 in 16-bit); other sizes run the eager kernel instead, said once."""
+        if getattr(self.config, "_experts_implementation", None) == "grouped_mm" and not self.grouped_mm_fits(
+            hidden_states.dtype
+        ):
+            logger.warning_once(
+                f"hf_comet: experts of width {self.intermediate_size} and hidden size {self.hidden_size} in "
+                f"{self.up_proj.dtype} do not fit grouped_mm (strides must be multiples of 16 bytes); running the "
+                "eager experts kernel for them instead (same results, slower). Pick widths that are multiples of 8 to "
+                "use grouped_mm."
+            )
+            return self.eager_forward(hidden_states, top_k_index, top_k_weights)
         return ExpertKernels.forward(self, hidden_states, top_k_index, top_k_weights)
+
+    def grouped_mm_fits(self, dtype: torch.dtype) -> bool:
+        """Whether ``grouped_mm`` can run these experts' weights and inputs of ``dtype`` (16-byte strides)."""
+        sizes = (self.intermediate_size, self.hidden_size)
+        itemsizes = {self.up_proj.element_size(), torch.empty((), dtype=dtype).element_size()}
+        return all(size * itemsize % 16 == 0 for size in sizes for itemsize in itemsizes)
 
     def masked_dense_forward(self, hidden_states: torch.Tensor, unit_mask: torch.Tensor) -> torch.Tensor:
         """Every unit of the experts at once, as one FFN of width E * I, intermediate activations multiplied by

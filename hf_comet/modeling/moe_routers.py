@@ -262,7 +262,8 @@ class Router(nn.Module):
     routing: ClassVar[str] = ""
     has_trainable_gate: ClassVar[bool] = True
     config_fields: ClassVar[tuple[str, ...]] = ()
-    """Routing-specific config fields this router reads (a field no registered router reads is common to all)."""
+    """Routing-specific config fields this router reads; any other routing-specific field (`MOE_FIELD_RULES`) is
+    refused at a non-default value under this routing. Learned routers list `LEARNED_FIELDS` too."""
     citation: ClassVar[str] = ""
     """What a model card cites for this routing."""
 
@@ -441,12 +442,6 @@ class CometRouter(Router):
                 f"comet_block_size={config.comet_block_size} does not divide the FFN width {config.ffn_width} "
                 f"({config._ffn_width_field}); pick a divisor of it."
             )
-        if config.similarity_beta_s or config.similarity_beta_d:
-            raise ValueError(
-                f"similarity_beta_s={config.similarity_beta_s}, similarity_beta_d={config.similarity_beta_d}: the "
-                "sample-similarity regulariser needs gate probabilities, which routing='comet' does not have; set both "
-                "to 0 or pick a learned routing."
-            )
 
     @classmethod
     def describe(cls, config: CometMoEConfigMixin) -> str:
@@ -499,6 +494,26 @@ class CometRouter(Router):
         return RoutingDecision(router_logits=scores, unit_mask=mask)
 
 
+LEARNED_FIELDS = (
+    "num_experts",
+    "moe_intermediate_size",
+    "similarity_beta_s",
+    "similarity_beta_d",
+    "similarity_num_pairs",
+    "expert_output_bias",
+)
+"""Config fields every learned router in this file reads (its experts, the similarity regulariser, the bias)."""
+
+
+def check_top_k(config: CometMoEConfigMixin) -> None:
+    """``num_experts_per_tok`` must not exceed ``num_experts`` (``topk``, ``noisy_topk``)."""
+    if config.num_experts_per_tok > config.num_experts:
+        raise ValueError(
+            f"num_experts_per_tok={config.num_experts_per_tok!r} must be between 1 and num_experts="
+            f"{config.num_experts}."
+        )
+
+
 @register_router
 class TopKRouter(Router):
     """Learned softmax top-k gate (Mixtral style): ``softmax(u @ W^T)`` in float32, keep the k largest.
@@ -510,7 +525,18 @@ class TopKRouter(Router):
 
     routing = "topk"
     citation = "Fedus, W., Zoph, B., Shazeer, N. *Switch Transformers.* JMLR 2022 (load-balancing loss)."
-    config_fields = ("num_experts_per_tok", "norm_topk_prob", "router_scale")
+    config_fields = (
+        *LEARNED_FIELDS,
+        "num_experts_per_tok",
+        "norm_topk_prob",
+        "router_scale",
+        "router_aux_loss_coef",
+        "router_z_loss_coef",
+    )
+
+    @classmethod
+    def validate_config(cls, config: CometMoEConfigMixin) -> None:
+        check_top_k(config)
 
     def __init__(self, config: CometMoEConfigMixin, layer_idx: int, hidden_size: int):
         super().__init__(config, layer_idx, hidden_size)
@@ -578,7 +604,18 @@ class NoisyTopKRouter(Router):
 
     routing = "noisy_topk"
     citation = "Shazeer, N. et al. *Outrageously Large Neural Networks: The Sparsely-Gated Mixture-of-Experts Layer.* ICLR 2017."
-    config_fields = ("num_experts_per_tok", "router_scale")
+    config_fields = (
+        *LEARNED_FIELDS,
+        "num_experts_per_tok",
+        "router_scale",
+        "router_aux_loss_coef",
+        "router_z_loss_coef",
+    )
+
+    @classmethod
+    def validate_config(cls, config: CometMoEConfigMixin) -> None:
+        check_top_k(config)
+
     noise_floor = 1e-2
 
     def __init__(self, config: CometMoEConfigMixin, layer_idx: int, hidden_size: int):
@@ -655,7 +692,13 @@ class SwitchRouter(Router):
 
     routing = "switch"
     citation = "Fedus, W., Zoph, B., Shazeer, N. *Switch Transformers.* JMLR 2022."
-    config_fields = ("capacity_factor", "router_jitter_noise")
+    config_fields = (
+        *LEARNED_FIELDS,
+        "capacity_factor",
+        "router_jitter_noise",
+        "router_aux_loss_coef",
+        "router_z_loss_coef",
+    )
 
     def __init__(self, config: CometMoEConfigMixin, layer_idx: int, hidden_size: int):
         super().__init__(config, layer_idx, hidden_size)
@@ -756,7 +799,7 @@ class AttentiveRouter(MixtureRouter):
 
     routing = "attentive"
     citation = "Krishnamurthy, Y., Watkins, C., Gärtner, T. *Improving Expert Specialization in Mixture of Experts.* arXiv:2302.14703, 2023."
-    config_fields = ("gate_hidden_size", "mixture_top_k")
+    config_fields = (*LEARNED_FIELDS, "gate_hidden_size", "mixture_top_k", "router_aux_loss_coef")
 
     def __init__(self, config: CometMoEConfigMixin, layer_idx: int, hidden_size: int):
         super().__init__(config, layer_idx, hidden_size)
@@ -829,7 +872,13 @@ class DeepMoEGate(MixtureRouter):
 
     routing = "deep"
     citation = "Eigen, D., Ranzato, M., Sutskever, I. *Learning Factored Representations in a Deep Mixture of Experts.* arXiv:1312.4314, 2013."
-    config_fields = ("gate_hidden_size", "mixture_top_k", "deep_constraint_steps", "deep_constraint_margin")
+    config_fields = (
+        *LEARNED_FIELDS,
+        "gate_hidden_size",
+        "mixture_top_k",
+        "deep_constraint_steps",
+        "deep_constraint_margin",
+    )
 
     def __init__(self, config: CometMoEConfigMixin, layer_idx: int, hidden_size: int):
         super().__init__(config, layer_idx, hidden_size)
@@ -840,9 +889,7 @@ class DeepMoEGate(MixtureRouter):
         self.driven_by_callback = False
         self.gate_proj = nn.Linear(hidden_size, config.gate_hidden_size)
         self.gate_out = nn.Linear(config.gate_hidden_size, config.num_experts)
-        self.register_buffer(
-            "assignment_totals", torch.zeros(config.num_experts, dtype=torch.float64), persistent=True
-        )
+        self.register_buffer("assignment_totals", torch.zeros(config.num_experts, dtype=torch.float64), persistent=True)
         self.register_buffer("constraint_steps_done", torch.zeros((), dtype=torch.long), persistent=True)
         self._totals_snapshot: torch.Tensor | None = None
         self._on_snapshot: torch.Tensor | None = None
@@ -943,6 +990,7 @@ __all__ = [
     "MixtureRouter",
     "PAIR_SEED_OFFSET",
     "ROUTER_CLASSES",
+    "LEARNED_FIELDS",
     "ROUTINGS",
     "AttentiveRouter",
     "CometRouter",

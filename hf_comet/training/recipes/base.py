@@ -65,7 +65,8 @@ def variant_names() -> tuple[str, ...]:
 def variant_config_fields(variant: str) -> dict[str, Any]:
     """The MoE config fields that make ``variant`` (a routing name or ``"block_comet"``), before overrides."""
     fields: dict[str, Any] = {"routing": "comet" if variant == "block_comet" else variant}
-    fields |= {"num_experts": 4, "num_experts_per_tok": 2}
+    reads = configuration_comet.ROUTER_CLASSES[fields["routing"]].config_fields  # a field a routing ignores is refused
+    fields |= {k: v for k, v in {"num_experts": 4, "num_experts_per_tok": 2}.items() if k in reads}
     if variant == "block_comet":
         fields["comet_block_size"] = 32
     return fields
