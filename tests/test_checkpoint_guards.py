@@ -130,7 +130,7 @@ def test_a_projection_missing_from_the_file_is_recreated_and_said_so(tmp_path):
     finally:
         transformers.logging.set_verbosity_error()
     assert "recreated from routing_seed=4" in ours.out and "identical" in ours.out
-    assert "projection" not in generic.out  # not reported as newly initialised
+    assert "projection" in generic.out  # transformers lists every tensor the file lacks (its own tests require it)
     inputs = tiny_inputs(*CAUSAL)
     with torch.no_grad():
         torch.testing.assert_close(

@@ -223,14 +223,17 @@ def check_routing_weights(model, loading_info) -> None:
     missing, unexpected = loading_info.missing_keys, loading_info.unexpected_keys
     family = getattr(model, "family", None)
     recreated, unrecorded = [], []
+    # Both stay in the load report (transformers' convention: every persistent tensor the file lacks is listed);
+    # what they mean is said below.
     for name, block in blocks.items():
         if isinstance(block.router, CometRouter) and f"{name}.router.projection" in missing:
-            missing.discard(f"{name}.router.projection")
             recreated.append(block.layer_idx)
         if f"{name}.routing_record" in missing:
-            missing.discard(f"{name}.routing_record")
             unrecorded.append(block.layer_idx)
-    moe_missing = {key for key in missing if any(key.startswith(f"{name}.") for name in blocks)}
+    explained = {f"{name}.router.projection" for name in blocks} | {f"{name}.routing_record" for name in blocks}
+    moe_missing = {
+        key for key in missing if key not in explained and any(key.startswith(f"{name}.") for name in blocks)
+    }
     moe_unexpected = {
         key
         for key in unexpected
