@@ -30,11 +30,11 @@ class Digits(torch.utils.data.Dataset):
 def main():
     out, routing, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
     torch.manual_seed(0)
+    moe = {} if routing == "comet" else dict(num_experts=4, num_experts_per_tok=2)  # fields COMET does not read
     config = AutoConfig.for_model(
         "comet_vit",
         routing=routing,
-        num_experts=4,
-        num_experts_per_tok=2,
+        **moe,
         num_hidden_layers=2,
         hidden_size=32,
         num_attention_heads=4,

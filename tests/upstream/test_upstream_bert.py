@@ -32,6 +32,10 @@ OUR_CLASSES = {
 TOPK_INTERMEDIATE_SIZE = 64
 
 COMMON_MARKS = {
+    "test_feed_forward_chunking": U.design(
+        "comet_bert refuses chunk_size_feed_forward > 0, also when assigned after construction (routing statistics "
+        "and aux losses need whole sequences; docs/decisions.md, 'BERT feed-forward chunking')"
+    ),
     "test_for_causal_lm": U.not_provided("BertLMHeadModel"),
     "test_for_causal_lm_decoder": U.not_provided("BertLMHeadModel"),
     "test_decoder_model_past_with_large_inputs": U.not_provided("BertLMHeadModel"),
