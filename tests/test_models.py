@@ -93,6 +93,7 @@ def test_upstream_modules_and_parameter_names_are_kept():
             "experts.up_proj_bias",
             "experts.down_proj",
             "experts.down_proj_bias",
+            "routing_record",  # what the weights were saved for (docs/decisions.md)
         )
     }
 

@@ -5,7 +5,7 @@ Skipped unless transformers' test files are available (see ``_upstream.py`` and 
 
 from __future__ import annotations
 
-import _upstream as U
+from . import _upstream as U
 
 upstream = U.load("models.gpt2.test_modeling_gpt2", required=("causal_lm_tester.py", "generation/test_utils.py"))
 configuration_common = U.load("test_configuration_common")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 from unittest import mock
 
-import _upstream as U
+from . import _upstream as U
 
 upstream = U.load("models.vit.test_modeling_vit")
 configuration_common = U.load("test_configuration_common")
