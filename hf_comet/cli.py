@@ -658,6 +658,26 @@ def _train_overrides(items: list[str]) -> dict[str, Any]:
     return overrides
 
 
+def _check_models_build(name: str, variants: list[str], settings, overrides: dict[str, Any]) -> None:
+    """Build every variant's model on the meta device (no memory, no weights): sizes that build a config but not a
+    model (e.g. ``--setting hidden_size=33`` with 4 heads) are refused here, not after the run has started."""
+    import torch
+
+    from hf_comet.training.recipes import RECIPES
+    from hf_comet.training.recipes.base import build_model
+
+    recipe = RECIPES[name]
+    shared = recipe.shared_config(settings)
+    for variant in variants:
+        try:
+            with torch.random.fork_rng(devices=[]), torch.device("meta"):
+                build_model(recipe.family, "AutoModel", variant, shared, overrides, seed=0)
+        except (ValueError, TypeError, ArithmeticError, RuntimeError) as error:
+            raise UserError(
+                f"recipe {name}: the {variant} model cannot be built with these --setting/--set values: {error}"
+            ) from error
+
+
 def _train(args: argparse.Namespace) -> int:
     from huggingface_hub.errors import StrictDataclassError
 
@@ -672,9 +692,10 @@ def _train(args: argparse.Namespace) -> int:
             raise UserError(f"--steps {args.steps} and --setting steps={settings['steps']!r} both set steps; give one.")
         settings["steps"] = args.steps
     try:
-        variants, _, _ = validate_recipe_arguments(args.recipe, args.fast, variants, overrides, settings)
+        variants, chosen, _ = validate_recipe_arguments(args.recipe, args.fast, variants, overrides, settings)
     except StrictDataclassError as error:  # huggingface_hub's typed config fields (the recipe catches ValueErrors)
         raise UserError(f"a --set value is refused by the config: {error}") from error
+    _check_models_build(args.recipe, variants, chosen, overrides)
     output_dir = args.output_dir if args.output_dir is not None else f"runs/{args.recipe}"
     run_folder(output_dir, "--output-dir", **_run_outputs(variants))
     _quiet_transformers()
@@ -890,8 +911,8 @@ def _card(args: argparse.Namespace) -> int:
 
     _quiet_transformers()
 
+    saved = checkpoint_folder(args.checkpoint, "checkpoint")
     checkpoint = Path(args.checkpoint)
-    saved = checkpoint_folder(checkpoint, "checkpoint")
     if saved["model_type"] not in FAMILIES:
         raise UserError(
             f"checkpoint {args.checkpoint!r} is a {saved['model_type']} checkpoint, not an hf_comet one; convert it "

@@ -242,6 +242,11 @@ CASES = [
     ("train-set-provenance", ["train", "vit_digits", "--set", "converted_from=x"], "converted_from"),
     ("train-set-twice", ["train", "vit_digits", "--set", "num_experts=4", "--set", "num_experts=8"], "given twice"),
     ("train-steps-twice", ["train", "vit_digits", "--steps", "3", "--setting", "steps=4"], "both set steps"),
+    (
+        "train-unbuildable",
+        ["train", "gpt2_text", "--fast", "--setting", "num_heads=3"],
+        "the dense model cannot be built",
+    ),
     ("train-seed", ["train", "vit_digits", "--seed", "-3"], "'-3' is outside the seed range"),
     ("train-out-file", ["train", "vit_digits", "--fast", "--output-dir", "{r}/a_file"], "'{r}/a_file' is a file"),
     ("train-out-parent-file", ["train", "vit_digits", "--output-dir", "{r}/a_file/run"], "'{r}/a_file' is a file"),
@@ -254,6 +259,7 @@ CASES = [
     ("demo-seed", ["demo", "--fast", "--seed", "1.5"], "'1.5' is not an integer seed"),
     # -- card ---------------------------------------------------------------------------------------------------
     ("card-missing", ["card", "{r}/nowhere"], "'{r}/nowhere' does not exist"),
+    ("card-empty", ["card", ""], "checkpoint is empty"),
     ("card-file", ["card", "{r}/a_file"], "'{r}/a_file' is a file, not a folder"),
     ("card-no-config", ["card", "{r}/empty"], "has no config.json"),
     ("card-bad-json", ["card", "{r}/moe_nocard_badjson"], "is not valid JSON"),
@@ -284,6 +290,11 @@ def fill(items, root: Path) -> list[str]:
 @pytest.mark.parametrize("argv, expected", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
 def test_a_bad_invocation_exits_2_naming_the_value_and_writes_nothing(root, argv, expected, capsys, monkeypatch):
     monkeypatch.chdir(root)  # relative paths (and train's default output folder) land in the watched folder
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("a refused invocation started a training run")
+
+    monkeypatch.setattr("hf_comet.training.recipes.run_recipe", no_run)  # fail fast instead of training for minutes
     before = snapshot(root)
     assert run_main(fill(argv, root)) == 2
     err = capsys.readouterr().err
