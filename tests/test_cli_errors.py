@@ -375,3 +375,19 @@ def test_real_processes_print_no_traceback(root):
         command = cases[name][1][0]
         assert f"hf-comet {command}: error: " in err and fill([cases[name][2]], root)[0] in err, (name, err)
     assert snapshot(root) == before
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], "hf-comet: error: the following arguments are required: command"),
+        (["resize"], "invalid choice: 'resize'"),
+        (["convert", "a"], "hf-comet convert: error: the following arguments are required: destination"),
+        (["info", "--bogus"], "unrecognized arguments: --bogus"),
+        (["convert", "a", "b", "--method", "moefy"], "invalid choice: 'moefy'"),
+    ],
+)
+def test_argparse_refusals_are_one_line_with_a_pointer_to_help(argv, expected, capsys):
+    assert run_main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "--help' " not in err and "(see 'hf-comet" in err and "usage:" not in err
