@@ -1,8 +1,10 @@
 """The ``hf-comet`` command, the recipes and the demo (main job) in their fast settings."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +15,14 @@ from hf_comet.data import digits_images, english_text_bytes, stdlib_docstrings
 from hf_comet.io import atomic_save_pretrained
 from hf_comet.training.recipes import RECIPES, run_recipe
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "hf_comet.cli", *args], capture_output=True, text=True, timeout=300)
+    """``python -m hf_comet.cli ARGS`` on this checkout's code (not whichever copy is installed)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, "-m", "hf_comet.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
 
 
 def test_version_and_info():

@@ -206,3 +206,39 @@ def test_split_routers_choose_by_input_and_upcycled_routers_are_not_degenerate(t
     upcycled(**inputs, labels=inputs["input_ids"])
     for layer in upcycled.routing_statistics().values():
         assert layer["dropped_tokens"] < layer["tokens"] / 2  # a random, not an all-tied, router
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda s: s.pop("bert.encoder.layer.1.intermediate.dense.weight"), "lacks 1 weight"),
+        (lambda s: s.pop("bert.embeddings.word_embeddings.weight"), "bert.embeddings.word_embeddings.weight"),
+        (lambda s: s.update({"bert.encoder.layer.2.output.dense.bias": torch.zeros(32)}), "FFN weights"),
+        (lambda s: s.update({"bert.encoder.layer.0.intermediate.dense.bias": torch.zeros(7)}), r"\(7,\) \(needs"),
+    ],
+    ids=["missing-ffn", "missing-other", "unexpected-ffn", "wrong-shape"],
+)
+def test_a_source_whose_weights_do_not_fill_its_class_is_refused_not_made_random(edit, message, tmp_path):
+    """The converter reads the dense model's load report itself: a missing or mis-shaped tensor, or an FFN tensor
+    the class does not read, is an error (transformers would fill the gap with random values, silently here)."""
+    from safetensors.torch import load_file, save_file
+
+    saved_stock("bert", "BertForSequenceClassification", tmp_path / "dense")
+    state = load_file(tmp_path / "dense" / "model.safetensors")
+    edit(state)
+    save_file(state, tmp_path / "dense" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=message):
+        convert_to_moe(tmp_path / "dense", "upcycle", num_experts=4)
+    with pytest.raises(ConversionError, match=message):
+        deviation_report(tmp_path / "dense", "upcycle", [1], num_experts=4)
+
+
+def test_an_unused_non_ffn_source_tensor_warns_and_converts(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    saved_stock("gpt2", "GPT2LMHeadModel", tmp_path / "dense")
+    state = load_file(tmp_path / "dense" / "model.safetensors")
+    state["transformer.unused.weight"] = torch.zeros(3)
+    save_file(state, tmp_path / "dense" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="transformer.unused.weight"):
+        convert_to_moe(tmp_path / "dense", "comet")

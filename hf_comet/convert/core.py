@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from transformers import AutoConfig, PreTrainedModel
 
 from ..modeling import FAMILY_ADAPTERS, FamilyAdapter
@@ -66,7 +69,7 @@ def _load_dense(source: PreTrainedModel | str | os.PathLike) -> tuple[PreTrained
     path = str(source)
     try:
         config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, StrictDataclassError) as error:
         raise ConversionError(f"cannot read a transformers config from {path!r}: {error}") from error
     architectures = getattr(config, "architectures", None) or []
     upstream = [family.upstream_model_type for family in FAMILY_ADAPTERS.values()]
@@ -78,7 +81,51 @@ def _load_dense(source: PreTrainedModel | str | os.PathLike) -> tuple[PreTrained
     family, head = _stock_head(architectures[0])
     if os.path.isdir(path):
         path = os.path.abspath(path)  # a local source is recorded as an absolute path, never mistaken for a repo id
-    return family.stock_class(head).from_pretrained(path), path
+    stock_class = family.stock_class(head)
+    try:  # mismatched shapes are reported (and refused below) rather than raised with a pointer to a hidden report
+        model, report = stock_class.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True)
+    except (OSError, ValueError, TypeError, ArithmeticError, SafetensorError, StrictDataclassError) as error:
+        # missing, truncated or garbage weights, bad JSON, config values the model cannot be built with
+        raise ConversionError(f"cannot load the weights of {path!r} as {stock_class.__name__}: {error}") from error
+    check_load_report(report, family, stock_class.__name__, path)
+    return model, path
+
+
+def check_load_report(report: dict[str, Any], family: FamilyAdapter, class_name: str, path: str) -> None:
+    """Refuse a dense source whose weights do not fill its class: a missing tensor (it would be random, and in an FFN
+    every expert made from it random), a tensor of the wrong shape, or an unexpected FFN tensor (a source whose FFN
+    is not where its class reads it). Any other unexpected tensor is unused by the dense model too: a warning."""
+
+    def listed(keys) -> str:
+        keys = sorted(keys)
+        return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+    fix = "re-save the source with save_pretrained from a complete model"
+    missing = report.get("missing_keys") or ()
+    if missing:
+        raise ConversionError(
+            f"{path!r} lacks {len(missing)} weight(s) {class_name} needs: {listed(missing)}; converting would fill "
+            f"them (and every expert made from them) with random values; {fix}."
+        )
+    mismatched = report.get("mismatched_keys") or ()
+    if mismatched:
+        shapes = ", ".join(f"{key} {tuple(saved)} (needs {tuple(needed)})" for key, saved, needed in sorted(mismatched))
+        raise ConversionError(f"{path!r} holds weights of the wrong shape for its config: {shapes}; {fix}.")
+    if report.get("error_msgs"):
+        raise ConversionError(f"{path!r}: loading {class_name} reported {report['error_msgs']}; {fix}.")
+    unexpected = set(report.get("unexpected_keys") or ())
+    ffn = {key for key in unexpected if family.ffn_key(key) is not None}
+    if ffn:
+        raise ConversionError(
+            f"{path!r} holds FFN weights {class_name} does not read: {listed(ffn)}; the FFN the conversion maps would "
+            f"not be the one in the file; {fix}."
+        )
+    if unexpected:
+        warnings.warn(
+            f"{path!r}: {class_name} does not use {len(unexpected)} saved tensor(s) ({listed(unexpected)}); "
+            "they are left out of the conversion as the dense model leaves them out.",
+            stacklevel=3,
+        )
 
 
 def _moe_config(
@@ -203,6 +250,7 @@ def map_dense_state_dict(
 
 __all__ = [
     "METHODS",
+    "check_load_report",
     "conversion_method",
     "convert_to_moe",
     "family_of_model_type",
