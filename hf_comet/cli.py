@@ -222,6 +222,10 @@ def destination_folder(path: str | os.PathLike, what: str, *, overwrite: bool) -
     """A folder that will be written as a whole (a checkpoint): refuses a symlink, a file, an existing folder
     without ``--overwrite`` or that is not a checkpoint, and a place we may not write in."""
     path = _given(path, what)
+    if not path.is_symlink():  # first repair what an interrupted earlier write left there (hf_comet.io), and say so
+        from hf_comet.io import recover
+
+        recover(path)
     status = _lstat(path, what)
     if status is not None:
         _no_link(path, status, what)
