@@ -156,3 +156,19 @@ def test_a_registered_recipe_s_own_setting_checks_run_before_any_work(toy_recipe
     assert main(["train", "toy_digits", "--fast", *flags, "--output-dir", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"steps": 1e30}, "steps=1e\\+30 must be a whole number in \\[0, 2147483647\\]"),
+        ({"steps": float("nan")}, "steps=nan must be a finite int"),
+        ({"learning_rate": float("inf")}, "learning_rate=inf must be a finite float"),
+        ({"hidden_size": "abc"}, "hidden_size='abc' must be a finite int"),
+        ({"batch_size": -3}, "batch_size=-3 must be a whole number"),
+    ],
+)
+def test_recipe_settings_that_could_not_run_or_finish_are_refused_before_any_work(settings, message, tmp_path):
+    with pytest.raises(RecipeArgumentError, match=message):
+        validate_recipe_arguments("vit_digits", True, None, None, settings)
+    assert not (tmp_path / "out").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -15,6 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import transformers
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -188,8 +190,12 @@ def validate_recipe_arguments(
         if key not in known:
             raise RecipeArgumentError(f"setting {key!r} does not exist; known: {', '.join(known)}.")
         expected = type(known[key])
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (expected is int and value != int(value)):
-            raise RecipeArgumentError(f"setting {key}={value!r} must be a {expected.__name__}.")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RecipeArgumentError(f"setting {key}={value!r} must be a finite {expected.__name__}.")
+        if expected is int and (value != int(value) or not 0 <= value <= MAX_INT_SETTING):
+            raise RecipeArgumentError(
+                f"setting {key}={value!r} must be a whole number in [0, {MAX_INT_SETTING}] (a run that could finish)."
+            )
     chosen = replace(preset, **{k: type(known[k])(v) for k, v in (settings or {}).items()})
     for key, low in {**MIN_SETTINGS, **recipe.min_settings}.items():
         if getattr(chosen, key) < low:
@@ -210,9 +216,13 @@ def validate_recipe_arguments(
             continue
         try:
             _moe_config(family, variant, shared, overrides)
-        except (ValueError, TypeError) as error:
+        except (ValueError, TypeError, StrictDataclassError) as error:  # typed-config errors of huggingface_hub
             raise RecipeArgumentError(f"variant {variant!r}: {error}") from error
     return variants, chosen, overrides
+
+
+MAX_INT_SETTING = 2**31 - 1
+"""Largest whole-number recipe setting (steps, sizes): beyond it a run could not finish."""
 
 
 # -- helpers for runners -------------------------------------------------------------------------------------------
