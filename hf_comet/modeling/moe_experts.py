@@ -194,7 +194,7 @@ class PackedExperts(ExpertKernels):
     def grouped_mm_fits(self, dtype: torch.dtype) -> bool:
         """Whether ``grouped_mm`` can run these experts' weights and inputs of ``dtype`` (16-byte strides)."""
         sizes = (self.intermediate_size, self.hidden_size)
-        itemsizes = {self.up_proj.element_size(), torch.empty((), dtype=dtype).element_size()}
+        itemsizes = {self.up_proj.dtype.itemsize, dtype.itemsize}  # no allocation on the forward path
         return all(size * itemsize % 16 == 0 for size in sizes for itemsize in itemsizes)
 
     def masked_dense_forward(self, hidden_states: torch.Tensor, unit_mask: torch.Tensor) -> torch.Tensor:
