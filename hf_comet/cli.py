@@ -1015,6 +1015,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(_moe_fields=_moe_field_flags(convert))
 
+    from hf_comet import bench
+
+    bench_parser = commands.add_parser(
+        "bench", help="the speed/memory benchmark of the README (blocks, training, generation; ~15 min; --quick: 1)"
+    )
+    bench.add_arguments(bench_parser)
+
     card = commands.add_parser("card", help="write the model card (README.md) of a saved hf_comet checkpoint")
     card.add_argument("checkpoint")
     card.add_argument("--repo-id", type=repo_id, help="the Hub repo id to show in the loading snippet")
@@ -1022,7 +1029,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"info": _info, "demo": _demo, "train": _train, "convert": _convert, "card": _card}
+def _bench(args: argparse.Namespace) -> int:
+    from hf_comet import bench
+
+    argv = [*args.sections, *(["--quick"] if args.quick else []), "--threads", str(args.threads)]
+    for flag, value in (("--rounds", args.rounds), ("--json", args.json), ("--readme", args.readme)):
+        if value is not None:
+            argv += [flag, str(value)]
+    try:
+        return bench.run_from_args(args, argv)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
+COMMANDS = {"info": _info, "demo": _demo, "train": _train, "convert": _convert, "card": _card, "bench": _bench}
 
 
 @contextlib.contextmanager

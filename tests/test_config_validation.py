@@ -36,6 +36,8 @@ BAD_VALUES = {
     "output_router_logits": BAD_BOOL,
     "routing_seed": [*BAD_INT, -1, 2**63],
     "comet_block_size": [*BAD_INT, 0, -16, 48],
+    "comet_router": [x for x in BAD_STR if x not in ("COMET", " comet")] + ["Full", "lowrank", "structured "],
+    "comet_router_rank": [*BAD_INT, 0, -1],
     "capacity_factor": [x for x in BAD_FLOAT if x is not None] + [0, 0.0, -1.25],
     "router_jitter_noise": [*BAD_FLOAT, -0.1, 1, 1.5],
     "gate_hidden_size": [*BAD_INT, 0, -1],
@@ -140,6 +142,8 @@ GOOD_VALUES = {
     "output_router_logits": [True, False],
     "routing_seed": [0, 7, 2**63 - 1],
     "comet_block_size": [1, 2, 16, 128],
+    "comet_router": ["full", "structured"],
+    "comet_router_rank": [1, 16, 4096],
     "capacity_factor": [None, 1, 1.25, 1e-3],
     "router_jitter_noise": [0, 0.0, 0.5, 0.999],
     "gate_hidden_size": [1, 32],
@@ -256,7 +260,7 @@ def test_a_width_grouped_mm_cannot_run_falls_back_to_eager_and_trains():
 
     config = AutoConfig.for_model(FAMILY, **base_fields("topk"), n_inner=36)  # expert width 9: not 16-byte strides
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config, experts_implementation="grouped_mm")
     assert model.config._experts_implementation == "grouped_mm"
     ids = torch.randint(3, 64, (2, 8))
     out = model(input_ids=ids, labels=ids)

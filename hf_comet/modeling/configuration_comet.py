@@ -117,6 +117,8 @@ MOE_FIELD_RULES: dict[str, FieldRule] = {
     "output_router_logits": FieldRule("bool", common=True),
     "routing_seed": FieldRule("int", low=0, high=2**63 - 1, common=True),
     "comet_block_size": FieldRule("int", low=1),
+    "comet_router": FieldRule("str", choices=("full", "structured")),
+    "comet_router_rank": FieldRule("int", low=1),
     "capacity_factor": FieldRule("float", low=0, low_open=True, optional=True),
     "router_jitter_noise": FieldRule("float", low=0, high=1, high_open=True),
     "gate_hidden_size": FieldRule("int", low=1),
@@ -183,6 +185,14 @@ class CometMoEConfigMixin:
             the projection scores blocks of ``b`` consecutive units (experts = disjoint slices of the FFN), keeps the
             top ``comet_keep_rate`` fraction of blocks per token with weight 1 and runs only those. Must divide the
             FFN width.
+        comet_router: COMET only. ``"full"`` (default, the paper's): the projection V is a dense (units x d) matrix
+            and each token keeps its global top k. ``"structured"`` (hf_comet's extension, off by default) is a
+            cheaper fixed router: V = B A of rank ``comet_router_rank``, and at unit level exactly
+            ``keep_rate * g`` units are kept in every group of ``g`` consecutive units (pairs at keep 0.5: one
+            comparison per pair, a random hyperplane), so the router costs about ``r (d + F)`` per token instead of
+            ``F d`` and needs no top-k over F. ``hf-comet bench`` measures its cost and how well it keeps the
+            overlap-similarity property.
+        comet_router_rank: rank r of the ``"structured"`` COMET router (capped at the hidden size).
         capacity_factor: ``switch`` only. ``None`` (default) is dropless; a float caps each expert at
             ``ceil(capacity_factor * tokens / num_experts)`` tokens per training forward, in token order. Dropped
             tokens get a zero FFN output (no output bias), so they pass through the residual connection, and are
@@ -229,6 +239,8 @@ class CometMoEConfigMixin:
     output_router_logits: bool = False
     routing_seed: int = 0
     comet_block_size: int = 1
+    comet_router: str = "full"
+    comet_router_rank: int = 64
     capacity_factor: float | int | None = None
     router_jitter_noise: float | int = 0.01
     gate_hidden_size: int = 32

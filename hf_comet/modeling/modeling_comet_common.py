@@ -14,7 +14,7 @@ from transformers import initialization as init
 from transformers.utils import logging
 
 from .moe_block import RECORD_FIELDS, MoEBlock, active_collector, collect_routing, describe_record
-from .moe_experts import PackedExperts
+from .moe_experts import BUCKETED, PackedExperts
 from .moe_routers import CometRouter, Router
 
 logger = logging.get_logger(__name__)
@@ -76,12 +76,20 @@ class CometPreTrainedMixin:
         check_routing_weights(self, loading_info)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """Default (``None``) is our ``"bucketed"`` kernel (`hf_comet.modeling.moe_kernels`; ``hf-comet bench``
+        measured it faster than transformers' kernels on CPU). Transformers' ``"grouped_mm"`` and ``"eager"`` stay
+        selectable; ``"batched_mm"`` is refused."""
+        if requested_experts is None or requested_experts == BUCKETED:
+            return BUCKETED
         if requested_experts == "batched_mm":
             raise ValueError(
                 "experts_implementation='batched_mm' is refused by hf_comet: it gathers a weight matrix per token and "
-                "exhausts memory at training sizes; use 'grouped_mm' (default) or 'eager'."
+                f"exhausts memory at training sizes; use {BUCKETED!r} (default), 'grouped_mm' or 'eager'."
             )
-        return super().get_correct_experts_implementation(requested_experts)
+        try:
+            return super().get_correct_experts_implementation(requested_experts)
+        except ValueError as error:
+            raise ValueError(f"{error} hf_comet also accepts experts_implementation={BUCKETED!r} (its default).") from None
 
     # -- routing statistics ----------------------------------------------------------------------------------------
     def moe_blocks(self) -> list[MoEBlock]:
@@ -230,7 +238,10 @@ def check_routing_weights(model, loading_info) -> None:
             recreated.append(block.layer_idx)
         if f"{name}.routing_record" in missing:
             unrecorded.append(block.layer_idx)
-    explained = {f"{name}.router.projection" for name in blocks} | {f"{name}.routing_record" for name in blocks}
+        if getattr(block.router, "projection_in", None) is not None and f"{name}.router.projection_in" in missing:
+            recreated.append(block.layer_idx)
+    explained = {f"{name}.router.{key}" for name in blocks for key in ("projection", "projection_in")}
+    explained |= {f"{name}.routing_record" for name in blocks}
     moe_missing = {
         key for key in missing if key not in explained and any(key.startswith(f"{name}.") for name in blocks)
     }
@@ -289,6 +300,7 @@ def check_routing_weights(model, loading_info) -> None:
                 f"units per token; running with k={expected[RECORD_FIELDS.index('units_kept')]} as requested."
             )
         block.routing_record.copy_(block.expected_record(model.config))
+    recreated = sorted(set(recreated))
     if recreated:
         logger.warning(
             f"{where}: the COMET projection of layers {recreated} was not in the checkpoint and was recreated from "

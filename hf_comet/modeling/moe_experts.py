@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.activations import ACT2FN
 from transformers.integrations.moe import (
     ExpertsInterface,
     _grouped_linear,
@@ -41,6 +40,7 @@ from transformers.integrations.moe import (
 from transformers.utils import logging
 
 from .configuration_comet import CometMoEConfigMixin
+from .moe_kernels import FusedActivation, bucketed_experts, masked_activation
 from .moe_routers import RoutingDecision
 
 logger = logging.get_logger(__name__)
@@ -91,9 +91,25 @@ def deterministic_grouped_mm_experts_forward(
     return output.to(hidden_states.dtype)
 
 
+BUCKETED = "bucketed"
+"""Our experts implementation (`hf_comet.modeling.moe_kernels.bucketed_experts`), the default."""
+
+
+def bucketed_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """`bucketed_experts` behind transformers' experts-function signature (`ExpertsInterface`)."""
+    down_bias = None if self.output_bias is not None else self.down_proj_bias
+    return bucketed_experts(
+        hidden_states, top_k_index, top_k_weights, self.up_proj, self.up_proj_bias, self.down_proj, down_bias, self.act_fn
+    )
+
+
 EXPERTS_FUNCTIONS = ExpertsInterface()
-"""Transformers' experts implementations, with ``grouped_mm`` replaced by `deterministic_grouped_mm_experts_forward`."""
+"""Transformers' experts implementations, with ``grouped_mm`` replaced by `deterministic_grouped_mm_experts_forward`,
+plus ours, ``bucketed``."""
 EXPERTS_FUNCTIONS["grouped_mm"] = deterministic_grouped_mm_experts_forward
+EXPERTS_FUNCTIONS[BUCKETED] = bucketed_experts_forward
 
 
 @use_experts_implementation(experts_interface=EXPERTS_FUNCTIONS, has_gate=False, has_bias=True, is_transposed=False)
@@ -127,7 +143,7 @@ class ExpertKernels(nn.Module):
         else:
             self.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden_size))
             self.output_bias = None
-        self.act_fn = ACT2FN[activation]
+        self.act_fn = FusedActivation(activation)
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -173,15 +189,31 @@ class PackedExperts(ExpertKernels):
             init.zeros_(self.output_bias)
 
     def sparse_forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor | None
     ) -> torch.Tensor:
-        """The experts-implementation kernel chosen by the config (``grouped_mm`` or ``eager``).
+        """The experts-implementation kernel chosen by the config: ``bucketed`` (default), ``grouped_mm`` or ``eager``.
 
-        ``grouped_mm`` needs every weight stride to be a multiple of 16 bytes (an expert width and hidden size that
-        are multiples of 4 in float32, of 8 in 16-bit); other sizes run the eager kernel instead, said once."""
-        if getattr(self.config, "_experts_implementation", None) == "grouped_mm" and not self.grouped_mm_fits(
-            hidden_states.dtype
-        ):
+        ``top_k_weights=None`` means weight 1 for every kept expert (block-COMET). ``bucketed`` needs the per-expert
+        counts on the host, which ``torch.compile`` cannot trace; compiled code runs ``grouped_mm`` instead (same
+        results to rounding). ``grouped_mm`` needs every weight stride to be a multiple of 16 bytes (an expert width
+        and hidden size that are multiples of 4 in float32, of 8 in 16-bit); other sizes run the eager kernel
+        instead, said once."""
+        implementation = getattr(self.config, "_experts_implementation", None) or BUCKETED
+        if implementation == BUCKETED and not torch.compiler.is_compiling():
+            down_bias = None if self.output_bias is not None else self.down_proj_bias
+            return bucketed_experts(
+                hidden_states,
+                top_k_index,
+                top_k_weights,
+                self.up_proj,
+                self.up_proj_bias,
+                self.down_proj,
+                down_bias,
+                self.act_fn,
+            )
+        if top_k_weights is None:
+            top_k_weights = torch.ones(top_k_index.shape, dtype=hidden_states.dtype, device=hidden_states.device)
+        if implementation in ("grouped_mm", BUCKETED) and not self.grouped_mm_fits(hidden_states.dtype):
             logger.warning_once(
                 f"hf_comet: experts of width {self.intermediate_size} and hidden size {self.hidden_size} in "
                 f"{self.up_proj.dtype} do not fit grouped_mm (strides must be multiples of 16 bytes); running the "
@@ -189,6 +221,8 @@ class PackedExperts(ExpertKernels):
                 "use grouped_mm."
             )
             return self.eager_forward(hidden_states, top_k_index, top_k_weights)
+        if implementation == BUCKETED:  # compiled
+            return deterministic_grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         return ExpertKernels.forward(self, hidden_states, top_k_index, top_k_weights)
 
     def grouped_mm_fits(self, dtype: torch.dtype) -> bool:
@@ -206,13 +240,13 @@ class PackedExperts(ExpertKernels):
         biases are added with the mask's per-expert weight; block-COMET's are zero and its bias is ``output_bias``.
         """
         if self.num_experts == 1:
-            h = self.act_fn(F.linear(hidden_states, self.up_proj[0], self.up_proj_bias[0]))
-            return F.linear(h * unit_mask.to(h.dtype), self.down_proj[0], self.down_proj_bias[0])
+            h = F.linear(hidden_states, self.up_proj[0], self.up_proj_bias[0])
+            return F.linear(masked_activation(h, unit_mask, self.act_fn), self.down_proj[0], self.down_proj_bias[0])
         width = self.num_experts * self.intermediate_size
         up = self.up_proj.reshape(width, self.hidden_size)
         down = self.down_proj.permute(1, 0, 2).reshape(self.hidden_size, width)
-        h = self.act_fn(F.linear(hidden_states, up, self.up_proj_bias.reshape(width)))
-        return F.linear(h * unit_mask.to(h.dtype), down)
+        h = F.linear(hidden_states, up, self.up_proj_bias.reshape(width))
+        return F.linear(masked_activation(h, unit_mask, self.act_fn), down)
 
     def expert_activations(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Every expert's post-activation intermediate units: (T, d) -> (T, E, I). Dense: E x the work of one expert."""
@@ -265,19 +299,21 @@ def run_experts(experts: PackedExperts, hidden_states: torch.Tensor, decision: R
             unit_mask = block_mask.repeat_interleave(experts.intermediate_size, dim=1)
         output = experts.masked_dense_forward(hidden_states, unit_mask)
     else:
-        output = experts.sparse_forward(hidden_states, decision.top_k_index, decision.top_k_weights)
+        weights = None if decision.uniform_weights else decision.top_k_weights
+        output = experts.sparse_forward(hidden_states, decision.top_k_index, weights)
         dropped = decision.extras.get("dropped")
         if dropped is not None:
             routed = (~dropped).unsqueeze(-1)
     if experts.output_bias is not None:
         bias = experts.output_bias.to(output.dtype)
-        output = output + (bias if routed is None else bias * routed.to(output.dtype))
+        output = output + bias if routed is None else torch.addcmul(output, routed.to(output.dtype), bias)
     return output
 
 
 CometExperts = PackedExperts  # the first release's name
 
 __all__ = [
+    "BUCKETED",
     "DENSE_BLOCK_FRACTION",
     "EXECUTIONS",
     "CometExperts",

@@ -410,7 +410,7 @@ class CometRouter(Router):
     routing = "comet"
     citation = "Shaier, Y. et al. *Conditionally Overlapping Mixture of ExperTs.* ICLR 2025."
     has_trainable_gate = False
-    config_fields = ("comet_keep_rate", "comet_block_size")
+    config_fields = ("comet_keep_rate", "comet_block_size", "comet_router", "comet_router_rank")
 
     def __init__(self, config: CometMoEConfigMixin, layer_idx: int, hidden_size: int):
         super().__init__(config, layer_idx, hidden_size)
@@ -418,7 +418,18 @@ class CometRouter(Router):
         num_groups = config.ffn_width // self.block_size
         self.num_active = comet_num_active(config.comet_keep_rate, num_groups)
         self.seed = config.routing_seed
-        self.register_buffer("projection", self.draw_projection(num_groups, hidden_size), persistent=True)
+        self.structured = config.comet_router == "structured"
+        self.group_size, self.group_keep = (
+            structured_groups(num_groups, self.num_active) if self.structured and self.block_size == 1 else (0, 0)
+        )
+        if self.structured:
+            rank = min(config.comet_router_rank, hidden_size)
+            projection, projection_in = self.draw_structured(num_groups, hidden_size, rank)
+            self.register_buffer("projection", projection, persistent=True)
+            self.register_buffer("projection_in", projection_in, persistent=True)
+        else:
+            self.register_buffer("projection", self.draw_projection(num_groups, hidden_size), persistent=True)
+            self.projection_in = None
 
     @classmethod
     def expert_layout(cls, config: CometMoEConfigMixin) -> tuple[int, int]:
@@ -450,8 +461,11 @@ class CometRouter(Router):
             what = f"blocks of {config.comet_block_size} units ({groups} blocks)"
         else:
             what = f"units of the FFN (width {config.ffn_width})"
+        router = "a frozen random projection"
+        if config.comet_router == "structured":
+            router = f"a frozen random rank-{config.comet_router_rank} projection (hf_comet's structured router)"
         return (
-            f"COMET routing in {_layers(config)}: a frozen random projection of each token's FFN input (seed "
+            f"COMET routing in {_layers(config)}: {router} of each token's FFN input (seed "
             f"{config.routing_seed}, stored in the checkpoint) keeps the top {config.comet_keep_rate:g} fraction of "
             f"the {what} per token, weight 1. No trainable router, no auxiliary loss."
         )
@@ -464,6 +478,14 @@ class CometRouter(Router):
         bound = hidden_size**-0.5
         return torch.empty(num_units, hidden_size).uniform_(-bound, bound, generator=generator)
 
+    def draw_structured(self, num_units: int, hidden_size: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The structured router's factors ``V = B A``: B (units, r) and A (r, d), U(-1/sqrt(fan-in), 1/sqrt(fan-in)),
+        from the same seed stream as the full projection."""
+        generator = torch.Generator(device="cpu").manual_seed(mix_seed(self.seed, self.layer_idx))
+        projection_in = torch.empty(rank, hidden_size).uniform_(-(hidden_size**-0.5), hidden_size**-0.5, generator=generator)
+        projection = torch.empty(num_units, rank).uniform_(-(rank**-0.5), rank**-0.5, generator=generator)
+        return projection, projection_in
+
     def reset_projection(self, seed: int) -> torch.Tensor:
         """V for another ``seed`` (kept for callers of the first release)."""
         self.seed = seed
@@ -471,13 +493,25 @@ class CometRouter(Router):
 
     def init_weights(self, config: CometMoEConfigMixin) -> None:
         self.seed = config.routing_seed
-        init.copy_(self.projection, self.draw_projection())
+        if self.structured:
+            rank, hidden_size = self.projection_in.shape
+            projection, projection_in = self.draw_structured(self.projection.shape[0], hidden_size, rank)
+            init.copy_(self.projection, projection)
+            init.copy_(self.projection_in, projection_in)
+        else:
+            init.copy_(self.projection, self.draw_projection())
+
+    def scores(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The router's scores (T, units or blocks): ``u V^T``, or ``(u A^T) B^T`` for the structured router."""
+        if self.projection_in is not None:
+            hidden_states = F.linear(hidden_states, self.projection_in.to(hidden_states.dtype))
+        return F.linear(hidden_states, self.projection.to(hidden_states.dtype))
 
     @torch.no_grad()
     def forward(
         self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None, experts: nn.Module | None = None
     ) -> RoutingDecision:
-        scores = F.linear(hidden_states, self.projection.to(hidden_states.dtype))
+        scores = self.scores(hidden_states)
         if self.block_size > 1:
             keep = scores.topk(self.num_active, dim=-1, sorted=False).indices
             return RoutingDecision(
@@ -488,10 +522,45 @@ class CometRouter(Router):
             )
         if self.num_active == scores.shape[-1]:
             mask = torch.ones_like(scores)
+        elif self.group_size:
+            mask = grouped_selection(scores, self.group_size, self.group_keep)
         else:
             keep = scores.topk(self.num_active, dim=-1, sorted=False).indices
             mask = torch.zeros_like(scores).scatter_(-1, keep, 1.0)
         return RoutingDecision(router_logits=scores, unit_mask=mask)
+
+
+def structured_groups(num_units: int, num_active: int) -> tuple[int, int]:
+    """(g, m) for the structured router's selection: the smallest group size ``g`` in 2..16 dividing ``num_units``
+    such that keeping ``m`` of every ``g`` consecutive units keeps exactly ``num_active`` in all; (0, 0) when none does
+    (or every unit is kept): then the structured router selects with a global top-k, like the full one."""
+    for group in range(2, 17):
+        if num_units % group == 0 and (num_active * group) % num_units == 0:
+            keep = num_active * group // num_units
+            if 1 <= keep < group:
+                return group, keep
+    return 0, 0
+
+
+def grouped_selection(scores: torch.Tensor, group_size: int, group_keep: int) -> torch.Tensor:
+    """0/1 mask (T, n) keeping the ``group_keep`` highest scores of every ``group_size`` consecutive units.
+
+    Pairs (keep 1 of 2) are one comparison: unit 2j is on exactly when ``(v_2j - v_2j+1) . u >= 0``, a random
+    hyperplane, so two tokens at angle theta share each pair's choice with probability 1 - theta / pi (SimHash).
+    """
+    num_tokens, num_units = scores.shape
+    grouped = scores.view(num_tokens, num_units // group_size, group_size)
+    if group_size == 2:
+        first = (grouped[..., 0] >= grouped[..., 1]).to(scores.dtype)
+        return torch.stack((first, 1 - first), dim=-1).view(num_tokens, num_units)
+    if group_keep == 1:
+        keep = grouped.argmax(dim=-1, keepdim=True)
+    elif group_keep == group_size - 1:
+        mask = torch.ones_like(grouped).scatter_(-1, grouped.argmin(dim=-1, keepdim=True), 0.0)
+        return mask.view(num_tokens, num_units)
+    else:
+        keep = grouped.topk(group_keep, dim=-1, sorted=False).indices
+    return torch.zeros_like(grouped).scatter_(-1, keep, 1.0).view(num_tokens, num_units)
 
 
 LEARNED_FIELDS = (

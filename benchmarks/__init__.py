@@ -1,0 +1,1 @@
+"""``python -m benchmarks``: the benchmark of the README's speed section (`hf_comet.bench`, also ``hf-comet bench``)."""

@@ -1,0 +1,67 @@
+"""``hf-comet bench``: the smoke run of every section (no timing assertions: timing belongs to the benchmark) and its
+argument errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hf_comet import bench, cli
+
+
+@pytest.fixture
+def child(monkeypatch):
+    """Run in this process (the CLI otherwise re-executes itself under ``OMP_WAIT_POLICY=PASSIVE``)."""
+    monkeypatch.setenv("HF_COMET_BENCH_CHILD", "1")
+
+
+def test_quick_run_reports_every_section_and_regenerates_the_readme_section(child, tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n{bench.README_START}\nold numbers\n{bench.README_END}\nafter\n")
+    report_path = tmp_path / "report.json"
+    assert cli.main(["bench", "--quick", "--json", str(report_path), "--readme", str(readme)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["meta"]["quick"] is True and report["sgemm"]["gflops"] > 0
+    assert len(report["blocks"]) == 2  # --quick: one top-k shape and the COMET shape
+    for case in report["blocks"]:
+        baseline = next(iter(case["rows"].values()))
+        assert baseline["forward"]["ratio"] == 1.0 and baseline["forward+backward"]["ratio"] == 1.0
+        for row in case["rows"].values():
+            assert row["saved_mib"] >= 0 and row["forward+backward"]["sgemm_fraction"] > 0
+    names = next(iter(report["blocks"][0]["rows"]))
+    assert "dense" in names
+    assert any(name.startswith("transformers Qwen3-MoE") for name in report["blocks"][0]["rows"])
+    assert {family["family"] for family in report["training"]} == {"gpt2", "vit", "bert"}
+    assert [gen["batch"] for gen in report["generation"]] == [1, 8]
+    assert {row["router"] for row in report["router"]} >= {"full", "structured, rank 64"}
+    assert {row["name"] for row in report["selection"]} >= {"topk (sorted=False) + scatter: ours, exact"}
+    targets = {t["target"] for t in report["targets"]}
+    assert any("unit COMET" in t for t in targets) and any("training" in t for t in targets)
+    for target in report["targets"]:
+        assert "stock" in target and isinstance(target["stock"]["met"], bool)
+    text = readme.read_text()
+    assert text.startswith("# title\n\nbefore\n") and text.endswith(f"{bench.README_END}\nafter\n")
+    assert "old numbers" not in text and "**Targets of issue 12**" in text
+    assert "hf-comet bench --quick" in text  # the command that made the numbers
+    assert "**Targets of issue 12**" in capsys.readouterr().out
+
+
+def test_an_unknown_section_is_refused_before_anything_runs(child, capsys):
+    assert cli.main(["bench", "blocks", "speed"]) == 2
+    err = capsys.readouterr().err
+    assert "'speed'" in err and "generation" in err  # names the bad value and the allowed ones
+
+
+@pytest.mark.parametrize("flags", [["--rounds", "0"], ["--threads", "0"]])
+def test_bad_counts_are_refused(child, capsys, flags):
+    assert cli.main(["bench", "--quick", *flags]) == 2
+    assert "at least 1" in capsys.readouterr().err
+
+
+def test_a_readme_without_the_bench_markers_is_refused_before_the_run(child, tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers here\n")
+    assert cli.main(["bench", "--quick", "--readme", str(readme)]) == 2
+    assert bench.README_START in capsys.readouterr().err
+    assert readme.read_text() == "no markers here\n"
