@@ -200,7 +200,11 @@ class MoEBlock(nn.Module):
         """
         if not training and not self.track_statistics:
             return
-        valid = torch.isfinite(inputs).all() & ~torch.isnan(decision.router_logits).any()  # -inf scores are legal
+        # NaN anywhere in the scores makes their float32 sum NaN; -inf scores are legal (their sum is -inf, not NaN;
+        # +inf and -inf together also give NaN, and +inf is never a legal score). One vectorised pass over the scores
+        # instead of two boolean ones (bool kernels are slow on CPU).
+        scores_sum = torch.sum(decision.router_logits, dtype=torch.float32)
+        valid = torch.isfinite(inputs).all() & ~torch.isnan(scores_sum)
         if decision.gate_probs is not None:
             valid = valid & torch.isfinite(decision.gate_probs).all()
         selection = decision.selection_mask(self.num_choices)

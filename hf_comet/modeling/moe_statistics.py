@@ -38,11 +38,13 @@ def pair_overlap_and_similarity(
     return overlap, cosine
 
 
-def gate_entropy_bits(decision: RoutingDecision, selection: torch.Tensor) -> torch.Tensor:
+def gate_entropy_bits(
+    decision: RoutingDecision, selection: torch.Tensor, kept: torch.Tensor | None = None
+) -> torch.Tensor:
     """(T,) entropy in bits of each token's gate distribution: ``gate_probs`` for learned routers, the uniform
-    distribution over the kept choices for COMET (``log2 k``)."""
+    distribution over the kept choices for COMET (``log2 k``; ``kept`` is the per-token count when known)."""
     if decision.gate_probs is None:
-        return torch.log2(selection.sum(dim=-1).clamp_min(1.0))
+        return torch.log2((selection.sum(dim=-1) if kept is None else kept).clamp_min(1.0))
     probs = decision.gate_probs.detach()
     return -torch.special.xlogy(probs, probs).sum(dim=-1) / math.log(2)
 
@@ -98,12 +100,13 @@ class RoutingStatistics:
         count_mask = None if token_mask is None else token_mask
         tokens = selection.shape[0] if count_mask is None else count_mask.sum()
         selections = masked_sum(selection, count_mask)
+        kept = selection.sum(dim=-1) if decision.gate_probs is None else None  # one pass, used twice
         if decision.gate_probs is None:  # COMET: uniform over the k kept units / blocks (k is the same for all)
-            gate_sum = selections / selection.sum(dim=-1).clamp_min(1.0).max()
+            gate_sum = selections / kept.clamp_min(1.0).max()
         else:
             gate_sum = masked_sum(decision.gate_probs.detach().float(), count_mask)
         weights = torch.ones(selection.shape[0], device=device) if count_mask is None else count_mask.float()
-        entropy = (gate_entropy_bits(decision, selection) * weights).sum()
+        entropy = (gate_entropy_bits(decision, selection, kept) * weights).sum()
         stats["tokens"] += _kept(valid, torch.as_tensor(tokens, device=device).long())
         stats["selections"] += _kept(valid, selections.round().long())
         stats["gate_sum"] += _kept(valid, gate_sum.double())
