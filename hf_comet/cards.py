@@ -7,12 +7,12 @@ what to cite.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .convert.companions import is_hub_id
 from .io import atomic_write_text
 from .modeling.moe_routers import ROUTER_CLASSES
 
@@ -50,18 +50,6 @@ def _statistics_rows(model) -> tuple[list[list[str]], int]:
     return rows, tokens
 
 
-def _is_repo_id(name: str) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if name.startswith((".", "/", "~")) or os.path.isabs(name):
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
-
-
 def render_model_card(
     model,
     results: dict[str, Any] | None = None,
@@ -83,8 +71,15 @@ def render_model_card(
     config = model.config
     head = next((suffix for suffix in PIPELINE_TAGS if type(model).__name__.endswith(suffix)), None)
     source = getattr(config, "converted_from", None)
-    if base_model is None and source and _is_repo_id(source):
+    inherited = getattr(model, "conversion_source", None)  # set by convert_to_moe (hf_comet.convert.companions)
+    inherited_card = inherited.card if inherited is not None else {}
+    if base_model is None and inherited is not None:
+        base_model = inherited.base_model  # the Hub id converted from, or the base model the source's card names
+    if base_model is None and source and is_hub_id(source):
         base_model = source  # converted from a Hub checkpoint (local sources are recorded as absolute paths)
+    # a conversion is a derived work: the source's license, or none stated when its card gives none
+    license_ = inherited_card.get("license") if getattr(config, "conversion_method", None) else "apache-2.0"
+    datasets = datasets if datasets is not None else inherited_card.get("datasets")
     tags = ["moe", "mixture-of-experts", "hf_comet", config.routing, config.model_type, "custom_code"]
     tags += [t for t in (getattr(model, "model_tags", None) or []) if t not in tags]
     pipeline_tag = PIPELINE_TAGS.get(head, "feature-extraction")
@@ -101,20 +96,26 @@ def render_model_card(
             for key, value in results.items()
             if isinstance(value, float) and not math.isnan(value)
         ]
+    extra = {key: inherited_card[key] for key in ("license_name", "license_link") if key in inherited_card}
     data = ModelCardData(
         library_name="transformers",
-        license="apache-2.0",
+        license=license_,
+        language=inherited_card.get("language"),
         pipeline_tag=pipeline_tag,
         tags=tags,
         base_model=base_model,
         datasets=datasets,
         model_name=repo_id or f"{type(model).__name__}-{config.routing}",
         eval_results=eval_results,
+        **extra,
     )
     provenance = None
     if getattr(config, "conversion_method", None):
+        where = "the dense checkpoint" if source and is_hub_id(source) else "the dense checkpoint in the local folder"
         provenance = (
-            f"Converted from the dense checkpoint `{source}` with method `{config.conversion_method}`"
+            f"Converted from {where} `{source}`"
+            + (f" (base model `{base_model}`)" if base_model and base_model != source else "")
+            + f" with method `{config.conversion_method}`"
             + (f" (unit partition `{config.split_method}`)" if config.split_method else "")
             + f", conversion seed {config.conversion_seed}."
         )

@@ -25,8 +25,9 @@ class Sharing:
     def save_pretrained(
         self, model, upstream_save: Callable, save_directory, is_main_process: bool = True, *args, **kwargs
     ):
-        """Upstream save, then the model card when the folder has none yet; ``push_to_hub=True`` uploads the folder
-        with `push_to_hub` (card included).
+        """Upstream save, the files a converted model carries over from its source (tokenizer, processor,
+        generation config), then the model card when the folder has none yet; ``push_to_hub=True`` uploads the
+        folder with `push_to_hub` (card included).
 
         Crash-safe where it can be (see `stages_save`): a new folder, or one that holds a checkpoint, is written as a
         hidden sibling and swapped in (`hf_comet.io.staged_path`), so a failure or kill midway leaves the previous
@@ -44,11 +45,14 @@ class Sharing:
             keep = _left_by_upstream(model, kwargs.get("variant"))
             with staged_path(save_directory, directory=True, carry_over=keep) as staging:
                 result = upstream_save(staging, is_main_process, *args, **kwargs)
+                _carry_over_from_source(model, staging, existing=save_directory)
                 if not has_card:
                     write_model_card(model, staging, repo_id=push_kwargs.get("repo_id"))
                 apply_umask(staging)
         else:
             result = upstream_save(save_directory, is_main_process, *args, **kwargs)
+            if is_main_process and os.path.isdir(save_directory):
+                _carry_over_from_source(model, save_directory)
             card = os.path.join(save_directory, "README.md")
             if is_main_process and os.path.isdir(save_directory) and not os.path.lexists(card):
                 write_model_card(model, save_directory, repo_id=push_kwargs.get("repo_id"))
@@ -123,6 +127,15 @@ class Sharing:
                 revision=revision,
                 commit_description=commit_description,
             )
+
+
+def _carry_over_from_source(model, directory, existing=None) -> None:
+    """A converted model's tokenizer / processor / generation-config files, copied from its source where the folder
+    (and ``existing``, the folder a staged save replaces) has none of that name (`hf_comet.convert.companions`):
+    the saved folder then works with ``pipeline()`` alone, and a file the user saved there wins."""
+    source = getattr(model, "conversion_source", None)
+    if source is not None:
+        source.copy_files(directory, skip_existing_in=existing)
 
 
 def _add_variant(weights_name: str, variant: str | None) -> str:

@@ -289,3 +289,25 @@ def test_masked_dense_path_uses_the_sentinel_kernel():
     torch.testing.assert_close(out.reshape(-1, 32), ref, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(ref)
     torch.testing.assert_close(torch.autograd.grad(out.reshape(-1, 32), x, g)[0], torch.autograd.grad(ref, x, g)[0])
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_large_problems_take_the_index_add_path_and_still_match(grad):
+    """Above `INDEX_ADD_MIN_ELEMENTS` slot elements the CPU kernel sums with ``index_add_``; under ``no_grad`` it
+    skips the autograd node. Both must give what every expert applied to every token and gathered gives."""
+    from hf_comet.modeling.moe_kernels import INDEX_ADD_MIN_ELEMENTS
+
+    x, index, weights, up, up_bias, down, down_bias = _problem(num_tokens=1100, hidden=16, width=12, experts=6)
+    assert index.numel() * 16 >= INDEX_ADD_MIN_ELEMENTS
+    act = FusedActivation("gelu_new")
+    every = torch.stack([act(x @ up[e].t() + up_bias[e]) @ down[e].t() + down_bias[e] for e in range(6)], dim=1)
+    ref = (every.gather(1, index.unsqueeze(-1).expand(-1, -1, 16)) * weights.unsqueeze(-1)).sum(1)
+    with torch.set_grad_enabled(grad):
+        ours = bucketed_experts(x, index, weights, up, up_bias, down, down_bias, act)
+    assert ours.requires_grad == grad
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+    if grad:
+        inputs = [x, weights, up, up_bias, down, down_bias]
+        g = torch.randn_like(ours)
+        for a, b in zip(torch.autograd.grad(ours, inputs, g), torch.autograd.grad(ref, inputs, g), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

@@ -20,6 +20,7 @@ from ..modeling import FAMILY_ADAPTERS, FamilyAdapter
 from ..modeling.configuration_comet import CONVERSION_METHODS
 from ..modeling.configuration_comet import SPLIT_METHODS as CONFIG_SPLIT_METHODS
 from .comet import COMET
+from .companions import is_hub_id, read_conversion_source
 from .method import ConversionError, ConversionMethod, hash_block
 from .split import DEFAULT_SPLIT_METHOD, SPLIT, SPLIT_METHODS
 from .upcycle import UPCYCLE
@@ -177,7 +178,9 @@ def convert_to_moe(
             ``comet_keep_rate``, ...). ``moe_layers`` picks the blocks that convert; the others stay dense.
 
     Returns our model in eval mode; its config records the provenance (``converted_from``, ``conversion_method``,
-    ``split_method``, ``conversion_seed``). Raises `ConversionError` before any work on bad input.
+    ``split_method``, ``conversion_seed``), and ``model.conversion_source`` (`ConversionSource`) what its
+    ``save_pretrained`` carries over from the source: tokenizer, image-processor and generation-config files and the
+    card's license, language, datasets and base model. Raises `ConversionError` before any work on bad input.
     """
     conversion = conversion_method(method)
     if split_method is not None and not conversion.takes_split_method:
@@ -210,6 +213,14 @@ def convert_to_moe(
     if left:
         raise ConversionError(f"MoE weights the dense model does not provide: {left[:5]}")
     conversion.init_routers(moe, mapped)
+    # tokenizer / processor / generation files and card metadata, written beside the weights when it is saved
+    known = source and (os.path.isdir(source) or is_hub_id(source))
+    moe.conversion_source = read_conversion_source(source if known else None)
+    generation = moe.conversion_source.files.pop("generation_config.json", None)
+    if generation is not None and getattr(moe, "generation_config", None) is not None:
+        from transformers import GenerationConfig
+
+        moe.generation_config = GenerationConfig.from_pretrained(generation.parent, config_file_name=generation.name)
     return moe.eval()
 
 

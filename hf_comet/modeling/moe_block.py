@@ -200,13 +200,13 @@ class MoEBlock(nn.Module):
         """
         if not training and not self.track_statistics:
             return
-        # NaN anywhere in the scores makes their float32 sum NaN; -inf scores are legal (their sum is -inf, not NaN;
-        # +inf and -inf together also give NaN, and +inf is never a legal score). One vectorised pass over the scores
-        # instead of two boolean ones (bool kernels are slow on CPU).
-        scores_sum = torch.sum(decision.router_logits, dtype=torch.float32)
-        valid = torch.isfinite(inputs).all() & ~torch.isnan(scores_sum)
+        # One float32 sum per tensor instead of boolean passes (bool kernels are slow on CPU): a NaN or inf anywhere
+        # makes the sum non-finite. -inf scores are legal (their sum is -inf, not NaN; +inf and -inf together give
+        # NaN, and +inf is never a legal score). Inputs whose float32 sum overflows (beyond 3e38) count as non-finite.
+        valid = torch.isfinite(torch.sum(inputs, dtype=torch.float32))
+        valid = valid & ~torch.isnan(torch.sum(decision.router_logits, dtype=torch.float32))
         if decision.gate_probs is not None:
-            valid = valid & torch.isfinite(decision.gate_probs).all()
+            valid = valid & torch.isfinite(torch.sum(decision.gate_probs, dtype=torch.float32))
         selection = decision.selection_mask(self.num_choices)
         if training:
             if self.learned:

@@ -6,8 +6,8 @@ family adapter when converting.
 
 How a routing decision runs is chosen in one function, `choose_execution` (run by `run_experts`) (MegaBlocks' "kernel choice is one function"):
 masked dense compute for unit masks and for weight-1 block decisions that keep most blocks, a dense mixture for
-mixture weights, and transformers' experts-implementation kernels (``grouped_mm`` by default, ``eager`` below)
-for sparse top-k decisions. Every path goes through ``PackedExperts.forward``, so wrappers of the module (PEFT's
+mixture weights, and an experts kernel for sparse top-k decisions: ours, ``bucketed`` (`moe_kernels`), by default,
+or transformers' ``grouped_mm`` / ``eager`` (``experts_implementation=``). Every path goes through ``PackedExperts.forward``, so wrappers of the module (PEFT's
 ``ParamWrapper``, which applies LoRA to ``up_proj``/``down_proj`` only while the wrapped forward runs) see them all.
 
 Reproducibility: ``grouped_mm`` here is our `deterministic_grouped_mm_experts_forward`, not transformers' kernel of
@@ -47,9 +47,9 @@ logger = logging.get_logger(__name__)
 
 DENSE_BLOCK_FRACTION = 0.5
 """A weight-1 block decision (block-COMET) keeping more than this fraction of the blocks runs as masked dense compute:
-the token-choice kernels copy each token once per kept block, which costs more than the FLOPs they save once over
-half the blocks are on (benchmarks/bench_block_comet.py: at keep 1.0 kernels 2.4x the dense FFN, masked dense 1.3x;
-at keep 0.25 kernels 0.4x)."""
+the kernel copies each token once per kept block, which costs more than the FLOPs it saves once most blocks are on
+(``hf-comet bench``; b = 256 of 3072, forward + backward vs the fused dense FFN: keep 0.5 kernel 0.84x, masked 1.08x;
+keep 0.75 kernel 1.38x, masked 1.10x; docs/decisions.md#one-execution-rule)."""
 
 
 def _rows_of_experts(one_hot: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -265,12 +265,13 @@ EXECUTIONS = ("masked_dense", "mixture", "kernels")
 
 
 def choose_execution(experts: PackedExperts, decision: RoutingDecision) -> str:
-    """The one place that picks how a decision runs (benchmarks/bench_block_comet.py justifies the choice):
+    """The one place that picks how a decision runs (``hf-comet bench`` justifies the choice):
 
     * ``"masked_dense"`` for a unit mask (unit-level COMET), and for weight-1 blocks (block-COMET) keeping more than
       ``DENSE_BLOCK_FRACTION`` of the blocks (masked dense compute over the kept blocks' units);
     * ``"mixture"`` for dense mixture weights (attentive, deep): every expert's activations, mixed;
-    * ``"kernels"`` for any other top-k decision: the experts-implementation kernel (``grouped_mm`` or ``eager``).
+    * ``"kernels"`` for any other top-k decision: the experts-implementation kernel (``bucketed``, ``grouped_mm``
+      or ``eager``).
     """
     if decision.unit_mask is not None:
         return "masked_dense"
