@@ -370,27 +370,22 @@ def _tiny_training_models(family: str, quick: bool) -> tuple[dict[str, Callable[
         "deep 4": {"routing": "deep", "num_experts": 4},
     }
     batch, seq = (4, 16) if quick else (16, 128)
+
+    def text_batch():
+        ids = torch.randint(0, 256, (batch, seq))
+        return {"input_ids": ids, "labels": ids}
+
     if family == "gpt2":
         common = dict(n_embd=hidden, n_layer=layers, n_head=4, n_inner=width, vocab_size=256, n_positions=seq)
         stock = lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(**common))  # noqa: E731
         ours = lambda moe: hf_comet.CometGPT2ForCausalLM(hf_comet.CometGPT2Config(**common, **moe))  # noqa: E731
-
-        def make_batch():
-            ids = torch.randint(0, 256, (batch, seq))
-            return {"input_ids": ids, "labels": ids}
-
-        tokens = batch * seq
+        make_batch, tokens = text_batch, batch * seq
     elif family == "bert":
         common = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=width,
                       vocab_size=256, max_position_embeddings=seq)
         stock = lambda: transformers.BertForMaskedLM(transformers.BertConfig(**common))  # noqa: E731
         ours = lambda moe: hf_comet.CometBertForMaskedLM(hf_comet.CometBertConfig(**common, **moe))  # noqa: E731
-
-        def make_batch():
-            ids = torch.randint(0, 256, (batch, seq))
-            return {"input_ids": ids, "labels": ids}
-
-        tokens = batch * seq
+        make_batch, tokens = text_batch, batch * seq
     else:
         image, patch = (16, 4) if quick else (32, 4)
         common = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=width,

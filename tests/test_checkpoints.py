@@ -11,7 +11,9 @@ import torch
 import transformers
 from conftest import ALL_HEADS, HEADS, ROUTING_NAMES, main_output, tiny_inputs, tiny_model
 
-CODE_FILES = {"configuration_comet.py", "modeling_comet_common.py", "moe_block.py", "moe_experts.py", "moe_routers.py"}
+CODE_FILES = {
+    "configuration_comet.py", "modeling_comet_common.py", "moe_block.py", "moe_experts.py", "moe_kernels.py", "moe_routers.py"
+}
 
 
 @pytest.mark.parametrize("family, head", ALL_HEADS)

@@ -59,7 +59,7 @@ def test_push_to_hub_uploads_weights_code_and_card_and_loads_back_by_repo_id(fam
     (pushed_repo, files), *_ = fake_hub.commits
     assert pushed_repo == repo_id
     expected = {"README.md", "config.json", "model.safetensors", "configuration_comet.py", f"modeling_{family}.py"}
-    expected |= {"modeling_comet_common.py", "moe_block.py", "moe_experts.py", "moe_routers.py"}
+    expected |= {"modeling_comet_common.py", "moe_block.py", "moe_experts.py", "moe_kernels.py", "moe_routers.py"}
     assert expected <= set(files), files
     loaded = (
         getattr(transformers, head)
