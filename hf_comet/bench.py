@@ -740,7 +740,11 @@ def run_from_args(args: argparse.Namespace, argv: list[str]) -> int:
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 7)
     if rounds < 1 or args.threads < 1:
         raise ValueError(f"--rounds and --threads must be at least 1 (got {rounds} and {args.threads})")
-    if args.readme is not None:  # refused before the run, not after it
+    if args.json is not None:  # refused before the run, not after it
+        target = os.path.abspath(args.json)
+        if os.path.isdir(target) or not os.path.isdir(os.path.dirname(target)):
+            raise ValueError(f"--json {args.json!r} must be a file path in an existing folder")
+    if args.readme is not None:
         try:
             with open(args.readme, encoding="utf-8") as handle:
                 replace_readme_section(handle.read(), "")

@@ -65,3 +65,10 @@ def test_a_readme_without_the_bench_markers_is_refused_before_the_run(child, tmp
     assert cli.main(["bench", "--quick", "--readme", str(readme)]) == 2
     assert bench.README_START in capsys.readouterr().err
     assert readme.read_text() == "no markers here\n"
+
+
+@pytest.mark.parametrize("where", ["missing-folder/report.json", "."])
+def test_a_json_path_that_cannot_be_written_is_refused_before_the_run(child, tmp_path, capsys, monkeypatch, where):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "--quick", "--json", where]) == 2
+    assert "--json" in capsys.readouterr().err

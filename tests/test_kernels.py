@@ -311,3 +311,16 @@ def test_large_problems_take_the_index_add_path_and_still_match(grad):
         g = torch.randn_like(ours)
         for a, b in zip(torch.autograd.grad(ours, inputs, g), torch.autograd.grad(ref, inputs, g), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_a_second_derivative_through_our_kernels_raises_rather_than_being_wrong():
+    h = torch.randn(3, 4, requires_grad=True)
+    (grad,) = torch.autograd.grad(masked_activation(h, torch.ones(3, 4), FusedActivation("gelu")).sum(), h,
+                                  create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad.sum().backward()
+    x, index, weights, up, up_bias, down, down_bias = _problem()
+    out = bucketed_experts(x, index, weights, up, up_bias, down, down_bias, FusedActivation("gelu"))
+    (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad.sum().backward()

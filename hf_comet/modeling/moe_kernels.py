@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from transformers.activations import ACT2FN
 
 FUSED_ACTIVATIONS = {
@@ -92,6 +93,7 @@ class _MaskedActivation(torch.autograd.Function):
         return activation(masked)
 
     @staticmethod
+    @once_differentiable  # a second derivative through it raises instead of being silently wrong
     def backward(ctx, grad: torch.Tensor):
         (masked,) = ctx.saved_tensors
         return ctx.activation.backward(grad, masked), None, None
@@ -145,6 +147,7 @@ class _BucketedExperts(torch.autograd.Function):
         return combined
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):
         selected, up, down, pre, act, outputs, weights = ctx.saved_tensors
         slot_token, perm, counts, num_top_k = ctx.plan
