@@ -26,14 +26,13 @@ import contextlib
 import datetime
 import gc
 import json
-import math
 import os
 import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -46,12 +45,11 @@ README_END = "<!-- hf-comet bench: end -->"
 # -- timing ---------------------------------------------------------------------------------------------------------
 @dataclass
 class Measured:
-    """One candidate of a section: per-round seconds, ratio to the baseline, and what else was measured."""
+    """One candidate of a section: per-round seconds and ratios to the baseline."""
 
     name: str
     seconds: list[float] = field(default_factory=list)
     ratios: list[float] = field(default_factory=list)
-    extra: dict = field(default_factory=dict)
 
     @property
     def median_ratio(self) -> float:
@@ -762,7 +760,7 @@ def run_from_args(args: argparse.Namespace, argv: list[str]) -> int:
     if args.json:
         from hf_comet.io import atomic_write_text
 
-        atomic_write_text(args.json, json.dumps(report, indent=1, default=_json_default))
+        atomic_write_text(args.json, json.dumps(report, indent=1))
     if args.readme:
         from hf_comet.io import atomic_write_text
 
@@ -770,12 +768,6 @@ def run_from_args(args: argparse.Namespace, argv: list[str]) -> int:
             readme = handle.read()
         atomic_write_text(args.readme, replace_readme_section(readme, text))
     return 0
-
-
-def _json_default(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return asdict(value) if hasattr(value, "__dataclass_fields__") else str(value)
 
 
 if __name__ == "__main__":

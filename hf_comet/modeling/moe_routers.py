@@ -487,7 +487,9 @@ class CometRouter(Router):
         return projection, projection_in
 
     def reset_projection(self, seed: int) -> torch.Tensor:
-        """V for another ``seed`` (kept for callers of the first release)."""
+        """V for another ``seed`` (kept for callers of the first release; the full router's only)."""
+        if self.structured:
+            raise ValueError("reset_projection draws the full router's V; this router is comet_router='structured'")
         self.seed = seed
         return self.draw_projection()
 
