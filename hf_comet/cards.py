@@ -18,12 +18,18 @@ from .modeling.moe_routers import ROUTER_CLASSES
 
 PIPELINE_TAGS = {
     "ForCausalLM": "text-generation",
+    "DoubleHeadsModel": "text-generation",
     "ForMaskedLM": "fill-mask",
+    "ForPreTraining": "fill-mask",  # BERT's pre-training heads (the Hub tags bert-base-uncased so)
     "ForSequenceClassification": "text-classification",
+    "ForNextSentencePrediction": "text-classification",
     "ForTokenClassification": "token-classification",
+    "ForQuestionAnswering": "question-answering",
     "ForImageClassification": "image-classification",
+    "ForMaskedImageModeling": "image-feature-extraction",
 }
-
+"""Our class name's suffix -> the card's ``pipeline_tag``; any other head (a base model, multiple choice) is tagged
+``feature-extraction``."""
 
 
 def describe_routing(config) -> str:

@@ -554,7 +554,7 @@ def _info(args: argparse.Namespace) -> int:
     import transformers
 
     import hf_comet
-    from hf_comet.modeling import FAMILIES, ROUTINGS
+    from hf_comet.modeling import FAMILIES, FAMILY_ADAPTERS, ROUTINGS
 
     print(f"hf-comet {hf_comet.__version__} (transformers {transformers.__version__}, torch {torch.__version__})")
     print(f"routings: {', '.join(ROUTINGS)}")
@@ -562,6 +562,8 @@ def _info(args: argparse.Namespace) -> int:
         print(f"{model_type}: {config_class.__name__}")
         for auto_name, model_class in auto_classes.items():
             print(f"  {auto_name:<36} {model_class.__name__}")
+        for model_class in FAMILY_ADAPTERS[model_type].other_classes:
+            print(f"  {'(no Auto class: load by class)':<36} {model_class.__name__}")
     return 0
 
 
@@ -911,7 +913,7 @@ def _card(args: argparse.Namespace) -> int:
     import transformers
 
     from hf_comet.cards import write_model_card
-    from hf_comet.modeling import FAMILIES
+    from hf_comet.modeling import FAMILIES, FAMILY_ADAPTERS
 
     _quiet_transformers()
 
@@ -930,7 +932,7 @@ def _card(args: argparse.Namespace) -> int:
         raise UserError(f"checkpoint {args.checkpoint!r} is not writable, so README.md cannot be written there.")
     with loading(checkpoint, "checkpoint"):
         config = transformers.AutoConfig.from_pretrained(checkpoint)
-        classes = {cls.__name__: cls for cls in FAMILIES[config.model_type][1].values()}
+        classes = FAMILY_ADAPTERS[config.model_type].model_classes
         architecture = (config.architectures or ["AutoModel"])[0]
         model_class = classes.get(architecture, next(iter(classes.values())))
         model, report = model_class.from_pretrained(checkpoint, output_loading_info=True, ignore_mismatched_sizes=True)

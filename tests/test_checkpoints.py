@@ -9,10 +9,17 @@ import textwrap
 import pytest
 import torch
 import transformers
-from conftest import ALL_HEADS, HEADS, ROUTING_NAMES, main_output, tiny_inputs, tiny_model
+from conftest import ALL_HEADS, HEADS, MAIN_OUTPUTS, ROUTING_NAMES, main_output, tiny_inputs, tiny_model
+
+from hf_comet.modeling import FAMILY_ADAPTERS
 
 CODE_FILES = {
-    "configuration_comet.py", "modeling_comet_common.py", "moe_block.py", "moe_experts.py", "moe_kernels.py", "moe_routers.py"
+    "configuration_comet.py",
+    "modeling_comet_common.py",
+    "moe_block.py",
+    "moe_experts.py",
+    "moe_kernels.py",
+    "moe_routers.py",
 }
 
 
@@ -42,10 +49,11 @@ def test_saved_config_has_a_complete_auto_map(family, tmp_path):
     head = HEADS[family][1]
     tiny_model(family, head).save_pretrained(tmp_path)
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
-    assert set(auto_map) == {"AutoConfig", *HEADS[family]}
+    auto_classes = FAMILY_ADAPTERS[family].auto_classes  # every Auto class (tests/test_heads.py: all upstream's)
+    assert set(auto_map) == {"AutoConfig", *auto_classes} and set(HEADS[family]) <= set(auto_classes)
     module = f"modeling_{family}"
     assert auto_map["AutoConfig"].startswith("configuration_comet.")
-    assert all(auto_map[h].startswith(module + ".") for h in HEADS[family])
+    assert all(auto_map[h] == f"{module}.{cls.__name__}" for h, cls in auto_classes.items())
 
 
 REMOTE_LOADER = textwrap.dedent(
@@ -65,23 +73,31 @@ REMOTE_LOADER = textwrap.dedent(
         raise SystemExit("hf_comet should not be importable here")
     except ImportError:
         pass
+    MAIN_OUTPUTS = __MAIN_OUTPUTS__
     results = []
     for case in json.load(open(sys.argv[1])):
         inputs = torch.load(case["inputs"])
         reference = torch.load(case["reference"])
         for head in case["load_as"]:
-            model = getattr(transformers, head).from_pretrained(case["path"], trust_remote_code=True).eval()
+            if hasattr(transformers, head):  # an Auto class, through the saved auto_map
+                model = getattr(transformers, head).from_pretrained(case["path"], trust_remote_code=True).eval()
+            else:  # a head with no Auto class (GPT2DoubleHeadsModel): its class from the saved code
+                from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+                module = json.load(open(case["path"] + "/config.json"))["model_type"]
+                cls = get_class_from_dynamic_module(f"modeling_{module}.{head}", case["path"])
+                model = cls.from_pretrained(case["path"]).eval()
             assert "transformers_modules" in type(model).__module__, type(model).__module__
             with torch.no_grad():
                 out = model(**inputs)
             if head == case["saved_as"]:
-                got = out.logits if "logits" in out else out.last_hidden_state
+                got = next(out[k] for k in MAIN_OUTPUTS if k in out)
                 results.append([case["path"], head, bool(torch.allclose(got, reference, rtol=1e-5, atol=1e-6))])
             else:
                 results.append([case["path"], head, type(model).__name__])
     print("RESULTS=" + json.dumps(results))
     """
-)
+).replace("__MAIN_OUTPUTS__", repr(MAIN_OUTPUTS))
 
 
 def run_remote_loader(cases: list[dict], workdir, **env_extra: str) -> list:

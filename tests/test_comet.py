@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ALL_HEADS, dense_twin, main_output, tiny_inputs, tiny_model
+from conftest import EVERY_HEAD, dense_twin, main_output, tiny_inputs, tiny_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
@@ -110,7 +110,7 @@ def test_missing_projection_is_recreated_from_the_recorded_seed(tmp_path):
         assert torch.equal(old.projection, new.projection)
 
 
-@pytest.mark.parametrize("family, head", [fh for fh in ALL_HEADS if fh[1] != "AutoModel"])
+@pytest.mark.parametrize("family, head", [fh for fh in EVERY_HEAD if fh[1] != "AutoModel"])
 def test_keep_rate_one_reproduces_the_dense_model(family, head):
     model = tiny_model(family, head, routing="comet", comet_keep_rate=1.0).eval()
     dense = dense_twin(model)

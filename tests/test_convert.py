@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import main_output
+from conftest import head_class, main_output, tiny_inputs
 
 from hf_comet.convert import ConversionError, balanced_kmeans, convert_to_moe, deviation_report
+from hf_comet.convert.core import stock_to_ours
 
 STOCK_CONFIGS = {
     "gpt2": lambda: transformers.GPT2Config(
@@ -25,9 +26,21 @@ STOCK_CONFIGS = {
     ),
 }  # fmt: skip
 STOCK_CLASSES = {
-    "gpt2": ["GPT2Model", "GPT2LMHeadModel", "GPT2ForSequenceClassification"],
-    "vit": ["ViTModel", "ViTForImageClassification"],
-    "bert": ["BertModel", "BertForMaskedLM", "BertForSequenceClassification", "BertForTokenClassification"],
+    "gpt2": [
+        "GPT2Model", "GPT2LMHeadModel", "GPT2ForSequenceClassification", "GPT2ForTokenClassification",
+        "GPT2ForQuestionAnswering", "GPT2DoubleHeadsModel",
+    ],
+    "vit": ["ViTModel", "ViTForImageClassification", "ViTForMaskedImageModeling"],
+    "bert": [
+        "BertModel", "BertForMaskedLM", "BertForSequenceClassification", "BertForTokenClassification",
+        "BertForPreTraining", "BertLMHeadModel", "BertForNextSentencePrediction", "BertForMultipleChoice",
+        "BertForQuestionAnswering",
+    ],
+}  # fmt: skip
+CLASS_CONFIG = {
+    "ViTForMaskedImageModeling": dict(encoder_stride=4),
+    "BertLMHeadModel": dict(is_decoder=True),
+    "BertForQuestionAnswering": dict(num_labels=2),
 }
 CASES = [(family, name) for family, names in STOCK_CLASSES.items() for name in names]
 EXACT = [
@@ -40,19 +53,19 @@ EXACT = [
 ]
 
 
-def inputs_for(family: str) -> dict:
-    g = torch.Generator().manual_seed(0)
-    if family == "vit":
-        return {"pixel_values": torch.randn(3, 1, 8, 8, generator=g)}
-    ids = torch.randint(3, 64, (3, 7), generator=g)
-    mask = torch.ones_like(ids)
-    mask[-1, -2:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
+def inputs_for(family: str, class_name: str | None = None) -> dict:
+    """Unlabelled inputs of the stock class ``class_name`` (the base model's when ``None``): conftest's tiny inputs
+    of our head that converts it."""
+    family_adapter, head = stock_to_ours()[class_name or STOCK_CLASSES[family][0]]
+    return tiny_inputs(family_adapter.model_type, head, with_labels=False)
 
 
 def saved_stock(family: str, class_name: str, path):
     torch.manual_seed(0)
-    model = getattr(transformers, class_name)(STOCK_CONFIGS[family]()).eval()
+    config = STOCK_CONFIGS[family]()
+    for key, value in CLASS_CONFIG.get(class_name, {}).items():
+        setattr(config, key, value)
+    model = getattr(transformers, class_name)(config).eval()
     model.save_pretrained(path)
     return model
 
@@ -66,7 +79,7 @@ def test_conversion_reproduces_the_dense_model_where_the_maths_allows(family, cl
     fields = dict(fields)
     split_method = fields.pop("split_method", "contiguous" if method == "split" else None)
     moe = convert_to_moe(tmp_path / "dense", method, split_method=split_method, seed=3, **fields)
-    inputs = inputs_for(family)
+    inputs = inputs_for(family, class_name)
     with torch.no_grad():
         torch.testing.assert_close(main_output(moe(**inputs)), main_output(dense(**inputs)), rtol=0, atol=1e-5)
     assert moe.config.converted_from == str(tmp_path / "dense")
@@ -74,19 +87,17 @@ def test_conversion_reproduces_the_dense_model_where_the_maths_allows(family, cl
     assert moe.config.split_method == split_method
 
 
-@pytest.mark.parametrize("family, class_name", [c for c in CASES if c[1].endswith(("LMHeadModel", "Classification"))])
+@pytest.mark.parametrize("family, class_name", [c for c in CASES if c[1] not in ("GPT2Model", "ViTModel", "BertModel")])
 def test_converted_checkpoint_loads_with_the_auto_classes_and_keeps_every_non_ffn_weight(family, class_name, tmp_path):
     dense = saved_stock(family, class_name, tmp_path / "dense")
     moe = convert_to_moe(dense, "upcycle", num_experts=4, moe_layers=[1])
     moe.save_pretrained(tmp_path / "moe")
     config = json.loads((tmp_path / "moe" / "config.json").read_text())
     assert config["conversion_method"] == "upcycle" and config["moe_layers"] == [1]
-    head = {"LMHeadModel": "AutoModelForCausalLM"}.get(
-        class_name.removeprefix(family.upper()).removeprefix("Bert").removeprefix("ViT")
-    )
-    auto = getattr(transformers, head or "AutoModelFor" + class_name.split("For")[-1])
-    loaded = auto.from_pretrained(tmp_path / "moe").eval()
-    inputs = inputs_for(family)
+    family_adapter, head = stock_to_ours()[class_name]
+    loaded = head_class(family_adapter.model_type, head).from_pretrained(tmp_path / "moe").eval()  # Auto class
+    assert type(loaded) is family_adapter.head_class(head)
+    inputs = inputs_for(family, class_name)
     with torch.no_grad():
         torch.testing.assert_close(main_output(loaded(**inputs)), main_output(dense(**inputs)), rtol=0, atol=1e-5)
     dense_state, moe_state = dense.state_dict(), loaded.state_dict()
@@ -130,13 +141,15 @@ def test_deviation_report_is_zero_only_where_the_conversion_is_exact(tmp_path):
         ("gpt2", "comet", {"comet_keep_rate": 0.0}, "comet_keep_rate"),
         ("gpt2", "upcycle", {"moe_intermediate_size": 32}, "moe_intermediate_size is set by method='upcycle'"),
         ("gpt2", "upcycle", {"split_method": "kmeans"}, "only applies to method='split'"),
-        ("qa", "comet", {}, "BertForQuestionAnswering has no hf_comet counterpart"),
+        ("custom", "comet", {}, "BertForRanking has no hf_comet counterpart"),
         ("t5", "comet", {}, "supported sources"),
     ],
 )
 def test_bad_conversions_are_refused_with_a_clear_error(make, method, fields, message, tmp_path):
-    if make == "qa":
-        transformers.BertForQuestionAnswering(STOCK_CONFIGS["bert"]()).save_pretrained(tmp_path / "dense")
+    if make == "custom":  # a user's own head on BERT: every transformers head has a counterpart, this one none
+        transformers.BertModel(STOCK_CONFIGS["bert"]()).save_pretrained(tmp_path / "dense")
+        config = json.loads((tmp_path / "dense" / "config.json").read_text())
+        (tmp_path / "dense" / "config.json").write_text(json.dumps(config | {"architectures": ["BertForRanking"]}))
     elif make == "t5":
         config = transformers.T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=32)
         transformers.T5Model(config).save_pretrained(tmp_path / "dense")

@@ -27,20 +27,23 @@ DENSE_FFN_MODULES = (GPT2MLP, ViTMLP, BertIntermediate, BertOutput)
 def test_the_stock_heads_we_convert_from_are_exactly_our_registered_heads():
     assert FAMILY_ADAPTERS.keys() == FAMILIES.keys()
     heads = stock_to_ours()
-    ours = [(family.model_type, auto_name) for family, auto_name in heads.values()]
-    registered = [(model_type, auto_name) for model_type, (_, autos) in FAMILIES.items() for auto_name in autos]
-    assert sorted(ours) == sorted(registered)  # every registered head once, nothing else
-    for stock_name, (family, auto_name) in heads.items():
+    ours = [(family.model_type, head) for family, head in heads.values()]
+    every_class = [(model_type, head) for model_type, family in FAMILY_ADAPTERS.items() for head in family.heads]
+    assert sorted(ours) == sorted(every_class)  # every class of ours once, nothing else
+    for stock_name, (family, head) in heads.items():
         stock = getattr(transformers, stock_name)
-        # transformers' own Auto mapping agrees that the stock class is the same head
-        assert getattr(transformers, auto_name)._model_mapping[family.stock_config_class] is stock
-        assert issubclass(family.auto_classes[auto_name], stock) and family.stock_class(auto_name) is stock
+        if head.startswith("AutoModel"):  # transformers' own Auto mapping agrees that the stock class is the same head
+            assert getattr(transformers, head)._model_mapping[family.stock_config_class] is stock
+        else:  # a head transformers registers with no Auto class: it is in none of its mappings either
+            assert head == f"Comet{stock_name}"
+        assert issubclass(family.head_class(head), stock) and family.stock_class(head) is stock
     for model_type, family in FAMILY_ADAPTERS.items():
         config_class, auto_classes = FAMILIES[model_type]
+        assert set(family.heads.values()) == set(auto_classes.values()) | set(family.other_classes)
         assert family.model_type == model_type and family.config_class is config_class
         assert issubclass(config_class, family.stock_config_class)
         assert family.upstream_model_type == family.stock_config_class.model_type
-        assert all(cls.family is family for cls in auto_classes.values())  # model.family on every head
+        assert all(cls.family is family for cls in family.model_classes.values())  # model.family on every head
 
 
 @pytest.mark.parametrize("stock_name", list(stock_to_ours()))
@@ -65,7 +68,7 @@ def test_each_ffn_pattern_finds_exactly_the_ffn_weights_of_a_stock_model(stock_n
     assert set(state) - set(kept) == {key for key in expected if family.ffn_key(key).layer == 1}
     ffn_width, hidden = family.ffn_width(config), config.hidden_size
     assert ffn_width != hidden  # so the shapes below pin the (out, in) layout
-    moe = family.auto_classes[auto_name](family.config_class(**TINY[family.model_type], num_labels=3))
+    moe = family.head_class(auto_name)(family.config_class(**TINY[family.model_type], num_labels=3))
     (block, ffn), *others = ffns.items()
     assert not others and ffn.layer == 1 and isinstance(moe.get_submodule(block), CometMoEBlock)
     assert family.ffn_width(moe.config) == moe.config.ffn_width == ffn_width  # stock and our configs agree

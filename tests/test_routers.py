@@ -5,7 +5,7 @@ import statistics
 
 import pytest
 import torch
-from conftest import ALL_HEADS, dense_twin, main_output, tiny_config, tiny_inputs, tiny_model
+from conftest import EVERY_HEAD, dense_twin, main_output, tiny_config, tiny_inputs, tiny_model
 
 from hf_comet import AttentiveRouter, CometMoEBlock, NoisyTopKRouter, RoutingDecision, SwitchRouter
 from hf_comet.modeling.moe_block import collect_routing
@@ -342,7 +342,7 @@ def test_deep_top_k_runs_only_the_kept_experts():
 
 
 # -- block-COMET --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family, head", [fh for fh in ALL_HEADS if fh[1] != "AutoModel"])
+@pytest.mark.parametrize("family, head", [fh for fh in EVERY_HEAD if fh[1] != "AutoModel"])
 def test_block_comet_with_keep_rate_one_equals_the_dense_ffn(family, head):
     model = tiny_model(family, head, routing="comet", comet_block_size=16, comet_keep_rate=1.0).eval()
     dense = dense_twin(model)

@@ -203,7 +203,7 @@ def convert_to_moe(
     }
     config = _moe_config(model, family, conversion, dict(moe_fields), provenance)
     torch.manual_seed(seed)
-    moe = family.auto_classes[head]._from_config(config)  # what AutoModel*.from_config builds
+    moe = family.head_class(head)._from_config(config)  # what AutoModel*.from_config builds
     mapped = map_dense_state_dict(model.state_dict(), moe, method=method, split_method=split_method, seed=seed)
     missing, unexpected = moe.load_state_dict(mapped, strict=False)
     if unexpected:

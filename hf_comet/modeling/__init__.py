@@ -6,7 +6,12 @@ from .modeling_comet_bert import (
     FAMILY as BERT_FAMILY,
 )
 from .modeling_comet_bert import (
+    CometBertForCausalLM,
     CometBertForMaskedLM,
+    CometBertForMultipleChoice,
+    CometBertForNextSentencePrediction,
+    CometBertForPreTraining,
+    CometBertForQuestionAnswering,
     CometBertForSequenceClassification,
     CometBertForTokenClassification,
     CometBertModel,
@@ -17,8 +22,11 @@ from .modeling_comet_gpt2 import (
     FAMILY as GPT2_FAMILY,
 )
 from .modeling_comet_gpt2 import (
+    CometGPT2DoubleHeadsModel,
     CometGPT2ForCausalLM,
+    CometGPT2ForQuestionAnswering,
     CometGPT2ForSequenceClassification,
+    CometGPT2ForTokenClassification,
     CometGPT2Model,
     CometGPT2PreTrainedModel,
 )
@@ -27,6 +35,7 @@ from .modeling_comet_vit import (
 )
 from .modeling_comet_vit import (
     CometViTForImageClassification,
+    CometViTForMaskedImageModeling,
     CometViTModel,
     CometViTPreTrainedModel,
 )
@@ -79,6 +88,15 @@ __all__ = [
     "ROUTER_CLASSES",
     "ROUTINGS",
     "CometBertConfig",
+    "CometBertForCausalLM",
+    "CometBertForMultipleChoice",
+    "CometBertForNextSentencePrediction",
+    "CometBertForPreTraining",
+    "CometBertForQuestionAnswering",
+    "CometGPT2DoubleHeadsModel",
+    "CometGPT2ForQuestionAnswering",
+    "CometGPT2ForTokenClassification",
+    "CometViTForMaskedImageModeling",
     "CometBertForMaskedLM",
     "CometBertForSequenceClassification",
     "CometBertForTokenClassification",

@@ -73,6 +73,8 @@ class FamilyAdapter:
         stock_config_class: the upstream config class (``GPT2Config``); its ``model_type`` is the upstream one.
         auto_classes: Auto class name -> our model class. Each of our classes extends one stock class (e.g.
             ``CometGPT2ForCausalLM`` extends ``GPT2LMHeadModel``): `stock_heads` is derived from those bases.
+        other_classes: our heads whose stock class has no Auto class (GPT-2's ``GPT2DoubleHeadsModel``): loaded by
+            class, converted and saved like the others; in `stock_heads` their key is our class name.
         ffn_key_pattern: regex over a dense state-dict key, fully matched, with four groups: the prefix of the block
             (``transformer.h.1``), the layer index, the projection module (a key of ``ffn_projections``) and
             ``weight`` or ``bias``. It must match the FFN's two projections and nothing else (never attention).
@@ -98,6 +100,7 @@ class FamilyAdapter:
     ffn_key_pattern: str
     moe_module: str
     ffn_projections: Mapping[str, str]
+    other_classes: tuple[type, ...] = ()
     conv1d_ffn: bool = False
     ffn_width_field: str = "intermediate_size"
     ffn_width_fallback: Callable[[Any], int] | None = None
@@ -110,7 +113,7 @@ class FamilyAdapter:
             raise ValueError(f"{self.model_type}: ffn_projections must name one 'up' and one 'down' projection.")
         if re.compile(self.ffn_key_pattern).groups != 4:
             raise ValueError(f"{self.model_type}: ffn_key_pattern needs 4 groups (prefix, layer, module, kind).")
-        for model_class in self.auto_classes.values():
+        for model_class in self.model_classes.values():
             upstream_class(model_class)  # each of our classes names its stock base (TypeError otherwise)
 
     # -- classes -------------------------------------------------------------------------------------------------
@@ -120,14 +123,34 @@ class FamilyAdapter:
         return self.stock_config_class.model_type
 
     @property
-    def stock_heads(self) -> dict[str, str]:
-        """Stock class name -> the Auto class of our class that extends it (``GPT2LMHeadModel`` ->
-        ``AutoModelForCausalLM``): every head conversion accepts."""
-        return {upstream_class(cls).__name__: auto_name for auto_name, cls in self.auto_classes.items()}
+    def model_classes(self) -> dict[str, type]:
+        """Class name -> each of our model classes of this family (Auto-registered and `other_classes`)."""
+        classes = {cls.__name__: cls for cls in self.auto_classes.values()}
+        return classes | {cls.__name__: cls for cls in self.other_classes}
 
-    def stock_class(self, auto_name: str) -> type:
-        """The stock class our head ``auto_name`` extends (``GPT2LMHeadModel`` for ``AutoModelForCausalLM``)."""
-        return upstream_class(self.auto_classes[auto_name])
+    @property
+    def heads(self) -> dict[str, type]:
+        """Head key -> our class: the Auto class name for registered heads (the first one where a class has two,
+        e.g. GPT-2's LM head is also ``AutoModelForPreTraining``), our class name for `other_classes`."""
+        heads: dict[str, type] = {}
+        for auto_name, cls in self.auto_classes.items():
+            if cls not in heads.values():
+                heads[auto_name] = cls
+        return heads | {cls.__name__: cls for cls in self.other_classes}
+
+    @property
+    def stock_heads(self) -> dict[str, str]:
+        """Stock class name -> the head key (see `heads`) of our class that extends it (``GPT2LMHeadModel`` ->
+        ``AutoModelForCausalLM``): every head conversion accepts."""
+        return {upstream_class(cls).__name__: head for head, cls in self.heads.items()}
+
+    def head_class(self, head: str) -> type:
+        """Our class for a head key of `heads` (``CometGPT2ForCausalLM`` for ``AutoModelForCausalLM``)."""
+        return self.heads[head]
+
+    def stock_class(self, head: str) -> type:
+        """The stock class our head ``head`` extends (``GPT2LMHeadModel`` for ``AutoModelForCausalLM``)."""
+        return upstream_class(self.head_class(head))
 
     @property
     def main_input_name(self) -> str:

@@ -16,23 +16,38 @@ from torch import nn
 from transformers import BertConfig
 from transformers.modeling_outputs import (
     BaseModelOutputWithPoolingAndCrossAttentions,
+    CausalLMOutputWithCrossAttentions,
     MaskedLMOutput,
+    MultipleChoiceModelOutput,
+    NextSentencePredictorOutput,
+    QuestionAnsweringModelOutput,
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
 from transformers.models.bert.modeling_bert import (
     BertForMaskedLM,
+    BertForMultipleChoice,
+    BertForNextSentencePrediction,
+    BertForPreTraining,
+    BertForPreTrainingOutput,
+    BertForQuestionAnswering,
     BertForSequenceClassification,
     BertForTokenClassification,
+    BertLMHeadModel,
     BertModel,
     BertOnlyMLMHead,
+    BertOnlyNSPHead,
     BertPreTrainedModel,
+    BertPreTrainingHeads,
 )
+from transformers.utils import logging
 
 from .configuration_comet import CometBertConfig
 from .family_adapter import FamilyAdapter
 from .modeling_comet_common import CometPreTrainedMixin, MoEOutputFields, register_family, routed_forward
 from .moe_block import MoEBlock
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -53,6 +68,31 @@ class CometBertSequenceClassifierOutput(MoEOutputFields, SequenceClassifierOutpu
 @dataclass
 class CometBertTokenClassifierOutput(MoEOutputFields, TokenClassifierOutput):
     """`TokenClassifierOutput` plus ``aux_loss`` and ``router_logits``."""
+
+
+@dataclass
+class CometBertForPreTrainingOutput(MoEOutputFields, BertForPreTrainingOutput):
+    """`BertForPreTrainingOutput` plus ``aux_loss`` and ``router_logits``."""
+
+
+@dataclass
+class CometBertCausalLMOutput(MoEOutputFields, CausalLMOutputWithCrossAttentions):
+    """`CausalLMOutputWithCrossAttentions` plus ``aux_loss`` and ``router_logits``."""
+
+
+@dataclass
+class CometBertNextSentencePredictorOutput(MoEOutputFields, NextSentencePredictorOutput):
+    """`NextSentencePredictorOutput` plus ``aux_loss`` and ``router_logits``."""
+
+
+@dataclass
+class CometBertMultipleChoiceOutput(MoEOutputFields, MultipleChoiceModelOutput):
+    """`MultipleChoiceModelOutput` plus ``aux_loss`` and ``router_logits``."""
+
+
+@dataclass
+class CometBertQuestionAnsweringOutput(MoEOutputFields, QuestionAnsweringModelOutput):
+    """`QuestionAnsweringModelOutput` plus ``aux_loss`` and ``router_logits``."""
 
 
 class CometBertOutput(nn.Module):
@@ -138,11 +178,92 @@ class CometBertForTokenClassification(CometBertPreTrainedModel, BertForTokenClas
     forward = routed_forward(BertForTokenClassification.forward, CometBertTokenClassifierOutput)
 
 
+class CometBertForPreTraining(CometBertPreTrainedModel, BertForPreTraining):
+    """`BertForPreTraining` (masked LM + next-sentence prediction; ``loss`` is their sum) on a `CometBertModel`."""
+
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: CometBertConfig):
+        BertPreTrainedModel.__init__(self, config)
+        self.bert = CometBertModel(config)
+        self.cls = BertPreTrainingHeads(config)
+        self.post_init()
+
+    forward = routed_forward(BertForPreTraining.forward, CometBertForPreTrainingOutput)
+
+
+class CometBertForCausalLM(CometBertPreTrainedModel, BertLMHeadModel):
+    """`BertLMHeadModel` (BERT as a causal LM: set ``is_decoder=True``) on a `CometBertModel`; its loss honours
+    ``num_items_in_batch`` like GPT-2's, so the aux loss is weighted by the micro-batch's share of the tokens."""
+
+    def __init__(self, config: CometBertConfig):
+        BertPreTrainedModel.__init__(self, config)
+        if not config.is_decoder:  # upstream's warning, word for word
+            logger.warning("If you want to use `BertLMHeadModel` as a standalone, add `is_decoder=True.`")
+        self.bert = CometBertModel(config, add_pooling_layer=False)
+        self.cls = BertOnlyMLMHead(config)
+        self.post_init()
+
+    forward = routed_forward(BertLMHeadModel.forward, CometBertCausalLMOutput)
+
+
+class CometBertForNextSentencePrediction(CometBertPreTrainedModel, BertForNextSentencePrediction):
+    """`BertForNextSentencePrediction` on a `CometBertModel`."""
+
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: CometBertConfig):
+        BertPreTrainedModel.__init__(self, config)
+        self.bert = CometBertModel(config)
+        self.cls = BertOnlyNSPHead(config)
+        self.post_init()
+
+    forward = routed_forward(BertForNextSentencePrediction.forward, CometBertNextSentencePredictorOutput)
+
+
+class CometBertForMultipleChoice(CometBertPreTrainedModel, BertForMultipleChoice):
+    """`BertForMultipleChoice` on a `CometBertModel`: the encoder runs on (batch × choices, seq), and routing
+    statistics and aux losses leave out the padding of every choice."""
+
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: CometBertConfig):
+        BertPreTrainedModel.__init__(self, config)
+        self.bert = CometBertModel(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    forward = routed_forward(BertForMultipleChoice.forward, CometBertMultipleChoiceOutput)
+
+
+class CometBertForQuestionAnswering(CometBertPreTrainedModel, BertForQuestionAnswering):
+    """`BertForQuestionAnswering` (extractive: start/end logits) on a `CometBertModel`."""
+
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: CometBertConfig):
+        BertPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.bert = CometBertModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    forward = routed_forward(BertForQuestionAnswering.forward, CometBertQuestionAnsweringOutput)
+
+
 AUTO_CLASSES = {
     "AutoModel": CometBertModel,
+    "AutoModelForPreTraining": CometBertForPreTraining,
     "AutoModelForMaskedLM": CometBertForMaskedLM,
+    "AutoModelForCausalLM": CometBertForCausalLM,
+    "AutoModelForNextSentencePrediction": CometBertForNextSentencePrediction,
+    "AutoModelForMultipleChoice": CometBertForMultipleChoice,
+    "AutoModelForQuestionAnswering": CometBertForQuestionAnswering,
     "AutoModelForSequenceClassification": CometBertForSequenceClassification,
     "AutoModelForTokenClassification": CometBertForTokenClassification,
+    "AutoModelForTextEncoding": CometBertModel,  # as upstream: BERT as the text encoder of a multimodal model
 }
 register_family(CometBertPreTrainedModel, AUTO_CLASSES)
 
@@ -165,7 +286,12 @@ FAMILY = FamilyAdapter(
 CometBertPreTrainedModel.family = FAMILY
 
 __all__ = [
+    "CometBertForCausalLM",
     "CometBertForMaskedLM",
+    "CometBertForMultipleChoice",
+    "CometBertForNextSentencePrediction",
+    "CometBertForPreTraining",
+    "CometBertForQuestionAnswering",
     "CometBertForSequenceClassification",
     "CometBertForTokenClassification",
     "CometBertModel",

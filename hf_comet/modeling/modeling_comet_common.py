@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 from transformers import initialization as init
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import logging
 
 from .moe_block import RECORD_FIELDS, MoEBlock, active_collector, collect_routing, describe_record
@@ -50,6 +51,8 @@ class CometPreTrainedMixin:
 
     _can_set_experts_implementation_cached_value = True  # the experts class lives in a sibling file (notes §2.2)
     _comet_auto_classes: ClassVar[dict[str, type]] = {}  # Auto class name -> our class, filled by each modeling file
+    aux_loss_fields: ClassVar[tuple[str, ...]] = ("loss",)
+    """Output fields the aux loss may join in training, first present wins (a head with two losses names both)."""
     sharing: ClassVar[Any] = None
     """Set by ``import hf_comet`` (`hf_comet.hub.Sharing`): writes the model card when saving and pushes it to the
     Hub. ``None`` where a checkpoint runs as remote code without the package: upstream behaviour."""
@@ -89,7 +92,9 @@ class CometPreTrainedMixin:
         try:
             return super().get_correct_experts_implementation(requested_experts)
         except ValueError as error:
-            raise ValueError(f"{error} hf_comet also accepts experts_implementation={BUCKETED!r} (its default).") from None
+            raise ValueError(
+                f"{error} hf_comet also accepts experts_implementation={BUCKETED!r} (its default)."
+            ) from None
 
     # -- routing statistics ----------------------------------------------------------------------------------------
     def moe_blocks(self) -> list[MoEBlock]:
@@ -125,6 +130,8 @@ class CometPreTrainedMixin:
         for block in self.moe_blocks():  # the record describes the weights as they are now
             block.routing_record.copy_(block.expected_record(self.config))
         upstream = super().save_pretrained
+        if self._auto_class is None:  # a head with no Auto class (GPT2DoubleHeadsModel): its code travels too
+            upstream = functools.partial(_save_with_code, self, upstream)
         if self.sharing is None:
             return upstream(save_directory, is_main_process, *args, **kwargs)
         return self.sharing.save_pretrained(self, upstream, save_directory, is_main_process, *args, **kwargs)
@@ -136,12 +143,21 @@ class CometPreTrainedMixin:
         return self.sharing.push_to_hub(self, *args, **kwargs)
 
 
+def _save_with_code(model, upstream_save, save_directory, is_main_process: bool = True, *args, **kwargs):
+    """Upstream ``save_pretrained``, then (main process) the modeling files, which transformers copies only for
+    classes registered with an Auto class; ``auto_map`` stays the family's (`complete_auto_map`)."""
+    result = upstream_save(save_directory, is_main_process, *args, **kwargs)
+    if is_main_process:
+        custom_object_save(model, save_directory)
+    return result
+
+
 def routed_forward(upstream_forward, output_class):
     """Wrap an upstream ``forward`` so it collects routing, adds the aux loss and returns ``output_class``.
 
     The wrapper keeps the upstream signature (``inspect.signature`` follows ``__wrapped__``), so Trainer finds the
-    label names and generation its inputs. It accepts ``output_router_logits``. The aux loss joins ``loss`` only in
-    training mode; when Trainer passes ``num_items_in_batch`` to a head that honours it, the aux loss is weighted by
+    label names and generation its inputs. It accepts ``output_router_logits``. The aux loss joins ``loss`` (the
+    first of the head's ``aux_loss_fields`` that the upstream forward returned) only in training mode; when Trainer passes ``num_items_in_batch`` to a head that honours it, the aux loss is weighted by
     this micro-batch's share of the loss items, so gradient accumulation does not multiply it.
     A call nested inside another routed forward (the base model inside a head) runs upstream unchanged.
     """
@@ -164,8 +180,9 @@ def routed_forward(upstream_forward, output_class):
         aux_loss = collector.aux_loss()
         collector.commit(self.training)
         fields = dict(outputs)
-        if "loss" in fields and aux_loss is not None and self.training:
-            fields["loss"] = fields["loss"] + aux_loss * aux_loss_share(
+        target = next((name for name in self.aux_loss_fields if fields.get(name) is not None), None)
+        if target is not None and aux_loss is not None and self.training:
+            fields[target] = fields[target] + aux_loss * aux_loss_share(
                 self, arguments.get("labels"), kwargs.get("num_items_in_batch"), kwargs.get("shift_labels")
             )
         result = output_class(
@@ -321,4 +338,10 @@ def register_family(pretrained_class: type, auto_classes: dict[str, type]) -> No
 __all__ = [
     "CheckpointMismatchError",
     "check_routing_weights",
-    "CometPreTrainedMixin", "MoEOutputFields", "aux_loss_share", "loss_item_share", "register_family", "routed_forward"]
+    "CometPreTrainedMixin",
+    "MoEOutputFields",
+    "aux_loss_share",
+    "loss_item_share",
+    "register_family",
+    "routed_forward",
+]

@@ -15,13 +15,20 @@ from transformers import GenerationMixin, GPT2Config
 from transformers.modeling_outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
+    QuestionAnsweringModelOutput,
     SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
 )
 from transformers.models.gpt2.modeling_gpt2 import (
+    GPT2DoubleHeadsModel,
+    GPT2DoubleHeadsModelOutput,
+    GPT2ForQuestionAnswering,
     GPT2ForSequenceClassification,
+    GPT2ForTokenClassification,
     GPT2LMHeadModel,
     GPT2Model,
     GPT2PreTrainedModel,
+    GPT2SequenceSummary,
 )
 
 from .configuration_comet import CometGPT2Config
@@ -43,6 +50,21 @@ class CometGPT2CausalLMOutput(MoEOutputFields, CausalLMOutputWithCrossAttentions
 @dataclass
 class CometGPT2SequenceClassifierOutput(MoEOutputFields, SequenceClassifierOutputWithPast):
     """`SequenceClassifierOutputWithPast` plus ``aux_loss`` and ``router_logits``."""
+
+
+@dataclass
+class CometGPT2TokenClassifierOutput(MoEOutputFields, TokenClassifierOutput):
+    """`TokenClassifierOutput` plus ``aux_loss`` and ``router_logits``."""
+
+
+@dataclass
+class CometGPT2QuestionAnsweringOutput(MoEOutputFields, QuestionAnsweringModelOutput):
+    """`QuestionAnsweringModelOutput` plus ``aux_loss`` and ``router_logits``."""
+
+
+@dataclass
+class CometGPT2DoubleHeadsModelOutput(MoEOutputFields, GPT2DoubleHeadsModelOutput):
+    """`GPT2DoubleHeadsModelOutput` plus ``aux_loss`` and ``router_logits``."""
 
 
 class CometGPT2PreTrainedModel(CometPreTrainedMixin, GPT2PreTrainedModel):
@@ -100,11 +122,72 @@ class CometGPT2ForSequenceClassification(CometGPT2PreTrainedModel, GPT2ForSequen
     forward = routed_forward(GPT2ForSequenceClassification.forward, CometGPT2SequenceClassifierOutput)
 
 
+class CometGPT2ForTokenClassification(CometGPT2PreTrainedModel, GPT2ForTokenClassification):
+    """`GPT2ForTokenClassification` on a `CometGPT2Model` (per-batch mean loss, so ``accepts_loss_kwargs = False``)."""
+
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: CometGPT2Config):
+        GPT2PreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.transformer = CometGPT2Model(config)
+        dropout = getattr(config, "classifier_dropout", None)
+        if dropout is None:
+            dropout = getattr(config, "hidden_dropout", None)
+        self.dropout = nn.Dropout(0.1 if dropout is None else dropout)  # upstream's rule
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    forward = routed_forward(GPT2ForTokenClassification.forward, CometGPT2TokenClassifierOutput)
+
+
+class CometGPT2ForQuestionAnswering(CometGPT2PreTrainedModel, GPT2ForQuestionAnswering):
+    """`GPT2ForQuestionAnswering` (extractive: start/end logits) on a `CometGPT2Model`."""
+
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: CometGPT2Config):
+        GPT2PreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.transformer = CometGPT2Model(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    forward = routed_forward(GPT2ForQuestionAnswering.forward, CometGPT2QuestionAnsweringOutput)
+
+
+class CometGPT2DoubleHeadsModel(CometGPT2PreTrainedModel, GPT2DoubleHeadsModel):
+    """`GPT2DoubleHeadsModel` (language modelling + multiple choice) on a `CometGPT2Model`.
+
+    Transformers registers this head with no Auto class, and neither do we: load it by class
+    (``CometGPT2DoubleHeadsModel.from_pretrained``). Its two losses are returned apart, as upstream; in training the
+    aux loss joins ``loss`` (the LM loss) when there is one, else ``mc_loss``, so ``loss + mc_loss`` counts it once.
+    """
+
+    accepts_loss_kwargs = False
+    aux_loss_fields = ("loss", "mc_loss")
+
+    def __init__(self, config: CometGPT2Config):
+        GPT2PreTrainedModel.__init__(self, config)
+        config.num_labels = 1  # upstream: the multiple-choice summary scores one logit per choice
+        self.transformer = CometGPT2Model(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.multiple_choice_head = GPT2SequenceSummary(config)
+        self.post_init()
+
+    forward = routed_forward(GPT2DoubleHeadsModel.forward, CometGPT2DoubleHeadsModelOutput)
+
+
 AUTO_CLASSES = {
     "AutoModel": CometGPT2Model,
     "AutoModelForCausalLM": CometGPT2ForCausalLM,
+    "AutoModelForPreTraining": CometGPT2ForCausalLM,  # as upstream: GPT-2's pre-training head is the LM head
     "AutoModelForSequenceClassification": CometGPT2ForSequenceClassification,
+    "AutoModelForTokenClassification": CometGPT2ForTokenClassification,
+    "AutoModelForQuestionAnswering": CometGPT2ForQuestionAnswering,
 }
+OTHER_CLASSES = (CometGPT2DoubleHeadsModel,)
+"""Heads upstream registers with no Auto class: loaded by class, converted and saved like the others."""
 register_family(CometGPT2PreTrainedModel, AUTO_CLASSES)
 
 # -- family facts: what conversion, LoRA and model cards know about GPT-2 (family_adapter.py) -----------------------
@@ -116,6 +199,7 @@ FAMILY = FamilyAdapter(
     config_class=CometGPT2Config,
     stock_config_class=GPT2Config,
     auto_classes=AUTO_CLASSES,
+    other_classes=OTHER_CLASSES,
     ffn_key_pattern=r"((?:.*\.)?h\.(\d+))\.mlp\.(c_fc|c_proj)\.(weight|bias)",
     moe_module="mlp",
     ffn_projections={"c_fc": "up", "c_proj": "down"},
@@ -129,8 +213,11 @@ FAMILY = FamilyAdapter(
 CometGPT2PreTrainedModel.family = FAMILY
 
 __all__ = [
+    "CometGPT2DoubleHeadsModel",
     "CometGPT2ForCausalLM",
+    "CometGPT2ForQuestionAnswering",
     "CometGPT2ForSequenceClassification",
+    "CometGPT2ForTokenClassification",
     "CometGPT2Model",
     "CometGPT2PreTrainedModel",
 ]

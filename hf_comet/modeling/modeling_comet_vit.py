@@ -11,8 +11,13 @@ from dataclasses import dataclass
 
 from torch import nn
 from transformers import ViTConfig
-from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
-from transformers.models.vit.modeling_vit import ViTForImageClassification, ViTModel, ViTPreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput, MaskedImageModelingOutput
+from transformers.models.vit.modeling_vit import (
+    ViTForImageClassification,
+    ViTForMaskedImageModeling,
+    ViTModel,
+    ViTPreTrainedModel,
+)
 
 from .configuration_comet import CometViTConfig
 from .family_adapter import FamilyAdapter
@@ -28,6 +33,11 @@ class CometViTModelOutput(MoEOutputFields, BaseModelOutputWithPooling):
 @dataclass
 class CometViTImageClassifierOutput(MoEOutputFields, ImageClassifierOutput):
     """`ImageClassifierOutput` plus ``aux_loss`` and ``router_logits``."""
+
+
+@dataclass
+class CometViTMaskedImageModelingOutput(MoEOutputFields, MaskedImageModelingOutput):
+    """`MaskedImageModelingOutput` plus ``aux_loss`` and ``router_logits``."""
 
 
 class CometViTPreTrainedModel(CometPreTrainedMixin, ViTPreTrainedModel):
@@ -67,9 +77,31 @@ class CometViTForImageClassification(CometViTPreTrainedModel, ViTForImageClassif
     forward = routed_forward(ViTForImageClassification.forward, CometViTImageClassifierOutput)
 
 
+class CometViTForMaskedImageModeling(CometViTPreTrainedModel, ViTForMaskedImageModeling):
+    """`ViTForMaskedImageModeling` (SimMIM: reconstruct masked patches) on a `CometViTModel` with a mask token.
+
+    Routing sees every patch, masked ones included (they are the mask token then), as the encoder does; the
+    reconstruction loss is upstream's per-batch mean, so ``accepts_loss_kwargs = False``.
+    """
+
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: CometViTConfig):
+        ViTPreTrainedModel.__init__(self, config)
+        self.vit = CometViTModel(config, add_pooling_layer=False, use_mask_token=True)
+        self.decoder = nn.Sequential(
+            nn.Conv2d(config.hidden_size, config.encoder_stride**2 * config.num_channels, kernel_size=1),
+            nn.PixelShuffle(config.encoder_stride),
+        )
+        self.post_init()
+
+    forward = routed_forward(ViTForMaskedImageModeling.forward, CometViTMaskedImageModelingOutput)
+
+
 AUTO_CLASSES = {
     "AutoModel": CometViTModel,
     "AutoModelForImageClassification": CometViTForImageClassification,
+    "AutoModelForMaskedImageModeling": CometViTForMaskedImageModeling,
 }
 register_family(CometViTPreTrainedModel, AUTO_CLASSES)
 
@@ -89,4 +121,9 @@ FAMILY = FamilyAdapter(
 )
 CometViTPreTrainedModel.family = FAMILY
 
-__all__ = ["CometViTForImageClassification", "CometViTModel", "CometViTPreTrainedModel"]
+__all__ = [
+    "CometViTForImageClassification",
+    "CometViTForMaskedImageModeling",
+    "CometViTModel",
+    "CometViTPreTrainedModel",
+]

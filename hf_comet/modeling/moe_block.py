@@ -302,6 +302,7 @@ def describe_record(record: list[int]) -> dict[str, int | str]:
     values["routing"] = names.get(int(values["routing"]), f"<unregistered routing code {values['routing']}>")
     return values
 
+
 _HASH_MODULUS = 2**31
 
 
@@ -326,11 +327,14 @@ class RoutingCollector:
     """Gathers the routing decisions of one model forward and derives aux losses and router logits from them.
 
     Args:
-        attention_mask: the model's 2-D (batch, seq) mask; positions equal to 0 are padding and are left out of
-            every aux loss and statistic. ``None`` (or a 4-D custom mask) counts every token.
+        attention_mask: the model's (batch, seq) mask, or (batch, choices, seq) for multiple-choice heads, which run
+            the encoder on (batch * choices, seq); positions equal to 0 are padding and are left out of every aux
+            loss and statistic. ``None`` (or a 4-D custom mask) counts every token.
     """
 
     def __init__(self, attention_mask: torch.Tensor | None = None):
+        if attention_mask is not None and attention_mask.dim() == 3:  # multiple choice: flattened like input_ids
+            attention_mask = attention_mask.reshape(-1, attention_mask.shape[-1])
         self.attention_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         self.records: list[tuple[MoEBlock, RoutingDecision, torch.Size, torch.Tensor]] = []
         self._layer_losses: list[tuple[MoEBlock, dict[str, torch.Tensor]]] | None = None
