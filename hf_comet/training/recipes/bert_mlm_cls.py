@@ -104,7 +104,8 @@ def run(job: VariantJob) -> VariantRun:
         )
         names = job.data.label_names
         mlm_train = cls_train.select_columns(["input_ids", "attention_mask"])
-        eval_ids, eval_mask = cls_test["input_ids"], cls_test["attention_mask"]
+        every = cls_test[:]  # all rows as stacked tensors
+        eval_ids, eval_mask = every["input_ids"], every["attention_mask"]
     model = job.build_model("AutoModelForMaskedLM")
     eval_masked = torch_dataset(mask_bytes(eval_ids, eval_mask, torch.Generator().manual_seed(seed + 7)))
     trainer, mlm_metrics, seconds = job.train(

@@ -31,7 +31,7 @@ ALLOWED = "a folder saved with Dataset.save_to_disk or DatasetDict.save_to_disk,
 def read_splits(path: str | Path, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
     """The train and test splits of the data at ``path``. A saved `datasets.DatasetDict` gives its ``train`` split
     and its ``test`` (else ``validation``) split; a single dataset (a saved `datasets.Dataset`, a file, a dict with
-    only one split) is split `TEST_FRACTION` for testing with ``seed`` (``Dataset.train_test_split``)."""
+    only one split) is shuffled with ``seed`` and its first `TEST_FRACTION` (rounded up) held out for testing."""
     location = Path(path)
     if not location.exists():
         raise RecipeArgumentError(f"--dataset {str(path)!r} does not exist; give {ALLOWED}.")
@@ -65,8 +65,11 @@ def read_splits(path: str | Path, seed: int) -> tuple[datasets.Dataset, datasets
         loaded = next(iter(loaded.values()))
     if len(loaded) < 2:
         raise RecipeArgumentError(f"--dataset {str(path)!r} has {len(loaded)} row(s); a train and a test row at least.")
-    splits = loaded.train_test_split(test_size=TEST_FRACTION, seed=seed, keep_in_memory=True)
-    return splits["train"], splits["test"]
+    # Dataset.train_test_split's shuffle, with the index mappings kept in memory (it would write them as cache files
+    # next to the data, i.e. into a user's saved folder)
+    order = np.random.default_rng(seed).permutation(len(loaded)).tolist()
+    n_test = math.ceil(TEST_FRACTION * len(loaded))
+    return loaded.select(order[n_test:], keep_in_memory=True), loaded.select(order[:n_test], keep_in_memory=True)
 
 
 def _non_empty(dataset: datasets.Dataset, path, split: str) -> datasets.Dataset:

@@ -11,6 +11,7 @@ from . import data_sources
 from .base import (
     DatasetSource,
     Recipe,
+    RecipeArgumentError,
     RecipeData,
     ReloadCheck,
     Settings,
@@ -46,6 +47,11 @@ def load_data(source: DatasetSource, seed: int) -> RecipeData:
     [height][width], or a flat list or string of a square grayscale image) becomes ``pixel_values``, the label column
     (default ``label``) ``labels``; ``image_size``, ``num_channels``, ``patch_size`` and the labels follow the data."""
     path = source.path
+    if source.text_column is not None:
+        raise RecipeArgumentError(
+            f"--text-column {source.text_column!r}: recipe vit_digits trains on images; texts train with gpt2_text "
+            "or bert_mlm_cls."
+        )
     image = source.image_column or IMAGE_COLUMN
     label = source.label_column or LABEL_COLUMN
     train, test = data_sources.read_splits(path, seed)
