@@ -94,6 +94,7 @@ def test_accuracy_compute_metrics_uses_the_module_and_skips_ignored_labels():
     assert accuracy(transformers.EvalPrediction(predictions=logits, label_ids=labels)) == {"accuracy": expected}
     weighted = load_metric("accuracy").compute(predictions=[1, 0, 1], references=[1, 1, 1], sample_weight=[2, 1, 1])
     assert weighted == {"accuracy": 0.75}
+    assert np.isnan(load_metric("accuracy").compute(predictions=[], references=[])["accuracy"])  # e.g. nothing masked
     with pytest.raises(ValueError, match="not shipped"):
         metric_path("bleu")
 

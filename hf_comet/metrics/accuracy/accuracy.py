@@ -14,7 +14,8 @@ Args:
     normalize (`bool`): the share of correct predictions (default) or their count.
     sample_weight (`list[float]`, optional): a weight per sample.
 Returns:
-    accuracy (`float`): in [0, 1] when ``normalize``, else the (weighted) count of correct predictions.
+    accuracy (`float`): in [0, 1] when ``normalize`` (NaN for no predictions, like numpy's mean of nothing), else the
+        (weighted) count of correct predictions.
 Examples:
     >>> metric = evaluate.load("hf_comet/metrics/accuracy")
     >>> metric.compute(predictions=[0, 1, 1], references=[0, 1, 0])
@@ -38,4 +39,6 @@ class Accuracy(evaluate.Metric):
         correct = np.asarray(predictions) == np.asarray(references)
         weights = np.ones(len(correct)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
         total = float((correct * weights).sum())
-        return {"accuracy": total / float(weights.sum()) if normalize else total}
+        if not normalize:
+            return {"accuracy": total}
+        return {"accuracy": total / float(weights.sum()) if weights.sum() > 0 else float("nan")}  # NaN: nothing scored
