@@ -570,10 +570,12 @@ def _info(args: argparse.Namespace) -> int:
 def _quiet_transformers() -> None:
     """Keep the console to our tables and the training progress bar (no save/load bars or load reports: the load
     reports are checked by `check_loaded` and the converter instead)."""
+    import datasets
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()  # Dataset.map and load_dataset of --dataset
 
 
 def _run_outputs(variants) -> dict[str, list[str]]:
@@ -664,16 +666,16 @@ def _train_overrides(items: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def _check_models_build(name: str, variants: list[str], settings, overrides: dict[str, Any]) -> None:
+def _check_models_build(name: str, variants: list[str], settings, overrides: dict[str, Any], data=None) -> None:
     """Build every variant's model on the meta device (no memory, no weights): sizes that build a config but not a
     model (e.g. ``--setting hidden_size=33`` with 4 heads) are refused here, not after the run has started."""
     import torch
 
     from hf_comet.training.recipes import RECIPES
-    from hf_comet.training.recipes.base import build_model
+    from hf_comet.training.recipes.base import build_model, shared_config
 
     recipe = RECIPES[name]
-    shared = recipe.shared_config(settings)
+    shared = shared_config(recipe, settings, data)
     for variant in variants:
         try:
             with torch.random.fork_rng(devices=[]), torch.device("meta"):
@@ -684,10 +686,30 @@ def _check_models_build(name: str, variants: list[str], settings, overrides: dic
             ) from error
 
 
+COLUMN_FLAGS = ("text_column", "image_column", "label_column")
+
+
+def _dataset_source(args: argparse.Namespace):
+    """The `DatasetSource` of ``--dataset`` and the column flags (``None`` without ``--dataset``); a column flag
+    without ``--dataset`` is refused."""
+    from hf_comet.training.recipes import DatasetSource
+
+    columns = {name: getattr(args, name) for name in COLUMN_FLAGS}
+    if args.dataset is None:
+        given = [f"--{name.replace('_', '-')}" for name, value in columns.items() if value is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} names a column of --dataset PATH; give --dataset too.")
+        return None
+    for name, value in columns.items():
+        if value is not None and not value.strip():
+            raise UserError(f"--{name.replace('_', '-')} is empty; give a column name.")
+    return DatasetSource(args.dataset, **columns)
+
+
 def _train(args: argparse.Namespace) -> int:
     from huggingface_hub.errors import StrictDataclassError
 
-    from hf_comet.training.recipes import run_recipe, validate_recipe_arguments
+    from hf_comet.training.recipes import load_recipe_data, run_recipe, validate_recipe_arguments
 
     # every argument is checked here, before anything is trained or written
     variants = _variants(args.variants)
@@ -697,14 +719,16 @@ def _train(args: argparse.Namespace) -> int:
         if "steps" in settings:
             raise UserError(f"--steps {args.steps} and --setting steps={settings['steps']!r} both set steps; give one.")
         settings["steps"] = args.steps
+    source = _dataset_source(args)
+    _quiet_transformers()
+    data = load_recipe_data(args.recipe, source, args.seed) if source is not None else None
     try:
-        variants, chosen, _ = validate_recipe_arguments(args.recipe, args.fast, variants, overrides, settings)
+        variants, chosen, _ = validate_recipe_arguments(args.recipe, args.fast, variants, overrides, settings, data)
     except StrictDataclassError as error:  # huggingface_hub's typed config fields (the recipe catches ValueErrors)
         raise UserError(f"a --set value is refused by the config: {error}") from error
-    _check_models_build(args.recipe, variants, chosen, overrides)
+    _check_models_build(args.recipe, variants, chosen, overrides, data)
     output_dir = args.output_dir if args.output_dir is not None else f"runs/{args.recipe}"
     run_folder(output_dir, "--output-dir", **_run_outputs(variants))
-    _quiet_transformers()
     summary = run_recipe(
         args.recipe,
         output_dir,
@@ -714,6 +738,7 @@ def _train(args: argparse.Namespace) -> int:
         settings=settings,
         seed=args.seed,
         progress=not args.no_progress,
+        dataset=data,
     )
     return _report(summary, output_dir)
 
@@ -989,6 +1014,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", help="default: runs/RECIPE")
     train.add_argument("--seed", type=seed_int, default=0)
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    user_data = train.add_argument_group("your own data (instead of the recipe's; see the README's Training section)")
+    user_data.add_argument(
+        "--dataset",
+        metavar="PATH",
+        help="a folder saved with save_to_disk (train + test/validation splits, or one split: 20%% held out) or a "
+        ".json/.jsonl/.csv file (20%% held out, split with --seed)",
+    )
+    user_data.add_argument("--text-column", help="the text column (gpt2_text, bert_mlm_cls; default: text)")
+    user_data.add_argument(
+        "--image-column",
+        help="the image column (vit_digits; default: image): nested lists [channels][height][width] or "
+        "[height][width], or a flat list / space-separated string of a square grayscale image",
+    )
+    user_data.add_argument("--label-column", help="the label column (vit_digits, bert_mlm_cls; default: label)")
 
     convert = commands.add_parser(
         "convert", help=f"convert a dense GPT-2/ViT/BERT checkpoint into an MoE checkpoint ({', '.join(METHODS)})"

@@ -8,6 +8,10 @@ Each recipe is one `Recipe` object in its own module (``vit_digits``, ``gpt2_tex
 * ``loss_curves.png``, and per MoE variant ``expert_load_<variant>.png`` and ``overlap_similarity_<variant>.png``,
 * one checkpoint folder per variant (loadable with the Auto classes) with a model card for the MoE ones.
 
+``run_recipe(..., dataset=DatasetSource(PATH, ...))`` (``hf-comet train NAME --dataset PATH``) trains on a user's
+data instead: a saved `datasets` folder or a json/csv file (`data_sources`). Data are `datasets.Dataset` objects
+(texts tokenised with ``Dataset.map``), and accuracy comes from the `evaluate` module shipped in `hf_comet.metrics`.
+
 Recipes: ``vit_digits`` (image classification on scikit-learn's digits; the demo), ``gpt2_text`` (byte-level causal
 LM on CPython's bundled English documentation, validation perplexity), ``bert_mlm_cls`` (byte-level masked-LM
 pre-training on the same text, then sequence classification of standard-library docstrings by topic).
@@ -19,8 +23,10 @@ that trains one `VariantJob`) and calls `register_recipe`; ``hf-comet train NAME
 from .base import (
     MIN_SETTINGS,
     RECIPES,
+    DatasetSource,
     Recipe,
     RecipeArgumentError,
+    RecipeData,
     ReloadCheck,
     Rows,
     Settings,
@@ -30,9 +36,11 @@ from .base import (
     accuracy,
     build_model,
     check_recipe_outputs,
+    load_recipe_data,
     recipe_outputs,
     register_recipe,
     run_recipe,
+    torch_dataset,
     train_model,
     validate_recipe_arguments,
     variant_config_fields,
@@ -57,8 +65,10 @@ def __getattr__(name: str):
 __all__ = [
     "MIN_SETTINGS",
     "RECIPES",
+    "DatasetSource",
     "Recipe",
     "RecipeArgumentError",
+    "RecipeData",
     "ReloadCheck",
     "Rows",
     "Settings",
@@ -68,9 +78,11 @@ __all__ = [
     "accuracy",
     "build_model",
     "check_recipe_outputs",
+    "load_recipe_data",
     "recipe_outputs",
     "register_recipe",
     "run_recipe",
+    "torch_dataset",
     "train_model",
     "validate_recipe_arguments",
     "variant_config_fields",

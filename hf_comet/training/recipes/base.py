@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import datasets
 import numpy as np
 import torch
 import transformers
@@ -104,6 +105,31 @@ class ReloadCheck(NamedTuple):
 
 
 @dataclass(frozen=True)
+class DatasetSource:
+    """Where a user's data is (``path``) and which columns hold what; a column left ``None`` takes the recipe's
+    default (``text``, ``image``, ``label``)."""
+
+    path: str
+    text_column: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+
+
+@dataclass
+class RecipeData:
+    """A user's data, checked and converted for one recipe."""
+
+    train: datasets.Dataset
+    test: datasets.Dataset
+    config: dict[str, Any] = field(default_factory=dict)
+    """Config fields the data decides (e.g. ViT's ``image_size``, ``num_channels``, ``num_labels``), shared by every
+    variant on top of `Recipe.shared_config`."""
+    label_names: list[str] | None = None
+    description: str = ""
+    """The model card's training-data text and ``metrics.json``'s ``dataset`` entry."""
+
+
+@dataclass(frozen=True)
 class Recipe:
     """One recipe: its presets, variants, model family, data and runner. Register it with `register_recipe`; then
     `run_recipe(name, ...)` and ``hf-comet train NAME`` run it."""
@@ -130,6 +156,9 @@ class Recipe:
     """Raises `RecipeArgumentError` for settings this recipe cannot run with (beyond the lower bounds)."""
     check_reload: Callable[[dict[str, Any]], list[ReloadCheck]] | None = None
     """Reloads each checkpoint of a run summary and scores it again (the demo shows the saved models work)."""
+    load_data: Callable[[DatasetSource, int], RecipeData] | None = None
+    """Reads a user's data (``--dataset``; its second argument is the seed of the split) into `RecipeData`, raising
+    `RecipeArgumentError` for data this recipe cannot train on; ``None``: the recipe trains on its own data only."""
 
     def settings(self, fast: bool) -> Settings:
         return self.fast if fast else self.full
@@ -167,9 +196,15 @@ def build_model(family: str, head: str, variant: str, shared: dict, overrides: d
 
 
 def validate_recipe_arguments(
-    name: str, fast: bool, variants: list[str] | None, overrides: dict | None, settings: dict | None
+    name: str,
+    fast: bool,
+    variants: list[str] | None,
+    overrides: dict | None,
+    settings: dict | None,
+    data: RecipeData | None = None,
 ) -> tuple[list[str], Settings, dict]:
-    """Check every argument of `run_recipe` (and build each MoE config at the recipe's real sizes) before any work.
+    """Check every argument of `run_recipe` (and build each MoE config at the recipe's real sizes, with the config
+    fields ``data`` decides) before any work.
 
     Returns the variants, the chosen `Settings` and the overrides. Raises `RecipeArgumentError` naming the bad value
     and what is allowed.
@@ -210,7 +245,7 @@ def validate_recipe_arguments(
     unknown = sorted(set(overrides) - config_fields)
     if unknown:
         raise RecipeArgumentError(f"{unknown} are not {family} config fields (misspelt?); e.g. comet_keep_rate.")
-    shared = recipe.shared_config(chosen)
+    shared = shared_config(recipe, chosen, data)
     for variant in variants:
         if variant == "dense":
             continue
@@ -221,13 +256,33 @@ def validate_recipe_arguments(
     return variants, chosen, overrides
 
 
+def shared_config(recipe: Recipe, settings: Settings, data: RecipeData | None = None) -> dict[str, Any]:
+    """`Recipe.shared_config` of ``settings``, with the config fields a user's ``data`` decides on top."""
+    return {**recipe.shared_config(settings), **(data.config if data is not None else {})}
+
+
+def load_recipe_data(name: str, source: DatasetSource, seed: int = 0) -> RecipeData:
+    """Read a user's data for recipe ``name`` (`Recipe.load_data`; splits a single dataset with ``seed``). Raises
+    `RecipeArgumentError` for a bad path, format or column, or a recipe that trains on its own data only."""
+    if name not in RECIPES:
+        raise RecipeArgumentError(f"recipe {name!r} does not exist; choose one of {', '.join(RECIPES)}.")
+    recipe = RECIPES[name]
+    if recipe.load_data is None:
+        takes = [n for n, r in RECIPES.items() if r.load_data is not None]
+        raise RecipeArgumentError(
+            f"recipe {name} trains on its own data only; --dataset works with {', '.join(takes)}."
+        )
+    return recipe.load_data(source, seed)
+
+
 MAX_INT_SETTING = 2**31 - 1
 """Largest whole-number recipe setting (steps, sizes): beyond it a run could not finish."""
 
 
 # -- helpers for runners -------------------------------------------------------------------------------------------
 class Rows(torch.utils.data.Dataset):
-    """A dict of equal-length tensors as a map-style dataset of row dicts."""
+    """A dict of equal-length tensors as a map-style dataset of row dicts (the built-in recipes build
+    `datasets.Dataset` objects instead, see `torch_dataset`; kept for recipes written against it)."""
 
     def __init__(self, columns: dict[str, torch.Tensor]):
         self.columns = columns
@@ -239,14 +294,25 @@ class Rows(torch.utils.data.Dataset):
         return {name: column[index] for name, column in self.columns.items()}
 
 
+def torch_dataset(columns: Mapping[str, torch.Tensor | np.ndarray]) -> datasets.Dataset:
+    """Equal-length columns (tensors or arrays, one row per item) as a `datasets.Dataset` whose rows come back as
+    torch tensors of the same dtypes (``with_format("torch")``), ready for Trainer's default collator."""
+    arrays = {name: np.asarray(column.numpy() if isinstance(column, torch.Tensor) else column)
+              for name, column in columns.items()}  # fmt: skip
+    return datasets.Dataset.from_dict(arrays).with_format("torch")
+
+
 def accuracy(prediction) -> dict[str, float]:
-    """``compute_metrics`` for classification and token prediction (labels ``-100`` are left out)."""
+    """``compute_metrics`` for classification and token prediction (labels ``-100`` are left out), computed with the
+    ``accuracy`` `evaluate` module shipped in `hf_comet.metrics` (offline)."""
+    from ...metrics import load_metric
+
     predictions = np.asarray(prediction.predictions)
     labels = np.asarray(prediction.label_ids)
     if predictions.ndim == labels.ndim + 1:
         predictions = predictions.argmax(-1)
     valid = labels != -100
-    return {"accuracy": float((predictions[valid] == labels[valid]).mean())}
+    return load_metric("accuracy").compute(predictions=predictions[valid], references=labels[valid])
 
 
 class _StepProgress(ProgressCallback):
@@ -328,10 +394,12 @@ class VariantJob:
     workdir: Path
     """A scratch folder for this variant (removed after the runner returns)."""
     progress: bool
+    data: RecipeData | None = None
+    """A user's data (``--dataset``) to train on instead of the recipe's own."""
 
     def build_model(self, head: str):
         """The variant's model under the Auto class ``head`` (e.g. ``"AutoModelForCausalLM"``), seeded."""
-        shared = self.recipe.shared_config(self.settings)
+        shared = shared_config(self.recipe, self.settings, self.data)
         return build_model(self.recipe.family, head, self.variant, shared, self.overrides, self.seed)
 
     def train(self, model, train, evaluation, *, settings: Settings | None = None, workdir: Path | None = None, **kw):
@@ -365,6 +433,7 @@ def run_recipe(
     seed: int = 0,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    dataset: DatasetSource | RecipeData | None = None,
 ) -> dict[str, Any]:
     """Train the recipe's variants side by side and write metrics, plots, checkpoints and model cards.
 
@@ -375,10 +444,13 @@ def run_recipe(
         variants: ``"dense"`` and/or routing names (``"comet"``, ``"topk"``, ... and ``"block_comet"``).
         overrides: MoE config fields for every MoE variant (validated by the config, e.g. ``comet_keep_rate``).
         settings: `Settings` fields to change (e.g. ``{"steps": 100}``).
+        dataset: the user's data to train on instead of the recipe's own: a `DatasetSource` (read here with
+            `load_recipe_data`) or `RecipeData` already read.
 
     Returns the content of ``metrics.json``. All arguments are checked before any training starts.
     """
-    variants, chosen, overrides = validate_recipe_arguments(name, fast, variants, overrides, settings)
+    data = load_recipe_data(name, dataset, seed) if isinstance(dataset, DatasetSource) else dataset
+    variants, chosen, overrides = validate_recipe_arguments(name, fast, variants, overrides, settings, data)
     recipe = RECIPES[name]
     output = check_recipe_outputs(name, output_dir, variants)
     output.mkdir(parents=True, exist_ok=True)
@@ -389,7 +461,7 @@ def run_recipe(
     for variant in variants:
         log(f"[{name}] training {variant} ({chosen.steps} steps)")
         with scratch_directory(output / f"{variant}.trainer") as workdir:
-            job = VariantJob(recipe, chosen, variant, overrides, seed, Path(workdir), progress)
+            job = VariantJob(recipe, chosen, variant, overrides, seed, Path(workdir), progress, data)
             trainer, metrics, seconds, sample = recipe.run(job)
         model = trainer.model
         checkpoint = atomic_save_pretrained(model, output / variant)
@@ -403,8 +475,8 @@ def run_recipe(
             routing_history=trainer.routing_history,
         )
         samples[variant], models[variant] = sample, model
-    _write_plots_and_cards(recipe, output, results, models, samples)
-    summary = _summary(recipe, fast, chosen, overrides, seed, results)
+    _write_plots_and_cards(recipe, output, results, models, samples, data)
+    summary = _summary(recipe, fast, chosen, overrides, seed, results, data)
     atomic_write_text(output / "metrics.json", json.dumps(summary, indent=2))
     return summary
 
@@ -438,7 +510,9 @@ def check_recipe_outputs(name: str, output_dir: str | os.PathLike, variants: lis
     return output
 
 
-def _write_plots_and_cards(recipe: Recipe, output: Path, results: dict[str, VariantResult], models, samples) -> None:
+def _write_plots_and_cards(
+    recipe: Recipe, output: Path, results: dict[str, VariantResult], models, samples, data: RecipeData | None = None
+) -> None:
     """The loss curves of every variant; per MoE variant its load and overlap plots (adding the overlap-similarity
     correlation to its metrics), copies of the plots in its checkpoint, and its model card."""
     name = recipe.name
@@ -459,15 +533,18 @@ def _write_plots_and_cards(recipe: Recipe, output: Path, results: dict[str, Vari
             result.checkpoint,
             results={k: v for k, v in result.metrics.items() if isinstance(v, float)},
             plots=["loss_curves.png", *plots],
-            datasets_text=recipe.data_description,
-            dataset_name=recipe.dataset_name,
+            datasets_text=data.description if data is not None else recipe.data_description,
+            dataset_name=data.description if data is not None else recipe.dataset_name,
         )
 
 
-def _summary(recipe: Recipe, fast: bool, chosen: Settings, overrides: dict, seed: int, results) -> dict[str, Any]:
-    """The content of ``metrics.json``."""
+def _summary(
+    recipe: Recipe, fast: bool, chosen: Settings, overrides: dict, seed: int, results, data: RecipeData | None = None
+) -> dict[str, Any]:
+    """The content of ``metrics.json`` (``dataset``: the user's data, ``null`` for the recipe's own)."""
     return {
         "recipe": recipe.name,
+        "dataset": data.description if data is not None else None,
         "setting": "fast" if fast else "full",
         "settings": asdict(chosen),
         "overrides": overrides,
@@ -484,4 +561,3 @@ def _summary(recipe: Recipe, fast: bool, chosen: Settings, overrides: dict, seed
             for v, r in results.items()
         },
     }  # fmt: skip
-

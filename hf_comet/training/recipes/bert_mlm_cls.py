@@ -1,17 +1,29 @@
 """Recipe ``bert_mlm_cls``: dense vs MoE BERT, byte-level masked-LM pre-training on CPython's bundled documentation,
-then sequence classification of standard-library docstrings by topic."""
+then sequence classification of standard-library docstrings by topic; or both on a user's labelled texts
+(``--dataset``)."""
 
 from __future__ import annotations
 
 import shutil
 from dataclasses import replace
 
+import datasets
 import torch
 import transformers
 
-from ...data import encode_bytes, stdlib_docstrings
-from .base import Recipe, Rows, Settings, VariantJob, VariantRun, accuracy, register_recipe
-from .text_data import check_text_settings, text_windows
+from ...data import stdlib_docstrings
+from .base import (
+    DatasetSource,
+    Recipe,
+    RecipeData,
+    Settings,
+    VariantJob,
+    VariantRun,
+    accuracy,
+    register_recipe,
+    torch_dataset,
+)
+from .text_data import TEXT_COLUMN, byte_tokenize, check_text_settings, load_text_data, text_windows
 
 PAD_ID, MASK_ID, CLS_ID = 256, 257, 258  # byte vocabulary (0-255) plus BERT's special tokens
 BYTE_VOCAB = 259
@@ -57,29 +69,49 @@ def _argmax_logits(logits, labels):
 
 
 def _docstring_topics(settings: Settings, seed: int):
-    """Standard-library docstrings as [CLS]-prefixed byte rows with their topic, texts identical once truncated
-    kept once (they would leak from train to test), in a seeded order. Returns ids, mask, labels, names, order."""
+    """Standard-library docstrings with their topic as a `datasets.Dataset` tokenised into [CLS]-prefixed byte rows,
+    texts identical once truncated kept once (they would leak from train to test), split 80/20 in a seeded order.
+    Returns the train and test datasets and the topic names."""
     texts, labels, names = stdlib_docstrings()
     seen: dict[bytes, int] = {}
     for index, text in enumerate(texts):
         seen.setdefault(text.encode("utf-8")[: settings.seq_len - 1], index)
     kept = sorted(seen.values())
-    texts, labels = [texts[i] for i in kept], [labels[i] for i in kept]
-    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))
-    ids, mask = encode_bytes(texts, settings.seq_len, prefix=CLS_ID, pad=PAD_ID)
-    return ids, mask, torch.tensor(labels), names, order
+    topics = datasets.Dataset.from_dict({"text": [texts[i] for i in kept], "labels": [labels[i] for i in kept]})
+    tokenized = byte_tokenize(topics, TEXT_COLUMN, settings.seq_len, prefix=CLS_ID, pad=PAD_ID)
+    order = torch.randperm(len(topics), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_test = len(topics) // 5
+    return tokenized.select(order[n_test:]), tokenized.select(order[:n_test]), names
+
+
+def load_data(source: DatasetSource, seed: int) -> RecipeData:
+    """A user's labelled texts (text column default ``text``, label column default ``label``): masked-LM
+    pre-training on the train texts, then classification by label."""
+    return load_text_data(source, seed, "bert_mlm_cls", labelled=True)
 
 
 def run(job: VariantJob) -> VariantRun:
     settings, seed = job.settings, job.seed
-    train, evaluation = text_windows(settings, seed, prefix=CLS_ID)  # [CLS] is seen in pre-training too
+    if job.data is None:
+        train, evaluation = text_windows(settings, seed, prefix=CLS_ID)  # [CLS] is seen in pre-training too
+        mlm_train = torch_dataset({"input_ids": train, "attention_mask": torch.ones_like(train)})
+        eval_ids, eval_mask = evaluation, torch.ones_like(evaluation)
+        cls_train, cls_test, names = _docstring_topics(settings, seed)
+    else:  # pre-train on the user's train texts, evaluate the masked LM on the test texts
+        cls_train, cls_test = (
+            byte_tokenize(split, TEXT_COLUMN, settings.seq_len, prefix=CLS_ID, pad=PAD_ID)
+            for split in (job.data.train, job.data.test)
+        )
+        names = job.data.label_names
+        mlm_train = cls_train.select_columns(["input_ids", "attention_mask"])
+        every = cls_test[:]  # all rows as stacked tensors
+        eval_ids, eval_mask = every["input_ids"], every["attention_mask"]
     model = job.build_model("AutoModelForMaskedLM")
-    ones = torch.ones_like
-    eval_masked = mask_bytes(evaluation, ones(evaluation), torch.Generator().manual_seed(seed + 7))
+    eval_masked = torch_dataset(mask_bytes(eval_ids, eval_mask, torch.Generator().manual_seed(seed + 7)))
     trainer, mlm_metrics, seconds = job.train(
         model,
-        Rows({"input_ids": train, "attention_mask": ones(train)}),
-        Rows(eval_masked),
+        mlm_train,
+        eval_masked,
         workdir=job.workdir / "mlm",
         compute_metrics=accuracy,
         data_collator=MaskingCollator(seed),
@@ -88,10 +120,6 @@ def run(job: VariantJob) -> VariantRun:
     # fine-tune the pre-trained encoder on a real labelled text task: the topic of a standard-library docstring
     pretrained = job.workdir / "mlm_checkpoint"
     model.save_pretrained(pretrained)
-    ids, mask, labels, names, order = _docstring_topics(settings, seed)
-    n_test = len(labels) // 5
-    test_idx, train_idx = order[:n_test], order[n_test:]
-    columns = lambda idx: {"input_ids": ids[idx], "attention_mask": mask[idx], "labels": labels[idx]}  # noqa: E731
     classifier_class = transformers.AutoModelForSequenceClassification
     if job.variant == "dense":
         classifier_class = transformers.BertForSequenceClassification
@@ -102,8 +130,8 @@ def run(job: VariantJob) -> VariantRun:
     finetune = replace(settings, steps=settings.finetune_steps, learning_rate=settings.learning_rate / 2)
     trainer_cls, cls_metrics, cls_seconds = job.train(
         classifier,
-        Rows(columns(train_idx)),
-        Rows(columns(test_idx)),
+        cls_train,
+        cls_test,
         settings=finetune,
         workdir=job.workdir / "cls",
         compute_metrics=accuracy,
@@ -122,7 +150,7 @@ def run(job: VariantJob) -> VariantRun:
     trainer_cls.routing_history = trainer.routing_history + [
         {**h, "step": h["step"] + settings.steps} for h in trainer_cls.routing_history
     ]
-    sample = {"input_ids": ids[test_idx[:64]], "attention_mask": mask[test_idx[:64]]}
+    sample = {k: v for k, v in cls_test[:64].items() if k != "labels"}
     return VariantRun(trainer_cls, results, seconds + cls_seconds, sample)
 
 
@@ -143,5 +171,6 @@ RECIPE = register_recipe(
         dataset_name="standard-library docstring topics",
         min_settings={"num_train": 1, "finetune_steps": 1},
         check_settings=check_text_settings,
+        load_data=load_data,
     )
 )  # fmt: skip

@@ -1,12 +1,12 @@
 """Recipe ``gpt2_text``: dense vs MoE GPT-2, byte-level causal LM on CPython's bundled English documentation,
-scored by validation perplexity on held-out topics."""
+scored by validation perplexity on held-out topics; or on a user's texts (``--dataset``)."""
 
 from __future__ import annotations
 
 import math
 
-from .base import Recipe, Rows, Settings, VariantJob, VariantRun, register_recipe
-from .text_data import check_text_settings, text_windows
+from .base import DatasetSource, Recipe, RecipeData, Settings, VariantJob, VariantRun, register_recipe, torch_dataset
+from .text_data import TEXT_COLUMN, byte_tokenize, check_text_settings, load_text_data, text_windows
 
 
 def shared_config(settings: Settings) -> dict:
@@ -16,13 +16,26 @@ def shared_config(settings: Settings) -> dict:
     )  # fmt: skip
 
 
+def load_data(source: DatasetSource, seed: int) -> RecipeData:
+    """A user's texts (the text column, default ``text``), UTF-8 byte-level like the bundled text."""
+    return load_text_data(source, seed, "gpt2_text", labelled=False)
+
+
 def run(job: VariantJob) -> VariantRun:
-    train, evaluation = text_windows(job.settings, job.seed)
+    if job.data is None:  # random byte windows of the bundled text (already token ids)
+        windows = text_windows(job.settings, job.seed)
+        train, evaluation = (torch_dataset({"input_ids": ids, "labels": ids}) for ids in windows)
+        sample = {"input_ids": evaluation[:32]["input_ids"]}
+    else:  # one row per text, tokenised with Dataset.map; labels -100 at padding
+        train, evaluation = (
+            byte_tokenize(split, TEXT_COLUMN, job.settings.seq_len, causal_labels=True)
+            for split in (job.data.train, job.data.test)
+        )
+        sample = {k: v for k, v in evaluation[:32].items() if k != "labels"}
     model = job.build_model("AutoModelForCausalLM")
-    columns = lambda ids: {"input_ids": ids, "labels": ids.clone()}  # noqa: E731
-    trainer, metrics, seconds = job.train(model, Rows(columns(train)), Rows(columns(evaluation)))
+    trainer, metrics, seconds = job.train(model, train, evaluation)
     results = {"val_loss": metrics["eval_loss"], "val_perplexity": math.exp(metrics["eval_loss"])}
-    return VariantRun(trainer, results, seconds, {"input_ids": evaluation[:32]})
+    return VariantRun(trainer, results, seconds, sample)
 
 
 RECIPE = register_recipe(
@@ -41,5 +54,6 @@ RECIPE = register_recipe(
         dataset_name="CPython pydoc_data topics (held-out topics)",
         min_settings={"num_train": 1},
         check_settings=check_text_settings,
+        load_data=load_data,
     )
 )  # fmt: skip
