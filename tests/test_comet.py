@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
 from hf_comet import CometRouter
+from hf_comet.modeling import collect_routing
 
 
 def comet_blocks(model):
@@ -132,8 +133,14 @@ def test_comet_has_no_aux_loss_and_masks_are_identical_in_train_and_eval():
     inputs = tiny_inputs("comet_bert", "AutoModelForSequenceClassification")
     train_out = model.train()(**inputs, output_router_logits=True)
     eval_out = model.eval()(**inputs, output_router_logits=True)
-    assert train_out.aux_loss is None and eval_out.aux_loss is None
+    assert train_out.router_aux_loss is None and eval_out.router_aux_loss is None
+    assert train_out.aux_loss is None and train_out.router_logits is None  # COMET has no gate
     torch.testing.assert_close(train_out.loss, eval_out.loss)  # dropout is off in tiny configs: nothing differs
-    for a, b in zip(train_out.router_logits, eval_out.router_logits, strict=True):
+    scores = []
+    for mode in (model.train, model.eval):
+        with collect_routing() as collector:
+            mode()(**inputs)
+        scores.append(collector.scores())
+    for a, b in zip(*scores, strict=True):
         assert a.shape == (3 * 7, 128)
         assert torch.equal(a, b)

@@ -31,9 +31,9 @@ def test_a_training_step_compiles_with_fullgraph_and_matches_eager(case):
     torch.manual_seed(3)
     got = compiled(**inputs)  # raises on any graph break
     torch.testing.assert_close(got.loss, expected.loss)
-    assert (got.aux_loss is None) == (expected.aux_loss is None)
-    if expected.aux_loss is not None:
-        torch.testing.assert_close(got.aux_loss, expected.aux_loss)
+    assert (got.router_aux_loss is None) == (expected.router_aux_loss is None)
+    if expected.router_aux_loss is not None:
+        torch.testing.assert_close(got.router_aux_loss, expected.router_aux_loss)
     got.loss.backward()
     expected.loss.backward()
     for (name, a), b in zip(compiled_model.named_parameters(), eager.parameters(), strict=True):

@@ -9,6 +9,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 from transformers.models.vit.modeling_vit import ViTMLP
 
 from hf_comet import CometMoEBlock
+from hf_comet.modeling import collect_routing
 
 HEAD_CLASS = {
     ("comet_gpt2", "AutoModel"): "CometGPT2Model",
@@ -51,10 +52,17 @@ def test_outputs_carry_moe_fields(family, head, routing):
     inputs = tiny_inputs(family, head)
     out = model(**inputs, output_router_logits=True)
     tokens = 3 * (5 if family == "comet_vit" else 7)
-    assert len(out.router_logits) == 1  # only block 1 is MoE
-    scores = {"comet": 128, "block_comet": 128 // BLOCK_SIZE}.get(routing, 4)  # units, blocks or experts
-    assert out.router_logits[0].shape == (tokens, scores)
-    assert (out.aux_loss is None) == (routing in ("comet", "block_comet", "deep"))
+    if routing in ("comet", "block_comet"):  # no gate over experts: no router logits (docs/decisions.md)
+        assert out.router_logits is None
+        with collect_routing() as collector:  # COMET's own scores, per unit or block
+            model(**inputs)
+        scores = collector.scores()
+        assert len(scores) == 1 and scores[0].shape == (tokens, {"comet": 128, "block_comet": 128 // BLOCK_SIZE}[routing])
+    else:
+        assert len(out.router_logits) == 1  # only block 1 is MoE
+        assert out.router_logits[0].shape == (tokens, 4)  # transformers' contract: (tokens, num_experts)
+    assert (out.router_aux_loss is None) == (routing in ("comet", "block_comet", "deep"))
+    assert (out.aux_loss is None) == (routing not in ("topk", "switch"))  # transformers' loss, where it is trained
     assert "router_logits" not in model(**inputs)  # off unless requested (config.output_router_logits)
     as_tuple = model(**inputs, return_dict=False)
     assert isinstance(as_tuple, tuple)

@@ -89,10 +89,10 @@ def test_a_router_registered_in_a_test_runs_trains_saves_and_loads_in_every_fami
     model.train()
     out = model(**inputs)
     # the aux loss is the toy loss, weighted, averaged over layers, and part of the training loss
-    assert out.aux_loss is not None and out.aux_loss > 0
+    assert out.router_aux_loss is not None and out.router_aux_loss > 0
     model.eval()
     task_loss = model(**inputs).loss
-    torch.testing.assert_close(out.loss, task_loss + out.aux_loss)
+    torch.testing.assert_close(out.loss, task_loss + out.router_aux_loss)
     out.loss.backward()
     assert all(block.router.weight.grad is not None and block.router.weight.grad.abs().sum() > 0 for block in blocks)
     stats = model.routing_statistics()[blocks[0].layer_idx]

@@ -282,11 +282,11 @@ def test_similarity_betas_add_the_regulariser_to_the_aux_loss_of_a_learned_route
         pairs, weights = block._sample_pairs(tokens.shape[0], block.similarity_num_pairs, mask, tokens.device)
         assert weights.sum() < weights.numel()  # padded pairs are weighted out
         similarity = sample_similarity_loss(tokens, decision.gate_probs, pairs, *betas, pair_weights=weights)
-        balance = load_balancing_loss(decision.gate_probs, decision.top_k_index, 4, mask)
+        balance = load_balancing_loss(decision.router_logits, 4, block.router.top_k, mask)
         torch.testing.assert_close(losses["similarity_loss"], similarity)
         torch.testing.assert_close(losses["load_balancing_loss"], balance)
         expected_layers.append(0.3 * balance + similarity)  # betas inside the loss, coefficient 1
-    torch.testing.assert_close(collector.aux_loss(), torch.stack(expected_layers).mean())
+    torch.testing.assert_close(collector.router_aux_loss(), torch.stack(expected_layers).mean())
 
 
 def test_deep_gate_is_a_two_layer_relu_mlp_softmax():

@@ -30,13 +30,11 @@ def test_router_renormalises_the_top_k_softmax_probabilities():
 
 def test_load_balancing_loss_matches_a_hand_computation():
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]])
-    top1 = torch.tensor([[0], [0], [1], [2]])
-    # f = (2/4, 1/4, 1/4); P = column means = (0.4, 0.375, 0.225); E * sum f*P
+    # top-1 of each row: 0, 0, 1, 2, so f = (2/4, 1/4, 1/4); P = column means = (0.4, 0.375, 0.225); E * sum f*P
     expected = 3 * (0.5 * 0.4 + 0.25 * 0.375 + 0.25 * 0.225)
-    assert load_balancing_loss(probs, top1, 3).item() == pytest.approx(expected, abs=1e-6)
+    assert load_balancing_loss(probs.log(), 3, 1).item() == pytest.approx(expected, abs=1e-6)  # top-1 = top1
     # perfectly balanced routing scores exactly 1
-    uniform = torch.full((4, 4), 0.25)
-    assert load_balancing_loss(uniform, torch.tensor([[0, 1], [2, 3], [0, 2], [1, 3]]), 4).item() == pytest.approx(1.0)
+    assert load_balancing_loss(torch.zeros(4, 4), 4, 2).item() == pytest.approx(1.0)
 
 
 def test_load_balancing_loss_ignores_padding_like_mixtral_and_differs_by_factor_k():
@@ -45,14 +43,12 @@ def test_load_balancing_loss_ignores_padding_like_mixtral_and_differs_by_factor_
     logits = torch.randn(batch * seq, experts)
     attention_mask = torch.ones(batch, seq, dtype=torch.long)
     attention_mask[1, 3:] = 0
-    probs = logits.softmax(-1)
-    index = probs.topk(k, dim=-1).indices
-    ours = load_balancing_loss(probs, index, experts, attention_mask.reshape(-1).bool())
+    ours = load_balancing_loss(logits, experts, k, attention_mask.reshape(-1).bool())
     theirs = load_balancing_loss_func((logits,), experts, k, attention_mask)
     assert ours.item() == pytest.approx(theirs.item() / k, rel=1e-6)
     # equal to the loss over the valid tokens alone, whatever the padded tokens route to
     valid = attention_mask.reshape(-1).bool()
-    assert ours.item() == pytest.approx(load_balancing_loss(probs[valid], index[valid], experts).item(), rel=1e-6)
+    assert ours.item() == pytest.approx(load_balancing_loss(logits[valid], experts, k).item(), rel=1e-6)
 
 
 def test_router_z_loss_matches_a_hand_computation():
@@ -67,11 +63,11 @@ def test_model_aux_loss_ignores_padded_positions(family):
     head = "AutoModel"
     model = tiny_model(family, head, routing="topk").eval()
     inputs = tiny_inputs(family, head, with_labels=False)
-    reference = model(**inputs).aux_loss
+    reference = model(**inputs).router_aux_loss
     changed = {k: v.clone() for k, v in inputs.items()}
     changed["input_ids"][-1, -2:] = torch.tensor([40, 50])  # different tokens at padded positions
-    torch.testing.assert_close(model(**changed).aux_loss, reference, rtol=0, atol=1e-7)
-    unmasked = model(input_ids=changed["input_ids"], attention_mask=torch.ones_like(changed["attention_mask"])).aux_loss
+    torch.testing.assert_close(model(**changed).router_aux_loss, reference, rtol=0, atol=1e-7)
+    unmasked = model(input_ids=changed["input_ids"], attention_mask=torch.ones_like(changed["attention_mask"])).router_aux_loss
     assert (unmasked - reference).abs() > 1e-6, "the padded tokens must be what the mask removes"
 
 
@@ -82,10 +78,8 @@ def test_aux_loss_is_the_mean_over_layers_of_weighted_router_losses():
     mask = inputs["attention_mask"].reshape(-1).bool()
     per_layer = []
     for logits in out.router_logits:
-        probs = logits.float().softmax(-1)
-        index = probs.topk(2, dim=-1).indices
-        per_layer.append(0.5 * load_balancing_loss(probs, index, 4, mask) + 0.1 * router_z_loss(logits, mask))
-    torch.testing.assert_close(out.aux_loss, torch.stack(per_layer).mean())
+        per_layer.append(0.5 * load_balancing_loss(logits, 4, 2, mask) + 0.1 * router_z_loss(logits, mask))
+    torch.testing.assert_close(out.router_aux_loss, torch.stack(per_layer).mean())
 
 
 def test_aux_loss_joins_the_loss_in_training_only():
@@ -93,10 +87,10 @@ def test_aux_loss_joins_the_loss_in_training_only():
     inputs = tiny_inputs("comet_gpt2", "AutoModelForCausalLM")
     train = model.train()(**inputs)
     task = ForCausalLMLoss(train.logits, inputs["labels"], vocab_size=64)
-    torch.testing.assert_close(train.loss, task + train.aux_loss)
+    torch.testing.assert_close(train.loss, task + train.router_aux_loss)
     evaluation = model.eval()(**inputs)
     torch.testing.assert_close(evaluation.loss, ForCausalLMLoss(evaluation.logits, inputs["labels"], vocab_size=64))
-    assert evaluation.aux_loss is not None  # still reported, for logging
+    assert evaluation.router_aux_loss is not None  # still reported, for logging
 
 
 def test_gradient_accumulation_counts_the_aux_loss_once():
@@ -108,7 +102,7 @@ def test_gradient_accumulation_counts_the_aux_loss_once():
     full = model(**whole, num_items_in_batch=num_items)
     accumulated = sum(model(**micro, num_items_in_batch=num_items).loss for _ in range(2))
     torch.testing.assert_close(accumulated, full.loss)
-    assert full.aux_loss > 0.5  # coefficient 1: a scaling error would show
+    assert full.router_aux_loss > 0.5  # coefficient 1: a scaling error would show
 
 
 @pytest.mark.parametrize("family, head", [fh for fh in ALL_HEADS if fh[1] not in ("AutoModel", "AutoModelForCausalLM")])
@@ -169,7 +163,7 @@ def test_bucketed_grouped_mm_and_eager_agree(family, head):
         model.zero_grad()
         out = model(**inputs)
         loss = out.loss if "loss" in out else main_output(out).square().mean()
-        (loss + out.aux_loss).backward()
+        (loss + out.router_aux_loss).backward()
         grads = [p.grad.clone() for n, p in model.named_parameters() if "experts" in n]
         results.append((main_output(out).detach(), grads))
     for other in results[1:]:

@@ -141,7 +141,7 @@ def test_label_smoothing_keeps_the_aux_loss(tmp_path):
         batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
         model.train()
         loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
-        losses[coef] = (loss.item(), outputs.aux_loss.item())
+        losses[coef] = (loss.item(), outputs.router_aux_loss.item())
     assert losses[5.0][0] == pytest.approx(losses[0.0][0] + losses[5.0][1], rel=1e-5)
 
 

@@ -382,7 +382,7 @@ class CometGPT2Config(CometMoEConfigMixin, GPT2Config):
     """GPT-2 config with MoE feed-forward blocks (model type ``comet_gpt2``); see `CometMoEConfigMixin`."""
 
     model_type = "comet_gpt2"
-    keys_to_ignore_at_inference = ["past_key_values", "router_logits", "aux_loss"]
+    keys_to_ignore_at_inference = ["past_key_values", "router_logits", "aux_loss", "router_aux_loss", "router_losses"]
     _ffn_width_field = "n_inner"
 
     @property
@@ -395,7 +395,7 @@ class CometViTConfig(CometMoEConfigMixin, ViTConfig):
     """ViT config with MoE feed-forward blocks (model type ``comet_vit``); see `CometMoEConfigMixin`."""
 
     model_type = "comet_vit"
-    keys_to_ignore_at_inference = ["router_logits", "aux_loss"]
+    keys_to_ignore_at_inference = ["router_logits", "aux_loss", "router_aux_loss", "router_losses"]
 
 
 @strict
@@ -403,7 +403,7 @@ class CometBertConfig(CometMoEConfigMixin, BertConfig):
     """BERT config with MoE feed-forward blocks (model type ``comet_bert``); see `CometMoEConfigMixin`."""
 
     model_type = "comet_bert"
-    keys_to_ignore_at_inference = ["router_logits", "aux_loss"]
+    keys_to_ignore_at_inference = ["router_logits", "aux_loss", "router_aux_loss", "router_losses"]
 
     def validate_moe_config(self) -> None:
         super().validate_moe_config()

@@ -18,6 +18,8 @@ from transformers.modeling_outputs import (
     BaseModelOutputWithPoolingAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
     MaskedLMOutput,
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
     MultipleChoiceModelOutput,
     NextSentencePredictorOutput,
     QuestionAnsweringModelOutput,
@@ -51,48 +53,50 @@ logger = logging.get_logger(__name__)
 
 
 @dataclass
-class CometBertModelOutput(MoEOutputFields, BaseModelOutputWithPoolingAndCrossAttentions):
-    """`BaseModelOutputWithPoolingAndCrossAttentions` plus ``aux_loss`` and ``router_logits``."""
+class CometBertModelOutput(MoEOutputFields, MoeModelOutputWithPast, BaseModelOutputWithPoolingAndCrossAttentions):
+    """`BaseModelOutputWithPoolingAndCrossAttentions` that is a transformers `MoeModelOutputWithPast`, plus the
+    routing fields (`MoEOutputFields`)."""
 
 
 @dataclass
 class CometBertMaskedLMOutput(MoEOutputFields, MaskedLMOutput):
-    """`MaskedLMOutput` plus ``aux_loss`` and ``router_logits``."""
+    """`MaskedLMOutput` plus the routing fields (`MoEOutputFields`)."""
 
 
 @dataclass
 class CometBertSequenceClassifierOutput(MoEOutputFields, SequenceClassifierOutput):
-    """`SequenceClassifierOutput` plus ``aux_loss`` and ``router_logits``."""
+    """`SequenceClassifierOutput` plus the routing fields (`MoEOutputFields`)."""
 
 
 @dataclass
 class CometBertTokenClassifierOutput(MoEOutputFields, TokenClassifierOutput):
-    """`TokenClassifierOutput` plus ``aux_loss`` and ``router_logits``."""
+    """`TokenClassifierOutput` plus the routing fields (`MoEOutputFields`)."""
 
 
 @dataclass
 class CometBertForPreTrainingOutput(MoEOutputFields, BertForPreTrainingOutput):
-    """`BertForPreTrainingOutput` plus ``aux_loss`` and ``router_logits``."""
+    """`BertForPreTrainingOutput` plus the routing fields (`MoEOutputFields`)."""
 
 
 @dataclass
-class CometBertCausalLMOutput(MoEOutputFields, CausalLMOutputWithCrossAttentions):
-    """`CausalLMOutputWithCrossAttentions` plus ``aux_loss`` and ``router_logits``."""
+class CometBertCausalLMOutput(MoEOutputFields, MoeCausalLMOutputWithPast, CausalLMOutputWithCrossAttentions):
+    """`CausalLMOutputWithCrossAttentions` that is a transformers `MoeCausalLMOutputWithPast`, plus the routing
+    fields."""
 
 
 @dataclass
 class CometBertNextSentencePredictorOutput(MoEOutputFields, NextSentencePredictorOutput):
-    """`NextSentencePredictorOutput` plus ``aux_loss`` and ``router_logits``."""
+    """`NextSentencePredictorOutput` plus the routing fields (`MoEOutputFields`)."""
 
 
 @dataclass
 class CometBertMultipleChoiceOutput(MoEOutputFields, MultipleChoiceModelOutput):
-    """`MultipleChoiceModelOutput` plus ``aux_loss`` and ``router_logits``."""
+    """`MultipleChoiceModelOutput` plus the routing fields (`MoEOutputFields`)."""
 
 
 @dataclass
 class CometBertQuestionAnsweringOutput(MoEOutputFields, QuestionAnsweringModelOutput):
-    """`QuestionAnsweringModelOutput` plus ``aux_loss`` and ``router_logits``."""
+    """`QuestionAnsweringModelOutput` plus the routing fields (`MoEOutputFields`)."""
 
 
 class CometBertOutput(nn.Module):

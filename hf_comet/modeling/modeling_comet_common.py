@@ -32,16 +32,24 @@ class CheckpointMismatchError(ValueError):
 
 @dataclass
 class MoEOutputFields:
-    """Fields every hf_comet output adds to its upstream output class.
+    """Fields every hf_comet output adds to its upstream output class (docs/decisions.md#moe-output-conventions).
 
     Attributes:
-        aux_loss: the weighted router aux loss (mean over MoE layers of coef × loss); it is already part of ``loss``
-            in training mode. ``None`` for routers without aux losses (COMET).
-        router_logits: per MoE layer the router scores, when ``output_router_logits`` is set.
+        aux_loss: what transformers' native MoE models hold: transformers' ``load_balancing_loss_func`` over every
+            MoE layer's ``router_logits``, unweighted, when ``output_router_logits`` is set and the router trains that
+            loss (``topk``, ``switch``); ``None`` otherwise.
+        router_logits: per MoE layer the gate logits, (tokens, num_experts), when ``output_router_logits`` is set;
+            ``None`` for COMET, which has no gate (its unit scores: `hf_comet.collect_routing`).
+        router_aux_loss: the weighted aux loss that joins ``loss`` in training: mean over MoE layers of
+            ``sum_name coef[name] * router_losses[name]``. ``None`` for routers without aux losses (COMET, Deep MoE).
+        router_losses: each unweighted aux term by name (``load_balancing_loss``, ``z_loss``, ``importance_loss``,
+            ``load_loss``, ``similarity_loss``), mean over the MoE layers that have it.
     """
 
     aux_loss: torch.FloatTensor | None = None
     router_logits: tuple[torch.FloatTensor, ...] | None = None
+    router_aux_loss: torch.FloatTensor | None = None
+    router_losses: dict[str, torch.FloatTensor] | None = None
 
 
 class CometPreTrainedMixin:
@@ -156,8 +164,11 @@ def routed_forward(upstream_forward, output_class):
     """Wrap an upstream ``forward`` so it collects routing, adds the aux loss and returns ``output_class``.
 
     The wrapper keeps the upstream signature (``inspect.signature`` follows ``__wrapped__``), so Trainer finds the
-    label names and generation its inputs. It accepts ``output_router_logits``. The aux loss joins ``loss`` (the
-    first of the head's ``aux_loss_fields`` that the upstream forward returned) only in training mode; when Trainer passes ``num_items_in_batch`` to a head that honours it, the aux loss is weighted by
+    label names and generation its inputs. It accepts ``output_router_logits``, which adds ``router_logits`` and the
+    native ``aux_loss`` as in transformers' MoE models. The weighted ``router_aux_loss`` joins ``loss`` (the first of
+    the head's ``aux_loss_fields`` that the upstream forward returned) in every training-mode forward, whether or not
+    ``output_router_logits`` is set (transformers' native models add it only then: a fine-tune that forgets the flag
+    would silently train without load balancing), and never in eval mode; when Trainer passes ``num_items_in_batch`` to a head that honours it, the aux loss is weighted by
     this micro-batch's share of the loss items, so gradient accumulation does not multiply it.
     A call nested inside another routed forward (the base model inside a head) runs upstream unchanged.
     """
@@ -177,18 +188,20 @@ def routed_forward(upstream_forward, output_class):
 
         with collect_routing(arguments.get("attention_mask")) as collector:
             outputs = upstream_forward(self, *args, return_dict=True, **kwargs)
-        aux_loss = collector.aux_loss()
+        router_aux_loss = collector.router_aux_loss()
         collector.commit(self.training)
         fields = dict(outputs)
         target = next((name for name in self.aux_loss_fields if fields.get(name) is not None), None)
-        if target is not None and aux_loss is not None and self.training:
-            fields[target] = fields[target] + aux_loss * aux_loss_share(
+        if target is not None and router_aux_loss is not None and self.training:  # always in training: see docstring
+            fields[target] = fields[target] + router_aux_loss * aux_loss_share(
                 self, arguments.get("labels"), kwargs.get("num_items_in_batch"), kwargs.get("shift_labels")
             )
         result = output_class(
             **fields,
-            aux_loss=aux_loss,
+            aux_loss=collector.native_aux_loss() if output_router_logits else None,
             router_logits=collector.router_logits() if output_router_logits else None,
+            router_aux_loss=router_aux_loss,
+            router_losses=collector.losses_by_name(),
         )
         return result if return_dict else result.to_tuple()
 

@@ -15,6 +15,8 @@ from transformers import GenerationMixin, GPT2Config
 from transformers.modeling_outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
     QuestionAnsweringModelOutput,
     SequenceClassifierOutputWithPast,
     TokenClassifierOutput,
@@ -38,33 +40,35 @@ from .moe_block import MoEBlock
 
 
 @dataclass
-class CometGPT2ModelOutput(MoEOutputFields, BaseModelOutputWithPastAndCrossAttentions):
-    """`BaseModelOutputWithPastAndCrossAttentions` plus ``aux_loss`` and ``router_logits``."""
+class CometGPT2ModelOutput(MoEOutputFields, MoeModelOutputWithPast, BaseModelOutputWithPastAndCrossAttentions):
+    """`BaseModelOutputWithPastAndCrossAttentions` that is a transformers `MoeModelOutputWithPast`, plus the routing
+    fields (`MoEOutputFields`)."""
 
 
 @dataclass
-class CometGPT2CausalLMOutput(MoEOutputFields, CausalLMOutputWithCrossAttentions):
-    """`CausalLMOutputWithCrossAttentions` plus ``aux_loss`` and ``router_logits``."""
+class CometGPT2CausalLMOutput(MoEOutputFields, MoeCausalLMOutputWithPast, CausalLMOutputWithCrossAttentions):
+    """`CausalLMOutputWithCrossAttentions` that is a transformers `MoeCausalLMOutputWithPast` (field order kept:
+    ``(loss, logits, ...)`` as tuples), plus the routing fields."""
 
 
 @dataclass
 class CometGPT2SequenceClassifierOutput(MoEOutputFields, SequenceClassifierOutputWithPast):
-    """`SequenceClassifierOutputWithPast` plus ``aux_loss`` and ``router_logits``."""
+    """`SequenceClassifierOutputWithPast` plus the routing fields (`MoEOutputFields`)."""
 
 
 @dataclass
 class CometGPT2TokenClassifierOutput(MoEOutputFields, TokenClassifierOutput):
-    """`TokenClassifierOutput` plus ``aux_loss`` and ``router_logits``."""
+    """`TokenClassifierOutput` plus the routing fields (`MoEOutputFields`)."""
 
 
 @dataclass
 class CometGPT2QuestionAnsweringOutput(MoEOutputFields, QuestionAnsweringModelOutput):
-    """`QuestionAnsweringModelOutput` plus ``aux_loss`` and ``router_logits``."""
+    """`QuestionAnsweringModelOutput` plus the routing fields (`MoEOutputFields`)."""
 
 
 @dataclass
 class CometGPT2DoubleHeadsModelOutput(MoEOutputFields, GPT2DoubleHeadsModelOutput):
-    """`GPT2DoubleHeadsModelOutput` plus ``aux_loss`` and ``router_logits``."""
+    """`GPT2DoubleHeadsModelOutput` plus the routing fields (`MoEOutputFields`)."""
 
 
 class CometGPT2PreTrainedModel(CometPreTrainedMixin, GPT2PreTrainedModel):

@@ -11,7 +11,12 @@ from dataclasses import dataclass
 
 from torch import nn
 from transformers import ViTConfig
-from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput, MaskedImageModelingOutput
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    ImageClassifierOutput,
+    MaskedImageModelingOutput,
+    MoeModelOutputWithPast,
+)
 from transformers.models.vit.modeling_vit import (
     ViTForImageClassification,
     ViTForMaskedImageModeling,
@@ -26,18 +31,19 @@ from .moe_block import MoEBlock
 
 
 @dataclass
-class CometViTModelOutput(MoEOutputFields, BaseModelOutputWithPooling):
-    """`BaseModelOutputWithPooling` plus ``aux_loss`` and ``router_logits``."""
+class CometViTModelOutput(MoEOutputFields, MoeModelOutputWithPast, BaseModelOutputWithPooling):
+    """`BaseModelOutputWithPooling` that is a transformers `MoeModelOutputWithPast` (its ``cache`` stays ``None``),
+    plus the routing fields (`MoEOutputFields`)."""
 
 
 @dataclass
 class CometViTImageClassifierOutput(MoEOutputFields, ImageClassifierOutput):
-    """`ImageClassifierOutput` plus ``aux_loss`` and ``router_logits``."""
+    """`ImageClassifierOutput` plus the routing fields (`MoEOutputFields`)."""
 
 
 @dataclass
 class CometViTMaskedImageModelingOutput(MoEOutputFields, MaskedImageModelingOutput):
-    """`MaskedImageModelingOutput` plus ``aux_loss`` and ``router_logits``."""
+    """`MaskedImageModelingOutput` plus the routing fields (`MoEOutputFields`)."""
 
 
 class CometViTPreTrainedModel(CometPreTrainedMixin, ViTPreTrainedModel):

@@ -25,7 +25,15 @@ from torch import nn
 
 from .configuration_comet import CometMoEConfigMixin
 from .moe_experts import PackedExperts
-from .moe_routers import PAIR_SEED_OFFSET, ROUTER_CLASSES, Router, RoutingDecision, masked_sum, mix_seed
+from .moe_routers import (
+    PAIR_SEED_OFFSET,
+    ROUTER_CLASSES,
+    Router,
+    RoutingDecision,
+    masked_sum,
+    mix_seed,
+    mixtral_load_balancing_loss,
+)
 from .moe_routers import sample_similarity_loss as similarity_loss
 from .moe_statistics import STATISTICS_PAIRS, RoutingStatistics, new_counter
 
@@ -362,17 +370,44 @@ class RoutingCollector:
             self._layer_losses = result
         return self._layer_losses
 
-    def aux_loss(self) -> torch.Tensor | None:
-        """Weighted aux loss: mean over MoE layers of ``sum_name coef[name] * loss[name]``; ``None`` if no router has one."""
+    def router_aux_loss(self) -> torch.Tensor | None:
+        """Weighted aux loss (the outputs' ``router_aux_loss``): mean over MoE layers of ``sum_name coef[name] * loss[name]``; ``None`` if no router has one."""
         weighted = []
         for block, losses in self.layer_losses():
             coefficients = block.loss_weights
             weighted.append(sum(coefficients[name] * value for name, value in losses.items()))
         return torch.stack(weighted).mean() if weighted else None
 
-    def router_logits(self) -> tuple[torch.Tensor, ...]:
-        """Router scores of every MoE layer in forward order, each (T, E) (or (T, F) for COMET)."""
+    def router_logits(self) -> tuple[torch.Tensor, ...] | None:
+        """Gate logits of every MoE layer in forward order, each (T, E); ``None`` when the router has no gate over
+        experts (COMET, whose scores are per unit or block: `scores`)."""
+        if not self.records or not all(block.router.gate_logits for block, _, _, _ in self.records):
+            return None
+        return self.scores()
+
+    def scores(self) -> tuple[torch.Tensor, ...]:
+        """Router scores of every MoE layer in forward order: (T, E) gate logits, or COMET's (T, F) unit / (T, F / b)
+        block scores."""
         return tuple(decision.router_logits for _, decision, _, _ in self.records)
+
+    def native_aux_loss(self) -> torch.Tensor | None:
+        """transformers' ``load_balancing_loss_func`` over every MoE layer's gate logits and the padding mask, as
+        transformers' native MoE models return it in ``aux_loss`` (unweighted), for routers that train that loss;
+        ``None`` otherwise."""
+        if not self.records or not all(block.router.native_aux_loss for block, _, _, _ in self.records):
+            return None
+        router = self.records[0][0].router
+        token_mask = self.token_mask(self.records[0][2])
+        logits = tuple(decision.router_logits.float() for _, decision, _, _ in self.records)
+        return mixtral_load_balancing_loss(logits, router.num_experts, router.top_k, token_mask)
+
+    def losses_by_name(self) -> dict[str, torch.Tensor] | None:
+        """Each unweighted aux term by name, mean over the MoE layers that report it; ``None`` when there are none."""
+        by_name: dict[str, list[torch.Tensor]] = {}
+        for _, losses in self.layer_losses():
+            for name, value in losses.items():
+                by_name.setdefault(name, []).append(value)
+        return {name: torch.stack(values).mean() for name, values in by_name.items()} or None
 
     def commit(self, training: bool) -> None:
         """Fold every recorded decision into its block's counters and its router's running state.

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func as mixtral_load_balancing_loss
 
 if TYPE_CHECKING:  # configuration_comet imports this module: a runtime import would be circular
     from .configuration_comet import CometMoEConfigMixin
@@ -164,18 +165,22 @@ def masked_sum(values: torch.Tensor, token_mask: torch.Tensor | None) -> torch.T
 
 
 def load_balancing_loss(
-    router_probs: torch.Tensor, top_k_index: torch.Tensor, num_experts: int, token_mask: torch.Tensor | None = None
+    router_logits: torch.Tensor, num_experts: int, top_k: int, token_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Switch-Transformer load-balancing loss ``E * sum_e f_e * P_e`` (Fedus et al. 2021, eq. 4-6).
+    """Switch-Transformer load-balancing loss of one layer, ``E * sum_e f_e * P_e`` (Fedus et al. 2021, eq. 4-6),
+    computed by transformers' own ``load_balancing_loss_func`` (Mixtral's) and divided by ``top_k``.
 
-    ``f_e`` is the fraction of routed (token, slot) pairs sent to expert e (it sums to 1 over experts) and ``P_e``
-    the mean router probability of e, both over non-padding tokens. A perfectly balanced router scores 1.0 for any
-    top-k; this equals transformers' Mixtral ``load_balancing_loss_func`` for one layer divided by k.
+    ``f_e`` is the fraction of (token, slot) pairs the softmax top-k sends to expert e and ``P_e`` the mean router
+    probability of e, both over non-padding tokens. transformers' ``f_e`` sum to k, so its balanced value is k; ours is
+    1.0 for any k, so one ``router_aux_loss_coef`` means the same pressure at every k (docs/decisions.md).
     """
-    dispatch = F.one_hot(top_k_index, num_experts).to(router_probs.dtype).mean(dim=1)  # (T, E), rows sum to 1
-    fraction_routed = masked_mean(dispatch, token_mask)
-    mean_prob = masked_mean(router_probs, token_mask)
-    return num_experts * torch.sum(fraction_routed * mean_prob)
+    if token_mask is None:
+        return mixtral_load_balancing_loss((router_logits.float(),), num_experts, top_k) / top_k
+    # A batch of padding only would be 0 / 0 there; count its rows instead and zero the loss (no host sync, and the
+    # gradient stays finite), as our masked means do.
+    any_real = token_mask.any()
+    value = mixtral_load_balancing_loss((router_logits.float(),), num_experts, top_k, token_mask | ~any_real)
+    return value * any_real / top_k
 
 
 def router_z_loss(router_logits: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -266,6 +271,12 @@ class Router(nn.Module):
     refused at a non-default value under this routing. Learned routers list `LEARNED_FIELDS` too."""
     citation: ClassVar[str] = ""
     """What a model card cites for this routing."""
+    gate_logits: ClassVar[bool] = True
+    """Whether ``RoutingDecision.router_logits`` are gate logits over experts in transformers' sense ((T, E), what
+    ``load_balancing_loss_func`` takes): the outputs' ``router_logits``. COMET's unit/block scores are not."""
+    native_aux_loss: ClassVar[bool] = False
+    """Whether this router trains transformers' load-balancing loss (Mixtral's ``load_balancing_loss_func``), so the
+    outputs' ``aux_loss`` holds it as transformers' native MoE models do."""
 
     loss_weights: dict[str, float]
 
@@ -410,6 +421,7 @@ class CometRouter(Router):
     routing = "comet"
     citation = "Shaier, Y. et al. *Conditionally Overlapping Mixture of ExperTs.* ICLR 2025."
     has_trainable_gate = False
+    gate_logits = False  # its scores rank F units (or F / b blocks), not experts: no router_logits in the outputs
     config_fields = ("comet_keep_rate", "comet_block_size", "comet_router", "comet_router_rank")
 
     def __init__(self, config: CometMoEConfigMixin, layer_idx: int, hidden_size: int):
@@ -595,6 +607,7 @@ class TopKRouter(Router):
     """
 
     routing = "topk"
+    native_aux_loss = True
     citation = "Fedus, W., Zoph, B., Shazeer, N. *Switch Transformers.* JMLR 2022 (load-balancing loss)."
     config_fields = (
         *LEARNED_FIELDS,
@@ -651,9 +664,7 @@ class TopKRouter(Router):
 
     def aux_losses(self, decision: RoutingDecision, token_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
         losses = {
-            "load_balancing_loss": load_balancing_loss(
-                decision.gate_probs, decision.top_k_index, self.num_experts, token_mask
-            )
+            "load_balancing_loss": load_balancing_loss(decision.router_logits, self.num_experts, self.top_k, token_mask)
         }
         if self.loss_weights["z_loss"] > 0:
             losses["z_loss"] = router_z_loss(decision.router_logits, token_mask)
@@ -762,6 +773,7 @@ class SwitchRouter(Router):
     """
 
     routing = "switch"
+    native_aux_loss = True
     citation = "Fedus, W., Zoph, B., Shazeer, N. *Switch Transformers.* JMLR 2022."
     config_fields = (
         *LEARNED_FIELDS,
@@ -836,6 +848,7 @@ class SwitchRouter(Router):
             extras=extras,
         )
 
+    top_k = 1
     aux_losses = TopKRouter.aux_losses  # the Switch load-balancing loss (pre-capacity assignment) and the z-loss
 
 

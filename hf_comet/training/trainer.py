@@ -70,8 +70,8 @@ def flatten_routing_statistics(statistics: dict[int, dict[str, Any]], prefix: st
 class CometTrainer(Trainer):
     """`Trainer` that logs the routers' telemetry every ``logging_steps``.
 
-    Each training log line gains ``aux_loss`` (the aux loss's part of the logged ``loss``: what was trained, per
-    optimizer step, averaged over the window like ``loss``) and, from the MoE
+    Each training log line gains ``aux_loss`` (the weighted ``router_aux_loss``'s part of the logged ``loss``: what was
+    trained, per optimizer step, averaged over the window like ``loss``) and, from the MoE
     blocks' statistics over the window (summed over ranks under DDP): per layer and as model summaries the max/min
     load share, dead experts, gate entropy H_s and usage entropy H_u (bits), dropped tokens, and the mask overlap
     between token pairs with its correlation to their input similarity (COMET's claim). The window then restarts.
@@ -100,7 +100,7 @@ class CometTrainer(Trainer):
         labels = inputs.get("labels")
         shift_labels = inputs.get("shift_labels")
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        aux_loss = outputs.get("aux_loss") if isinstance(outputs, dict) else None
+        aux_loss = outputs.get("router_aux_loss") if isinstance(outputs, dict) else None
         if aux_loss is not None and model.training:
             if replaces_model_loss:
                 weight = self._aux_weight(model, labels, num_items_in_batch)
