@@ -217,3 +217,36 @@ def test_fsdp_per_block_on_two_cpu_processes_saves_a_full_state_dict_that_loads_
     for name in buffers:  # COMET's projection and the routing records survive sharding bit for bit
         assert torch.equal(saved[name], reference[name]), name
     assert max(record["losses"]) < 10 and all(loss == loss for loss in record["losses"])
+
+
+@pytest.mark.parametrize(
+    "family, head, block",
+    [
+        ("comet_gpt2", "AutoModelForCausalLM", "GPT2Block"),
+        ("comet_vit", "AutoModelForImageClassification", "ViTLayer"),
+        ("comet_bert", "AutoModelForMaskedLM", "BertLayer"),
+    ],
+)
+def test_the_shipped_accelerate_fsdp_config_wraps_each_transformer_block_with_its_moe_block(
+    family, head, block, monkeypatch
+):
+    # Accelerate runs FSDP only on GPUs: check what it reads from the file, the way `accelerate launch` does
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    argv = ["--config_file", str(RECIPES / "accelerate_fsdp.yaml"), "--main_process_port", "0", "train.py"]
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
+    assert args.use_fsdp and args.fsdp_version == 2 and args.num_processes == 2
+    for name, value in prepare_multi_gpu_env(args).items():
+        if name.startswith(("FSDP_", "ACCELERATE_USE_FSDP")):
+            monkeypatch.setenv(name, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and str(plugin.state_dict_type) == "StateDictType.FULL_STATE_DICT"
+    model = tiny_model(family, head)
+    plugin.set_auto_wrap_policy(model)
+    wrapped = {cls.__name__ for cls in plugin.auto_wrap_policy.keywords["transformer_layer_cls"]}
+    assert block in wrapped
+    moe_blocks = [name for name, module in model.named_modules() if type(module).__name__ == "MoEBlock"]
+    units = [name for name, module in model.named_modules() if type(module).__name__ == block]
+    assert moe_blocks and all(any(m.startswith(unit + ".") for unit in units) for m in moe_blocks)
