@@ -250,3 +250,23 @@ def test_the_shipped_accelerate_fsdp_config_wraps_each_transformer_block_with_it
     moe_blocks = [name for name, module in model.named_modules() if type(module).__name__ == "MoEBlock"]
     units = [name for name, module in model.named_modules() if type(module).__name__ == block]
     assert moe_blocks and all(any(m.startswith(unit + ".") for unit in units) for m in moe_blocks)
+
+
+# -- DeepSpeed ZeRO-3 (not a test dependency: skipped unless deepspeed is installed) -------------------------------
+@pytest.mark.parametrize("routing", ["comet", "topk"])
+def test_deepspeed_zero3_on_two_cpu_processes_saves_weights_equal_to_one_process(routing, tmp_path):
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (pip install deepspeed; it is not a test dependency)")
+    out = tmp_path / "ds"
+    command = _torchrun() + [str(RECIPES / "deepspeed_train.py"), "--routing", routing, "--steps", str(FSDP["steps"])]
+    command += ["--per-device-batch-size", str(FSDP["batch"]), "--seq-len", str(FSDP["seq_len"]), "--optimizer"]
+    command += ["sgd", "--learning-rate", str(FSDP["lr"]), "--hidden-size", "32", "--layers", "2"]
+    _run(command + ["--output-dir", str(out)], _clean_env(DS_ACCELERATOR="cpu"), tmp_path)
+
+    record = json.loads((out / "deepspeed.json").read_text())
+    assert record["world_size"] == 2 and record["zero_stage"] == 3
+    saved = transformers.AutoModelForCausalLM.from_pretrained(out).state_dict()
+    reference = _fsdp_reference(_load_recipe("fsdp_train"), routing)  # the same model, data and steps
+    assert saved.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(saved[name], reference[name], rtol=1e-4, atol=1e-5, msg=name)
