@@ -7,8 +7,9 @@
 On a machine with GPUs drop ``ACCELERATE_USE_CPU=true``. Without GPUs it is what makes a plain ``Accelerator()``
 join the launched ranks' gloo group: otherwise every launched copy trains alone, silently (the recipe then warns;
 docs/decisions.md, "Accelerate on CPU"). The model's ``loss`` already includes the router aux loss in training mode,
-so the loop backpropagates ``outputs.loss`` as is. Evaluation gathers predictions with ``gather_for_metrics``, the
-main process saves with ``save_pretrained`` and writes ``launch.json`` (what the ranks formed, for the tests).
+so the loop backpropagates ``outputs.loss`` as is. Evaluation gathers predictions with ``gather_for_metrics``; the
+main process saves ``accelerator.get_state_dict(model)`` (the full weights, also under ``accelerate_fsdp.yaml`` on
+GPUs) with ``save_pretrained`` and writes ``launch.json`` (what the ranks formed, for the tests).
 """
 
 from __future__ import annotations
@@ -101,9 +102,10 @@ def main() -> None:
             total += len(labels)
     ranks = accelerator.gather(torch.tensor([accelerator.process_index])).tolist()
 
+    state_dict = accelerator.get_state_dict(model)  # collective: full weights also under FSDP (FULL_STATE_DICT)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(args.output_dir)
+        unwrapped.save_pretrained(args.output_dir, state_dict=state_dict)
         record = {
             "num_processes": accelerator.num_processes,
             "distributed_type": str(accelerator.distributed_type),
