@@ -342,12 +342,14 @@ def test_shipped_accelerate_config_starts_two_processes(tmp_path):
         pytest.skip("the accelerate launcher is not installed next to this Python")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
+    env["ACCELERATE_USE_CPU"] = "true"  # the README's command, the one a plain Accelerator() loop needs too
     command = [str(accelerate), "launch", "--config_file", str(root / "recipes" / "accelerate_ddp_cpu.yaml")]
     command += ["--main_process_port", "29611", str(root / "recipes" / "ddp_train.py"), "--steps", "2"]
     command += ["--routing", "topk", "--merge-every", "1", "--output-dir", str(tmp_path / "out")]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world size 2" in proc.stdout  # not the single process that `--cpu` would silently give
+    assert "SingleProcessLaunchWarning" not in proc.stderr
     model = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "out")
     assert model.config.routing == "topk"
 

@@ -20,6 +20,7 @@ from transformers import Trainer
 
 from ..io import atomic_write_text
 from ..modeling.modeling_comet_common import aux_loss_share, loss_item_share
+from .launch import warn_if_launch_collapsed
 from .statistics import statistics_paused
 
 SUMMARY_KEYS = ("max_load_share", "min_load_share", "dead_experts", "gate_entropy", "usage_entropy")
@@ -81,12 +82,16 @@ class CometTrainer(Trainer):
     When a label smoother or ``compute_loss_func`` replaces the model's loss, the aux loss is added back (weighted
     like the model does), so label smoothing does not silently drop load balancing.
 
+    At start-up it warns (`~hf_comet.training.launch.SingleProcessLaunchWarning`) when the process was launched as
+    one of several (``torchrun``, ``accelerate launch``) but Accelerate formed a single process.
+
     Args:
         routing_telemetry: set ``False`` to log like a plain Trainer.
     """
 
     def __init__(self, *args, routing_telemetry: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
+        warn_if_launch_collapsed(self.accelerator.num_processes)
         self.routing_telemetry = routing_telemetry
         self.routing_history: list[dict[str, Any]] = []
         self._aux_sum: torch.Tensor | None = None  # the aux loss's part of the reported loss, summed over the window
