@@ -105,6 +105,19 @@ class CometPreTrainedMixin:
             ) from None
 
     # -- routing statistics ----------------------------------------------------------------------------------------
+    def set_comet_keep_rate(self, keep_rate: float) -> None:
+        """Run every COMET layer at ``keep_rate`` from the next forward on and record it in the config, so a save
+        describes the model as it runs (same weights, another k: e.g. `hf_comet.training.KeepRateScheduleCallback`).
+        Refused for a model without COMET routing."""
+        if self.config.routing != "comet":
+            raise ValueError(
+                f"set_comet_keep_rate needs routing='comet'; this model routes with {self.config.routing!r}."
+            )
+        routers = [block.router for block in self.moe_blocks() if isinstance(block.router, CometRouter)]
+        for router in routers:
+            router.set_keep_rate(keep_rate)  # validates before anything changes
+        self.config.comet_keep_rate = keep_rate
+
     def moe_blocks(self) -> list[MoEBlock]:
         """The model's MoE blocks in layer order."""
         return [module for module in self.modules() if isinstance(module, MoEBlock)]

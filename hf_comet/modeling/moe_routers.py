@@ -521,6 +521,18 @@ class CometRouter(Router):
             hidden_states = F.linear(hidden_states, self.projection_in.to(hidden_states.dtype))
         return F.linear(hidden_states, self.projection.to(hidden_states.dtype))
 
+    def set_keep_rate(self, keep_rate: float) -> None:
+        """Keep ``keep_rate`` of the units (or blocks) per token from the next forward on: the same projection at
+        another k (a keep-rate schedule; ``keep_rate=1.0`` is the dense FFN). The structured router regroups its
+        exact selection for the new k, or falls back to top-k of its scores where no grouping fits."""
+        if isinstance(keep_rate, bool) or not isinstance(keep_rate, (int, float)) or not 0 < keep_rate <= 1:
+            raise ValueError(f"keep_rate={keep_rate!r} must be a number in (0, 1].")
+        num_groups = self.projection.shape[0]
+        self.num_active = comet_num_active(keep_rate, num_groups)
+        self.group_size, self.group_keep = (
+            structured_groups(num_groups, self.num_active) if self.structured and self.block_size == 1 else (0, 0)
+        )
+
     @torch.no_grad()
     def forward(
         self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None, experts: nn.Module | None = None

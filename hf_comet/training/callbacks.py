@@ -1,4 +1,5 @@
-"""Trainer callbacks that act on routing state: expert merging (Park 2024) and the Deep-MoE constraint phase."""
+"""Trainer callbacks that act on routing state: expert merging (Park 2024), the Deep-MoE constraint phase and the
+COMET keep-rate schedule."""
 
 from __future__ import annotations
 
@@ -118,4 +119,81 @@ class DeepConstraintCallback(TrainerCallback):
         self.lifted_at = step
 
 
-__all__ = ["DeepConstraintCallback", "ExpertMergingCallback", "lift_deep_constraint"]
+KEEP_RATE_SCHEDULES = ("cubic", "linear")
+
+
+def scheduled_keep_rate(step: int, target: float, steps: int, start: float = 1.0, schedule: str = "cubic") -> float:
+    """COMET's keep rate after ``step`` optimizer steps of a schedule from ``start`` to ``target`` over ``steps``.
+
+    ``"cubic"`` is the gradual-pruning schedule of Zhu & Gupta (2017) applied to the kept fraction,
+    ``keep = target + (start - target) * (1 - step / steps) ** 3``: it drops fast while the network can absorb it and
+    slowly near the end; ``"linear"`` drops evenly. From ``steps`` on it stays at ``target``.
+    """
+    progress = min(max(step, 0) / steps, 1.0)
+    remaining = 1.0 - progress
+    return target + (start - target) * (remaining**3 if schedule == "cubic" else remaining)
+
+
+class KeepRateScheduleCallback(TrainerCallback):
+    """Anneal COMET's keep rate from ``start`` (default 1.0: exactly the dense FFN, so a converted dense checkpoint
+    starts undamaged) to ``target`` over the first ``steps`` optimizer steps, unit or block level.
+
+    The keep rate is set before every optimizer step from ``state.global_step`` (the same on every rank, and right
+    again after a resume), and recorded in the config, so a checkpoint saved mid-schedule loads at the keep rate it
+    was saved with. ``history`` holds ``(step, keep_rate, units or blocks kept)`` whenever k changes.
+
+    Args:
+        target: the keep rate at the end, in (0, 1] (default: the model's ``comet_keep_rate`` at train start).
+        steps: optimizer steps the schedule takes (>= 1).
+        start: the keep rate at step 0, in [target, 1].
+        schedule: ``"cubic"`` (Zhu & Gupta 2017) or ``"linear"``; see `scheduled_keep_rate`.
+    """
+
+    def __init__(self, steps: int, target: float | None = None, start: float = 1.0, schedule: str = "cubic"):
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps={steps!r} must be an integer >= 1.")
+        if schedule not in KEEP_RATE_SCHEDULES:
+            raise ValueError(f"schedule={schedule!r} is not a schedule; choose one of {', '.join(KEEP_RATE_SCHEDULES)}.")
+        for name, value in (("target", target), ("start", start)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1):
+                raise ValueError(f"{name}={value!r} must be a number in (0, 1].")
+        if target is not None and start < target:
+            raise ValueError(f"start={start} is below target={target}; the schedule lowers the keep rate.")
+        self.steps, self.target, self.start, self.schedule = steps, target, start, schedule
+        self.history: list[tuple[int, float, int]] = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if getattr(model.config, "routing", None) != "comet":
+            raise ValueError(
+                "KeepRateScheduleCallback needs a model with routing='comet'; this one routes with "
+                f"{getattr(model.config, 'routing', None)!r}."
+            )
+        if self.target is None:
+            self.target = float(model.config.comet_keep_rate)
+        if self.start < self.target:
+            raise ValueError(f"start={self.start} is below the model's comet_keep_rate={self.target}.")
+        self._apply(model, state.global_step)
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self._apply(model, state.global_step)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._apply(model, state.global_step)
+
+    def _apply(self, model, step: int) -> None:
+        keep_rate = scheduled_keep_rate(step, self.target, self.steps, self.start, self.schedule)
+        model.set_comet_keep_rate(keep_rate)
+        kept = next(block.router.num_active for block in model.moe_blocks())
+        if not self.history or self.history[-1][2] != kept:
+            self.history.append((step, keep_rate, kept))
+            logger.info("COMET keep rate %.4f at step %d (%d kept)", keep_rate, step, kept)
+
+
+__all__ = [
+    "KEEP_RATE_SCHEDULES",
+    "DeepConstraintCallback",
+    "ExpertMergingCallback",
+    "KeepRateScheduleCallback",
+    "lift_deep_constraint",
+    "scheduled_keep_rate",
+]
