@@ -377,11 +377,30 @@ MOE_FIELD_DEFAULTS = {name: CometMoEConfigMixin.__dataclass_fields__[name].defau
 assert set(MOE_FIELD_RULES) == set(CometMoEConfigMixin.__dataclass_fields__), "every MoE field needs a rule"
 
 
+def experts_tp_plan(block: str) -> dict[str, str]:
+    """Tensor-parallel plan entries of the `PackedExperts` under ``block`` (a MoE block's module path).
+
+    Every expert is split along its intermediate units: ``up_proj`` (E, I, d) ``colwise`` (dim 1), ``up_proj_bias``
+    (E, I) and ``down_proj`` (E, d, I) ``rowwise`` (transformers' rowwise shards any parameter not named ``bias`` on
+    its last dim: the units), and the experts module gets ``comet_tp_experts`` (`moe_experts.CometExpertsTensorParallel`:
+    the router stays replicated, each rank runs its units of the global decision, the partial outputs are
+    all-reduced and the replicated output biases count once). docs/decisions.md, "Parallelism plans"."""
+    return {
+        f"{block}.experts.up_proj": "colwise",
+        f"{block}.experts.up_proj_bias": "rowwise",
+        f"{block}.experts.down_proj": "rowwise",
+        f"{block}.experts": "comet_tp_experts",
+    }
+
+
 @strict
 class CometGPT2Config(CometMoEConfigMixin, GPT2Config):
     """GPT-2 config with MoE feed-forward blocks (model type ``comet_gpt2``); see `CometMoEConfigMixin`."""
 
     model_type = "comet_gpt2"
+    # GPT-2's attention and dense FFNs are Conv1D (weight (in, out)), which transformers' colwise/rowwise styles do
+    # not shard (they need nn.Linear's `out_features` / `in_features`): only the experts are sharded.
+    base_model_tp_plan = experts_tp_plan("h.*.mlp")
     keys_to_ignore_at_inference = ["past_key_values", "router_logits", "aux_loss", "router_aux_loss", "router_losses"]
     _ffn_width_field = "n_inner"
 
@@ -395,6 +414,15 @@ class CometViTConfig(CometMoEConfigMixin, ViTConfig):
     """ViT config with MoE feed-forward blocks (model type ``comet_vit``); see `CometMoEConfigMixin`."""
 
     model_type = "comet_vit"
+    base_model_tp_plan = {
+        "layers.*.attention.q_proj": "colwise",
+        "layers.*.attention.k_proj": "colwise",
+        "layers.*.attention.v_proj": "colwise",
+        "layers.*.attention.o_proj": "rowwise",
+        "layers.*.mlp.fc1": "colwise",  # dense blocks (not in moe_layers)
+        "layers.*.mlp.fc2": "rowwise",
+        **experts_tp_plan("layers.*.mlp"),
+    }
     keys_to_ignore_at_inference = ["router_logits", "aux_loss", "router_aux_loss", "router_losses"]
 
 
@@ -403,6 +431,15 @@ class CometBertConfig(CometMoEConfigMixin, BertConfig):
     """BERT config with MoE feed-forward blocks (model type ``comet_bert``); see `CometMoEConfigMixin`."""
 
     model_type = "comet_bert"
+    base_model_tp_plan = {
+        "encoder.layer.*.attention.self.query": "colwise",
+        "encoder.layer.*.attention.self.key": "colwise",
+        "encoder.layer.*.attention.self.value": "colwise",
+        "encoder.layer.*.attention.output.dense": "rowwise",
+        "encoder.layer.*.intermediate.dense": "colwise",  # dense blocks (not in moe_layers)
+        "encoder.layer.*.output.dense": "rowwise",
+        **experts_tp_plan("encoder.layer.*.intermediate"),
+    }
     keys_to_ignore_at_inference = ["router_logits", "aux_loss", "router_aux_loss", "router_losses"]
 
     def validate_moe_config(self) -> None:
@@ -427,4 +464,5 @@ __all__ = [
     "CometMoEConfigMixin",
     "CometViTConfig",
     "comet_num_active",
+    "experts_tp_plan",
 ]

@@ -27,6 +27,9 @@ by Switch capacity) gets a zero output, bias included.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +41,7 @@ from transformers.integrations.moe import (
     use_experts_implementation,
 )
 from transformers.utils import logging
+from transformers.utils.import_utils import is_torch_distributed_available
 
 from .configuration_comet import CometMoEConfigMixin
 from .moe_kernels import FusedActivation, bucketed_experts, masked_activation
@@ -227,7 +231,7 @@ class PackedExperts(ExpertKernels):
 
     def grouped_mm_fits(self, dtype: torch.dtype) -> bool:
         """Whether ``grouped_mm`` can run these experts' weights and inputs of ``dtype`` (16-byte strides)."""
-        sizes = (self.intermediate_size, self.hidden_size)
+        sizes = (self.up_proj.shape[1], self.hidden_size)  # this rank's width under tensor parallelism
         itemsizes = {self.up_proj.dtype.itemsize, dtype.itemsize}  # no allocation on the forward path
         return all(size * itemsize % 16 == 0 for size in sizes for itemsize in itemsizes)
 
@@ -242,7 +246,7 @@ class PackedExperts(ExpertKernels):
         if self.num_experts == 1:
             h = F.linear(hidden_states, self.up_proj[0], self.up_proj_bias[0])
             return F.linear(masked_activation(h, unit_mask, self.act_fn), self.down_proj[0], self.down_proj_bias[0])
-        width = self.num_experts * self.intermediate_size
+        width = self.up_proj.shape[0] * self.up_proj.shape[1]  # this rank's units under tensor parallelism
         up = self.up_proj.reshape(width, self.hidden_size)
         down = self.down_proj.permute(1, 0, 2).reshape(self.hidden_size, width)
         h = F.linear(hidden_states, up, self.up_proj_bias.reshape(width))
@@ -297,7 +301,7 @@ def run_experts(experts: PackedExperts, hidden_states: torch.Tensor, decision: R
         if unit_mask is None:  # weight-1 blocks: the kept blocks' units
             block_mask = torch.zeros(hidden_states.shape[0], experts.num_experts, device=hidden_states.device)
             block_mask.scatter_(1, decision.top_k_index, 1.0)
-            unit_mask = block_mask.repeat_interleave(experts.intermediate_size, dim=1)
+            unit_mask = block_mask.repeat_interleave(experts.up_proj.shape[1], dim=1)  # local width under TP
         output = experts.masked_dense_forward(hidden_states, unit_mask)
     else:
         weights = None if decision.uniform_weights else decision.top_k_weights
@@ -311,6 +315,96 @@ def run_experts(experts: PackedExperts, hidden_states: torch.Tensor, decision: R
     return output
 
 
+TP_EXPERTS_STYLE = "comet_tp_experts"
+"""The tensor-parallel style of `PackedExperts` in the configs' ``base_model_tp_plan`` (`CometExpertsTensorParallel`)."""
+
+if is_torch_distributed_available():
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES, _AllReduceBackward
+    from transformers.distributed.tensor_parallel import MoeExpertsParallel
+
+    class CometExpertsTensorParallel(MoeExpertsParallel):
+        """Transformers' ``moe_tp_experts`` for `PackedExperts`, whose forward takes a `RoutingDecision`.
+
+        The plan shards every expert along its intermediate units (``up_proj`` / ``up_proj_bias`` on dim 1, ``down_proj``
+        on its last dim): each rank holds units ``[r * ceil(I / n), ...)`` of every expert and computes a partial output
+        that transformers' style all-reduces. The router stays replicated, so every rank takes the same decision from
+        the same full scores (unit-level COMET's global top-k over all F units included); this style hands the experts
+        the rank's share of it: the slice of the unit mask (COMET) or of the router's expert activations (attentive),
+        and the combine weights behind an all-reduce of their gradient (each rank sees a partial one). The output
+        biases (``down_proj_bias``, block-COMET's ``output_bias``) are replicated and count once: rank 0 adds them,
+        the others add zero, and their gradients are summed. ``forward(hidden_states)`` (the activations attentive
+        gating keys on) is gathered back to all I units on every rank.
+        """
+
+        _BIASES = ("down_proj_bias", "output_bias")
+
+        @staticmethod
+        def _group(mesh):
+            return mesh.get_group() if mesh.ndim == 1 else mesh.get_group("tp")
+
+        @staticmethod
+        def _local_units(module, mesh) -> slice:
+            """This rank's units of each expert, as ``Shard`` splits them (``torch.chunk``: the last may be shorter)."""
+            size = module.intermediate_size
+            chunk = -(-size // mesh.size())
+            start = min(mesh.get_local_rank() * chunk, size)
+            return slice(start, min(start + chunk, size))
+
+        def transform_inputs_pre_forward(self, module, args, kwargs, mesh):
+            decision = args[1] if len(args) > 1 else kwargs.pop("decision", None)
+            (hidden_states,), kwargs = super().transform_inputs_pre_forward(module, args[:1], kwargs, mesh)
+            if torch.is_grad_enabled():
+                self._sum_bias_gradients(module, mesh)
+            if decision is None:
+                return (hidden_states,), kwargs
+            group, units = self._group(mesh), self._local_units(module, mesh)
+            changes = {}
+            for name in ("top_k_weights", "expert_weights"):
+                if (weights := getattr(decision, name)) is not None:
+                    changes[name] = _AllReduceBackward.apply(weights, group)
+            if decision.unit_mask is not None:
+                mask = decision.unit_mask
+                experts_view = mask.view(mask.shape[0], module.num_experts, module.intermediate_size)
+                changes["unit_mask"] = experts_view[:, :, units].reshape(mask.shape[0], -1)
+            if decision.expert_activations is not None:
+                changes["expert_activations"] = decision.expert_activations[..., units]
+            return (hidden_states, dataclasses.replace(decision, **changes)), kwargs
+
+        def _sum_bias_gradients(self, module, mesh) -> None:
+            """All-reduce the replicated output biases' gradients (rank 0's is the whole one, the others' are 0)."""
+            hooked = module.__dict__.setdefault("_comet_tp_hooked", {})
+            group = self._group(mesh)
+            for name in self._BIASES:
+                param = module._parameters.get(name)
+                if param is not None and param.requires_grad and hooked.get(name) is not param:
+                    param.register_post_accumulate_grad_hook(lambda p: dist.all_reduce(p.grad, group=group))
+                    hooked[name] = param
+
+        @contextlib.contextmanager
+        def context_around_forward(self, module, mesh):
+            with super().context_around_forward(module, mesh):
+                saved = {}
+                if mesh.get_local_rank() != 0:
+                    for name in self._BIASES:
+                        if (param := module._parameters.get(name)) is not None:
+                            saved[name] = param
+                            local = param.to_local() if isinstance(param, DTensor) else param
+                            module._parameters[name] = local * 0  # in the graph, so its gradient hook still fires
+                try:
+                    yield
+                finally:
+                    module._parameters.update(saved)
+
+        def transform_output_post_forward(self, module, output, mesh):
+            if output is not None and output.dim() == 3:  # forward(hidden_states): this rank's (T, E, I / n) units
+                return self._from_local_last_dim_shard(output, mesh, module.intermediate_size).full_tensor()
+            return super().transform_output_post_forward(module, output, mesh)
+
+    ALL_PARALLEL_STYLES.register(TP_EXPERTS_STYLE, CometExpertsTensorParallel())
+
+
 CometExperts = PackedExperts  # the first release's name
 
 __all__ = [
@@ -319,6 +413,7 @@ __all__ = [
     "EXECUTIONS",
     "CometExperts",
     "ExpertKernels",
+    "TP_EXPERTS_STYLE",
     "PackedExperts",
     "EXPERTS_FUNCTIONS",
     "choose_execution",

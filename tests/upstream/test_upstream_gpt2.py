@@ -32,8 +32,9 @@ COMMON_MARKS = {
         "logits by more than the test's 8e-3 (0.1-0.8% of them in our runs; the fp32 comparison passes)"
     ),
     "test_moe_parallel_plans_shard_experts": U.design(
-        "hf_comet ships no tensor/expert-parallel plan yet (docs/decisions.md, 'Parallelism'): a column/row split of "
-        "the packed experts would also split COMET's unit masks, so the plan comes with its own tests (issue 13)"
+        "the TP plan shards every expert weight (tests/test_parallel_plans.py), but hf_comet has no expert-parallel "
+        "plan: transformers' EP dispatch calls experts with (hidden_states, top_k_index, top_k_weights), ours take "
+        "a routing decision (docs/decisions.md, 'Parallelism plans'), and this test checks the EP plan too"
     ),
 }
 VARIANT_MARKS: dict[str, dict] = {"comet": {}, "topk": {}}
