@@ -120,9 +120,13 @@ def run_remote_loader(cases: list[dict], workdir, **env_extra: str) -> list:
 
 
 def test_every_head_loads_with_remote_code_where_hf_comet_is_not_importable(tmp_path):
+    """Every routing, every family: a checkpoint of the family's first task head (outputs compared) that every other head
+    of the family loads from too. For COMET every head is also saved and compared on its own."""
     cases = []
     for routing in ROUTING_NAMES:
         for family, head in ALL_HEADS:
+            if head != HEADS[family][1] and routing != "comet":
+                continue
             path = tmp_path / f"{family}-{head}-{routing}"
             model = tiny_model(family, head, routing=routing).eval()
             model.save_pretrained(path)

@@ -318,11 +318,17 @@ def run_experts(experts: PackedExperts, hidden_states: torch.Tensor, decision: R
 TP_EXPERTS_STYLE = "comet_tp_experts"
 """The tensor-parallel style of `PackedExperts` in the configs' ``base_model_tp_plan`` (`CometExpertsTensorParallel`)."""
 
-if is_torch_distributed_available():
+try:  # transformers' TP machinery (private helpers included): without it only tensor parallelism is unavailable
+    if not is_torch_distributed_available():
+        raise ImportError("torch.distributed is not available")
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
     from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES, _AllReduceBackward
     from transformers.distributed.tensor_parallel import MoeExpertsParallel
+except ImportError:  # the model still imports and runs; a tp_plan load then fails naming the unknown style
+    MoeExpertsParallel = None
+
+if MoeExpertsParallel is not None:
 
     class CometExpertsTensorParallel(MoeExpertsParallel):
         """Transformers' ``moe_tp_experts`` for `PackedExperts`, whose forward takes a `RoutingDecision`.
