@@ -131,7 +131,11 @@ def render_model_card(
         citations.append("Komatsuzaki, A. et al. *Sparse Upcycling.* ICLR 2023.")
     if getattr(config, "conversion_method", None) == "split":
         citations.append("Zhang, Z. et al. *MoEfication.* Findings of ACL 2022.")
-    auto = f"AutoModel{head}" if head else "AutoModel"
+    family = getattr(model, "family", None)
+    # the first Auto class our class is registered with (GPT-2's LM head: AutoModelForCausalLM), or none (DoubleHeads)
+    auto = next((name for name, cls in (family.auto_classes.items() if family else ()) if cls is type(model)), None)
+    if family is None:
+        auto = f"AutoModel{head}" if head else "AutoModel"
     return ModelCard.from_template(
         data,
         template_path=str(TEMPLATE),
@@ -147,6 +151,7 @@ def render_model_card(
         statistics_tokens=statistics_tokens,
         plots=plots or [],
         auto_class=auto,
+        module_name=type(model).__module__.rsplit(".", 1)[-1],
         repo_hint=repo_id or "path/or/org-name",
         citations=citations,
     )

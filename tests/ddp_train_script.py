@@ -70,7 +70,7 @@ def main():
     record = {
         "world_size": world,
         "losses": [e["loss"] for e in history if "loss" in e],
-        "routing_keys": sorted({k for e in history for k in e if k.startswith("routing/") or k == "aux_loss"}),
+        "routing_keys": sorted({k for e in history for k in e if k.startswith("routing/") or k == "router_aux_loss"}),
         "tokens_per_expert": [h["tokens_per_expert"] for h in trainer.routing_history],
         "ddp": type(trainer.model_wrapped).__name__,
     }

@@ -130,6 +130,13 @@ def test_deviation_report_is_zero_only_where_the_conversion_is_exact(tmp_path):
     assert 0.0 <= split[0]["argmax_agreement"] <= 1.0
 
 
+@pytest.mark.parametrize("family, class_name", [("bert", "BertForMultipleChoice"), ("gpt2", "GPT2DoubleHeadsModel")])
+def test_the_deviation_report_probes_multiple_choice_heads_with_choices(family, class_name, tmp_path):
+    saved_stock(family, class_name, tmp_path / "dense")
+    rows = deviation_report(tmp_path / "dense", "comet", [0.25, 1.0])
+    assert rows[0]["max_abs_error"] > 1e-4 and rows[1]["max_abs_error"] < 1e-5
+
+
 @pytest.mark.parametrize(
     "make, method, fields, message",
     [

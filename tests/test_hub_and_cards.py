@@ -11,7 +11,7 @@ import torch
 import transformers
 import transformers.utils.hub as transformers_hub
 import yaml
-from conftest import ALL_HEADS, main_output, tiny_inputs, tiny_model
+from conftest import EVERY_HEAD, main_output, tiny_inputs, tiny_model
 
 from hf_comet.convert import convert_to_moe
 
@@ -51,7 +51,7 @@ def fake_hub(tmp_path, monkeypatch):
     return api
 
 
-@pytest.mark.parametrize("family, head", ALL_HEADS)
+@pytest.mark.parametrize("family, head", EVERY_HEAD)
 def test_push_to_hub_uploads_weights_code_and_card_and_loads_back_by_repo_id(family, head, fake_hub):
     model = tiny_model(family, head, routing="topk").eval()
     repo_id = f"tester/{family}-{head.lower()}"
@@ -61,11 +61,15 @@ def test_push_to_hub_uploads_weights_code_and_card_and_loads_back_by_repo_id(fam
     expected = {"README.md", "config.json", "model.safetensors", "configuration_comet.py", f"modeling_{family}.py"}
     expected |= {"modeling_comet_common.py", "moe_block.py", "moe_experts.py", "moe_kernels.py", "moe_routers.py"}
     assert expected <= set(files), files
-    loaded = (
-        getattr(transformers, head)
-        .from_pretrained(repo_id, trust_remote_code=True, cache_dir=fake_hub.cache, local_files_only=True)
-        .eval()
-    )
+    hub = dict(cache_dir=fake_hub.cache, local_files_only=True)
+    if head.startswith("Auto"):
+        loaded = getattr(transformers, head).from_pretrained(repo_id, trust_remote_code=True, **hub).eval()
+    else:  # a head without an Auto class: its class from the pushed code, as the card says
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        reference = f"modeling_{family}.{type(model).__name__}"
+        loaded = get_class_from_dynamic_module(reference, repo_id, **hub).from_pretrained(repo_id, **hub).eval()
+        assert "transformers_modules" in type(loaded).__module__
     inputs = tiny_inputs(family, head, with_labels=False)
     with torch.no_grad():
         torch.testing.assert_close(main_output(loaded(**inputs)), main_output(model(**inputs)), rtol=1e-5, atol=1e-6)
@@ -74,7 +78,12 @@ def test_push_to_hub_uploads_weights_code_and_card_and_loads_back_by_repo_id(fam
     metadata = yaml.safe_load(card.split("---")[1])
     assert metadata["library_name"] == "transformers" and metadata["license"] == "apache-2.0"
     assert {"moe", "custom_code", "topk", "unit-test"} <= set(metadata["tags"])
-    assert "Learned routing" in card and "trust_remote_code=True" in card
+    assert "Learned routing" in card
+    if head.startswith("Auto"):  # the card loads the head with the Auto class that gives this very class
+        assert f"from transformers import {head}" in card and "trust_remote_code=True" in card
+        assert getattr(transformers, head)._model_mapping[type(model.config)] is type(model)
+    else:
+        assert f'get_class_from_dynamic_module("modeling_{family}.{type(model).__name__}"' in card
 
 
 def test_converted_model_card_names_its_base_model_and_provenance(tmp_path):
@@ -124,3 +133,17 @@ def test_a_pushed_model_loads_by_repo_id_with_remote_code_where_hf_comet_is_miss
     )
     results = run_remote_loader([case], tmp_path, HF_HUB_CACHE=str(fake_hub.cache))
     assert results == [["tester/remote-gpt2", "AutoModelForCausalLM", True]]
+
+
+def test_a_head_without_an_auto_class_pushes_its_code_where_hf_comet_is_not_installed(fake_hub, tmp_path, monkeypatch):
+    """Without hf_comet (remote code) saving is upstream's; for GPT2DoubleHeads our save copies the code, and
+    ``save_pretrained(push_to_hub=True)`` must push it too (upstream would push before the copy)."""
+    from hf_comet.modeling.modeling_comet_common import CometPreTrainedMixin
+
+    monkeypatch.setattr(CometPreTrainedMixin, "sharing", None)
+    model = tiny_model("comet_gpt2", "CometGPT2DoubleHeadsModel", routing="comet")
+    model.save_pretrained(tmp_path / "dh", push_to_hub=True, repo_id="tester/double-heads")
+    (pushed_repo, files), *_ = fake_hub.commits
+    assert pushed_repo == "tester/double-heads"
+    assert {"config.json", "model.safetensors", "modeling_comet_gpt2.py", "moe_block.py"} <= set(files), files
+    assert (tmp_path / "dh" / "modeling_comet_gpt2.py").is_file()

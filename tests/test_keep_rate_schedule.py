@@ -23,6 +23,27 @@ def test_the_cubic_schedule_is_zhu_and_gupta_s_on_the_kept_fraction():
     assert values == sorted(values, reverse=True)  # never rises
 
 
+def test_the_default_levels_keep_torch_compile_within_its_recompile_limit():
+    """Every distinct k is a recompile under torch.compile (8 by default): the default 7 levels give 8 values."""
+    values = [scheduled_keep_rate(step, 0.25, 500, levels=7) for step in range(600)]
+    assert len(set(values)) == 8 and values[0] == 1.0 and values[-1] == pytest.approx(0.25)
+    assert values == sorted(values, reverse=True)
+    exact = [scheduled_keep_rate(step, 0.25, 500) for step in range(600)]
+    assert all(q >= e - 1e-12 for q, e in zip(values, exact, strict=True))  # rounded up: never sparser than asked
+    assert len(set(exact)) > 100
+
+
+def test_a_resume_without_a_target_is_refused_and_the_saved_state_restores_it(tmp_path):
+    model = tiny_model("comet_gpt2", "AutoModelForCausalLM", routing="comet", comet_keep_rate=0.75)
+    args = TrainingArguments(str(tmp_path), use_cpu=True, report_to="none")
+    with pytest.raises(ValueError, match="resumes at step 3 without a target"):
+        KeepRateScheduleCallback(steps=10).on_train_begin(args, TrainerState(global_step=3), TrainerControl(), model=model)
+    fresh = KeepRateScheduleCallback(steps=10, levels=None)
+    fresh.on_train_begin(args, TrainerState(), TrainerControl(), model=model)  # resolves target 0.75
+    restored = KeepRateScheduleCallback.from_state(fresh.state())  # what Trainer does on resume
+    assert (restored.target, restored.steps, restored.levels) == (0.75, 10, None)
+
+
 def rows(inputs: dict) -> list[dict]:
     return [{k: v[i] for k, v in inputs.items()} for i in range(next(iter(inputs.values())).shape[0])]
 
@@ -75,7 +96,7 @@ def test_keep_rate_one_reproduces_the_dense_model_and_the_schedule_resumes_where
     args = TrainingArguments(str(tmp_path), use_cpu=True, report_to="none")
     state = TrainerState(global_step=5)  # a run resumed at step 5
     callback.on_train_begin(args, state, TrainerControl(), model=model)
-    expected = scheduled_keep_rate(5, 0.5, 10)
+    expected = scheduled_keep_rate(5, 0.5, 10, levels=7)
     assert model.config.comet_keep_rate == pytest.approx(expected)
     assert all(block.router.num_active == comet_num_active(expected, 128) for block in model.moe_blocks())
 

@@ -117,3 +117,19 @@ def test_a_batch_of_padding_only_gives_a_zero_balance_loss_with_finite_gradients
     assert out.router_losses["load_balancing_loss"] == 0
     out.router_aux_loss.backward()
     assert all(torch.isfinite(p.grad).all() for n, p in model.named_parameters() if ".router." in n)
+
+
+@pytest.mark.parametrize("family", ["comet_gpt2", "comet_bert"])
+def test_trainer_predict_on_a_causal_lm_with_the_cache_on_returns_plain_logits(family, tmp_path):
+    """Trainer drops what `keys_to_ignore_at_inference` names; transformers 5 calls the KV cache ``cache``, and a
+    list without it made ``predict`` fail on the DynamicCache (stock GPT-2 passes)."""
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_model(family, "AutoModelForCausalLM", routing="topk")
+    assert "cache" in model.config.keys_to_ignore_at_inference
+    inputs = tiny_inputs(family, "AutoModelForCausalLM", batch=4)
+    rows = [{k: v[i] for k, v in inputs.items()} for i in range(4)]
+    args = TrainingArguments(str(tmp_path), per_device_eval_batch_size=2, report_to="none", use_cpu=True, use_cache=True)
+    prediction = Trainer(model=model, args=args).predict(rows)
+    assert not isinstance(prediction.predictions, tuple)  # the logits alone: no cache, no routing fields
+    assert prediction.predictions.shape == (4, 7, 64)

@@ -77,7 +77,7 @@ def test_gradient_accumulation_counts_the_aux_loss_once_per_optimizer_step(famil
     (one, log_one), (two, log_two) = results
     for (name, a), b in zip(one.named_parameters(), two.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
-    assert log_one["aux_loss"] == pytest.approx(log_two["aux_loss"], rel=1e-5)
+    assert log_one["router_aux_loss"] == pytest.approx(log_two["router_aux_loss"], rel=1e-5)
     assert log_one["loss"] == pytest.approx(log_two["loss"], rel=1e-5)
 
 
@@ -123,7 +123,7 @@ def test_routing_telemetry_reaches_log_history_every_logging_step(routing, tmp_p
         for key in ("max_load_share", "min_load_share", "dead_experts", "gate_entropy", "usage_entropy"):
             assert f"routing/{key}" in entry and f"routing/layer_0/{key}" in entry and f"routing/layer_1/{key}" in entry
         assert "routing/mask_overlap" in entry and "routing/overlap_similarity_correlation" in entry
-        assert ("aux_loss" in entry) == (routing == "topk")
+        assert ("router_aux_loss" in entry) == (routing == "topk")
     # each window holds exactly its two steps' real tokens (padding excluded, then reset)
     valid = sum(int(r["attention_mask"].sum()) for r in rows_of("comet_gpt2", 16)[:8])
     per_token = {"comet": 64, "topk": 2, "deep": 1}[routing]
@@ -382,5 +382,5 @@ def test_the_logged_aux_loss_is_the_part_of_the_logged_loss_that_training_added(
         )
         trainer.train()
         logged[coef] = next(e for e in trainer.state.log_history if "loss" in e)
-    assert logged[5.0]["aux_loss"] > 0
-    assert logged[5.0]["loss"] - logged[0.0]["loss"] == pytest.approx(logged[5.0]["aux_loss"], rel=1e-4)
+    assert logged[5.0]["router_aux_loss"] > 0
+    assert logged[5.0]["loss"] - logged[0.0]["loss"] == pytest.approx(logged[5.0]["router_aux_loss"], rel=1e-4)

@@ -167,10 +167,9 @@ def convert_to_moe(
     """Convert a dense GPT-2 / ViT / BERT model (or a checkpoint path) into our MoE model with the same head.
 
     Args:
-        dense: a stock transformers model (``GPT2Model``, ``GPT2LMHeadModel``, ``GPT2ForSequenceClassification``,
-            ``ViTModel``, ``ViTForImageClassification``, ``BertModel``, ``BertForMaskedLM``,
-            ``BertForSequenceClassification``, ``BertForTokenClassification``: every stock class one of our
-            classes extends, `stock_to_ours`) or a folder it was saved to.
+        dense: a stock transformers model of GPT-2, ViT or BERT, any head (``GPT2LMHeadModel``,
+            ``GPT2DoubleHeadsModel``, ``ViTForMaskedImageModeling``, ``BertForPreTraining``, ...: every stock class
+            one of our classes extends, `stock_to_ours`) or a folder it was saved to.
         method: ``"comet"``, ``"upcycle"`` or ``"split"`` (`METHODS`; each module's docstring says what it does).
         split_method: for ``split``: ``"contiguous"``, ``"random"`` (seeded) or ``"kmeans"`` (balanced, seeded).
         seed: seed of the conversion's random choices; recorded as ``conversion_seed``.

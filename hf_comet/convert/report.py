@@ -10,9 +10,15 @@ from transformers import PreTrainedModel
 
 from .core import _load_dense, conversion_method, convert_to_moe, family_of_model_type
 
+MULTIPLE_CHOICE_SUFFIXES = ("ForMultipleChoice", "DoubleHeadsModel")
+"""Heads that take (batch, choices, seq) token ids."""
 
-def probe_inputs(config, batch: int = 4, seq_len: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Seeded random inputs of the right kind for a model of ``config`` (token ids or pixel values)."""
+
+def probe_inputs(
+    config, batch: int = 4, seq_len: int = 32, seed: int = 0, model: PreTrainedModel | None = None
+) -> dict[str, torch.Tensor]:
+    """Seeded random inputs of the right kind for a model of ``config`` (token ids or pixel values); for ``model``'s
+    multiple-choice heads, two choices per example."""
     generator = torch.Generator().manual_seed(seed)
     family = family_of_model_type(config.model_type)
     if family is not None and family.main_input_name == "pixel_values":
@@ -22,8 +28,13 @@ def probe_inputs(config, batch: int = 4, seq_len: int = 32, seed: int = 0) -> di
     seq_len = min(seq_len, positions)
     if getattr(config, "pad_token_id", None) is None and family is not None and family.batches_need_pad_token:
         batch = 1  # e.g. GPT-2 sequence classification refuses batches > 1 without a pad token
-    ids = torch.randint(0, config.vocab_size, (batch, seq_len), generator=generator)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    choices = model is not None and type(model).__name__.endswith(MULTIPLE_CHOICE_SUFFIXES)
+    shape = (batch, 2, seq_len) if choices else (batch, seq_len)
+    ids = torch.randint(0, config.vocab_size, shape, generator=generator)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if choices and type(model).__name__.endswith("DoubleHeadsModel"):  # each choice is scored at its last token
+        inputs["mc_token_ids"] = torch.full(shape[:2], seq_len - 1)
+    return inputs
 
 
 def _task_metrics(model, batch: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -58,7 +69,7 @@ def deviation_report(
     model, _ = _load_dense(dense)
     conversion = conversion_method(method)
     model.eval()
-    inputs = inputs or probe_inputs(model.config)
+    inputs = inputs or probe_inputs(model.config, model=model)
     labelled = "labels" in inputs
     forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
     reference = model(**forward_inputs)[0]

@@ -177,7 +177,9 @@ class CometMoEConfigMixin:
             the paper used 0.2). ``deep`` balances with its constraint instead.
         router_z_loss_coef: weight of the ST-MoE router z-loss (``topk``, ``noisy_topk``, ``switch``; ST-MoE used
             1e-3; 0 disables it).
-        output_router_logits: return every MoE layer's router scores as ``router_logits``.
+        output_router_logits: return every MoE layer's gate logits as ``router_logits`` (``None`` for COMET, which
+            has no gate) and transformers' load-balancing loss as ``aux_loss`` (``topk``, ``switch``), as
+            transformers' native MoE models do.
         routing_seed: seed of every random routing quantity: the COMET projections and the token pairs of the
             similarity regulariser and the overlap statistic; recorded so a model built from this config routes the
             same everywhere.
@@ -393,6 +395,11 @@ def experts_tp_plan(block: str) -> dict[str, str]:
     }
 
 
+INFERENCE_IGNORED_KEYS = ["cache", "past_key_values", "router_logits", "aux_loss", "router_aux_loss", "router_losses"]
+"""Output fields Trainer's evaluation and prediction drop, so metrics receive plain logits: the KV cache (``cache`` in
+transformers 5, Trainer's own default; ``past_key_values`` before) and every routing field."""
+
+
 @strict
 class CometGPT2Config(CometMoEConfigMixin, GPT2Config):
     """GPT-2 config with MoE feed-forward blocks (model type ``comet_gpt2``); see `CometMoEConfigMixin`."""
@@ -401,7 +408,7 @@ class CometGPT2Config(CometMoEConfigMixin, GPT2Config):
     # GPT-2's attention and dense FFNs are Conv1D (weight (in, out)), which transformers' colwise/rowwise styles do
     # not shard (they need nn.Linear's `out_features` / `in_features`): only the experts are sharded.
     base_model_tp_plan = experts_tp_plan("h.*.mlp")
-    keys_to_ignore_at_inference = ["past_key_values", "router_logits", "aux_loss", "router_aux_loss", "router_losses"]
+    keys_to_ignore_at_inference = INFERENCE_IGNORED_KEYS
     _ffn_width_field = "n_inner"
 
     @property
@@ -423,7 +430,7 @@ class CometViTConfig(CometMoEConfigMixin, ViTConfig):
         "layers.*.mlp.fc2": "rowwise",
         **experts_tp_plan("layers.*.mlp"),
     }
-    keys_to_ignore_at_inference = ["router_logits", "aux_loss", "router_aux_loss", "router_losses"]
+    keys_to_ignore_at_inference = INFERENCE_IGNORED_KEYS
 
 
 @strict
@@ -440,7 +447,7 @@ class CometBertConfig(CometMoEConfigMixin, BertConfig):
         "encoder.layer.*.output.dense": "rowwise",
         **experts_tp_plan("encoder.layer.*.intermediate"),
     }
-    keys_to_ignore_at_inference = ["router_logits", "aux_loss", "router_aux_loss", "router_losses"]
+    keys_to_ignore_at_inference = INFERENCE_IGNORED_KEYS
 
     def validate_moe_config(self) -> None:
         super().validate_moe_config()

@@ -166,10 +166,18 @@ class CometPreTrainedMixin:
 
 def _save_with_code(model, upstream_save, save_directory, is_main_process: bool = True, *args, **kwargs):
     """Upstream ``save_pretrained``, then (main process) the modeling files, which transformers copies only for
-    classes registered with an Auto class; ``auto_map`` stays the family's (`complete_auto_map`)."""
+    classes registered with an Auto class; ``auto_map`` stays the family's (`complete_auto_map`). Upstream would
+    push before the code is there, so ``push_to_hub=True`` pushes afterwards (``push_to_hub`` saves, with the code,
+    into a temporary folder and uploads it)."""
+    push = kwargs.pop("push_to_hub", False)
+    hub = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "private", "create_pr") if key in kwargs}
+    if push and "token" in kwargs:
+        hub["token"] = kwargs["token"]
     result = upstream_save(save_directory, is_main_process, *args, **kwargs)
     if is_main_process:
         custom_object_save(model, save_directory)
+        if push:
+            model.push_to_hub(hub.pop("repo_id", str(save_directory).rstrip("/").split("/")[-1]), **hub)
     return result
 
 

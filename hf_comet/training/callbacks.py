@@ -3,11 +3,15 @@ COMET keep-rate schedule."""
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from ..merging import MERGE_METHODS, merge_most_used_into_least_used, reset_merged_optimizer_state
 from ..modeling.moe_routers import DeepMoEGate
@@ -122,19 +126,26 @@ class DeepConstraintCallback(TrainerCallback):
 KEEP_RATE_SCHEDULES = ("cubic", "linear")
 
 
-def scheduled_keep_rate(step: int, target: float, steps: int, start: float = 1.0, schedule: str = "cubic") -> float:
+def scheduled_keep_rate(
+    step: int, target: float, steps: int, start: float = 1.0, schedule: str = "cubic", levels: int | None = None
+) -> float:
     """COMET's keep rate after ``step`` optimizer steps of a schedule from ``start`` to ``target`` over ``steps``.
 
     ``"cubic"`` is the gradual-pruning schedule of Zhu & Gupta (2017) applied to the kept fraction,
     ``keep = target + (start - target) * (1 - step / steps) ** 3``: it drops fast while the network can absorb it and
-    slowly near the end; ``"linear"`` drops evenly. From ``steps`` on it stays at ``target``.
+    slowly near the end; ``"linear"`` drops evenly. From ``steps`` on it stays at ``target``. With ``levels`` the
+    value is rounded up to one of ``levels`` equal steps between ``target`` and ``start`` (``levels + 1`` values in
+    all, ``start`` and ``target`` included).
     """
     progress = min(max(step, 0) / steps, 1.0)
     remaining = 1.0 - progress
-    return target + (start - target) * (remaining**3 if schedule == "cubic" else remaining)
+    fraction = remaining**3 if schedule == "cubic" else remaining
+    if levels is not None:
+        fraction = math.ceil(fraction * levels - 1e-9) / levels
+    return target + (start - target) * fraction
 
 
-class KeepRateScheduleCallback(TrainerCallback):
+class KeepRateScheduleCallback(TrainerCallback, ExportableState):
     """Anneal COMET's keep rate from ``start`` (default 1.0: exactly the dense FFN, so a converted dense checkpoint
     starts undamaged) to ``target`` over the first ``steps`` optimizer steps, unit or block level.
 
@@ -142,25 +153,53 @@ class KeepRateScheduleCallback(TrainerCallback):
     again after a resume), and recorded in the config, so a checkpoint saved mid-schedule loads at the keep rate it
     was saved with. ``history`` holds ``(step, keep_rate, units or blocks kept)`` whenever k changes.
 
+    Every new k is a new shape for ``torch.compile``, which recompiles (8 times at most by default, then it refuses
+    or falls back to eager), so by default the keep rate moves in ``levels=7`` equal steps: 8 values of k, start and
+    target included. ``levels=None`` follows the schedule exactly (for eager training).
+
+    With ``load_best_model_at_end`` the best checkpoint keeps the keep rate it was saved and evaluated with. The
+    structured COMET router selects exactly by groups only where k fits a grouping (at keep 0.5: pairs); between
+    those k it falls back to a top-k of its scores, so its masks change more between levels than the full router's.
+
     Args:
-        target: the keep rate at the end, in (0, 1] (default: the model's ``comet_keep_rate`` at train start).
         steps: optimizer steps the schedule takes (>= 1).
+        target: the keep rate at the end, in (0, 1] (default: the model's ``comet_keep_rate`` when training starts
+            from step 0; pass it when resuming, since the config then holds the schedule's value at that step).
         start: the keep rate at step 0, in [target, 1].
         schedule: ``"cubic"`` (Zhu & Gupta 2017) or ``"linear"``; see `scheduled_keep_rate`.
+        levels: how many equal steps the keep rate takes (``None``: every step's exact value).
     """
 
-    def __init__(self, steps: int, target: float | None = None, start: float = 1.0, schedule: str = "cubic"):
+    def __init__(
+        self,
+        steps: int,
+        target: float | None = None,
+        start: float = 1.0,
+        schedule: str = "cubic",
+        levels: int | None = 7,
+    ):
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps={steps!r} must be an integer >= 1.")
         if schedule not in KEEP_RATE_SCHEDULES:
             raise ValueError(f"schedule={schedule!r} is not a schedule; choose one of {', '.join(KEEP_RATE_SCHEDULES)}.")
+        if levels is not None and (isinstance(levels, bool) or not isinstance(levels, int) or levels < 1):
+            raise ValueError(f"levels={levels!r} must be an integer >= 1, or None.")
         for name, value in (("target", target), ("start", start)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1):
                 raise ValueError(f"{name}={value!r} must be a number in (0, 1].")
         if target is not None and start < target:
             raise ValueError(f"start={start} is below target={target}; the schedule lowers the keep rate.")
-        self.steps, self.target, self.start, self.schedule = steps, target, start, schedule
+        self.steps, self.target, self.start, self.schedule, self.levels = steps, target, start, schedule, levels
         self.history: list[tuple[int, float, int]] = []
+
+    def state(self) -> dict:
+        """What a Trainer checkpoint stores (``restore_callback_states_from_checkpoint=True`` restores it): the
+        schedule, with the target it resolved."""
+        return {
+            "args": {"steps": self.steps, "target": self.target, "start": self.start, "schedule": self.schedule,
+                     "levels": self.levels},
+            "attributes": {},
+        }  # fmt: skip
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if getattr(model.config, "routing", None) != "comet":
@@ -169,6 +208,12 @@ class KeepRateScheduleCallback(TrainerCallback):
                 f"{getattr(model.config, 'routing', None)!r}."
             )
         if self.target is None:
+            if state.global_step > 0:
+                raise ValueError(
+                    f"KeepRateScheduleCallback resumes at step {state.global_step} without a target: the model's "
+                    f"comet_keep_rate ({model.config.comet_keep_rate}) is the schedule's value there, not its end. "
+                    "Pass target=, or restore_callback_states_from_checkpoint=True in TrainingArguments."
+                )
             self.target = float(model.config.comet_keep_rate)
         if self.start < self.target:
             raise ValueError(f"start={self.start} is below the model's comet_keep_rate={self.target}.")
@@ -178,10 +223,17 @@ class KeepRateScheduleCallback(TrainerCallback):
         self._apply(model, state.global_step)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        best = state.best_model_checkpoint if args.load_best_model_at_end else None
+        saved = Path(best, "config.json") if best else None
+        if saved is not None and saved.is_file():  # the best weights run at the keep rate they were evaluated at
+            keep_rate = json.loads(saved.read_text()).get("comet_keep_rate", self.target)
+            model.set_comet_keep_rate(keep_rate)
+            logger.info("best checkpoint %s keeps its COMET keep rate %.4f", best, keep_rate)
+            return
         self._apply(model, state.global_step)
 
     def _apply(self, model, step: int) -> None:
-        keep_rate = scheduled_keep_rate(step, self.target, self.steps, self.start, self.schedule)
+        keep_rate = scheduled_keep_rate(step, self.target, self.steps, self.start, self.schedule, self.levels)
         model.set_comet_keep_rate(keep_rate)
         kept = next(block.router.num_active for block in model.moe_blocks())
         if not self.history or self.history[-1][2] != kept:

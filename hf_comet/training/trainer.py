@@ -71,7 +71,7 @@ def flatten_routing_statistics(statistics: dict[int, dict[str, Any]], prefix: st
 class CometTrainer(Trainer):
     """`Trainer` that logs the routers' telemetry every ``logging_steps``.
 
-    Each training log line gains ``aux_loss`` (the weighted ``router_aux_loss``'s part of the logged ``loss``: what was
+    Each training log line gains ``router_aux_loss`` (the weighted aux loss's part of the logged ``loss``: what was
     trained, per optimizer step, averaged over the window like ``loss``) and, from the MoE
     blocks' statistics over the window (summed over ranks under DDP): per layer and as model summaries the max/min
     load share, dead experts, gate entropy H_s and usage entropy H_u (bits), dropped tokens, and the mask overlap
@@ -211,7 +211,7 @@ class CometTrainer(Trainer):
             if _distributed():
                 torch.distributed.all_reduce(aux)
                 aux = aux / torch.distributed.get_world_size()
-            logs["aux_loss"] = float(aux)
+            logs["router_aux_loss"] = float(aux)
             self._aux_sum = None
         model = self.accelerator.unwrap_model(self.model)
         if not hasattr(model, "moe_blocks"):
