@@ -1063,6 +1063,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_arguments(bench_parser)
 
+    reproduce = commands.add_parser(
+        "reproduce", help="the papers' claims over seeds, written to docs/results.md (resumable; --quick: tiny)"
+    )
+    reproduce.add_argument("claims", nargs="*", metavar="CLAIM", help="claims to run (default: all)")
+    reproduce.add_argument("--quick", action="store_true", help="tiny settings that check the pipeline, not results")
+    reproduce.add_argument("--cache", default="runs/reproduce", help="folder of finished runs (resumed from)")
+    reproduce.add_argument(
+        "--page", default=None, help="the results page to write (default docs/results.md; --quick: under --cache)"
+    )
+
     card = commands.add_parser("card", help="write the model card (README.md) of a saved hf_comet checkpoint")
     card.add_argument("checkpoint")
     card.add_argument("--repo-id", type=repo_id, help="the Hub repo id to show in the loading snippet")
@@ -1083,7 +1093,26 @@ def _bench(args: argparse.Namespace) -> int:
         raise UserError(str(error)) from None
 
 
-COMMANDS = {"info": _info, "demo": _demo, "train": _train, "convert": _convert, "card": _card, "bench": _bench}
+def _reproduce(args: argparse.Namespace) -> int:
+    from hf_comet.reproduce import CLAIMS, reproduce
+
+    unknown = [claim for claim in args.claims if claim not in CLAIMS]
+    if unknown:
+        raise UserError(f"unknown claim(s) {', '.join(map(repr, unknown))}; choose from {', '.join(CLAIMS)}.")
+    page = Path(args.page) if args.page else (Path(args.cache, "quick", "results.md") if args.quick else None)
+    page = page or Path("docs/results.md")
+    destination_file(page, "results page")
+    results = reproduce(args.claims or None, quick=args.quick, cache_dir=args.cache, page=page)
+    for result in results:
+        print(f"{result.name}: {result.verdict} ({result.seconds / 60:.1f} min)")
+    print(f"results page written to {page}")
+    return 0
+
+
+COMMANDS = {
+    "info": _info, "demo": _demo, "train": _train, "convert": _convert, "card": _card, "bench": _bench,
+    "reproduce": _reproduce,
+}  # fmt: skip
 
 
 @contextlib.contextmanager

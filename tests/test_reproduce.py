@@ -1,0 +1,111 @@
+"""``hf-comet reproduce`` (issue 14): the quick pipeline end to end, the resumable cache, the statistics against
+scipy/numpy references, and the MLP variants' defining properties. The verdicts themselves come from the full run
+(docs/results.md), not from these tests."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as scipy_stats
+
+from hf_comet import cli
+from hf_comet.reproduce import CLAIMS, RunCache, code_version, finetune, mlp, reproduce
+from hf_comet.reproduce.stats import area_under_curve, holm, mean_interval, paired_test, steps_to_reach
+
+
+def test_the_quick_run_writes_every_claim_s_section_and_plot_and_reruns_reuse_every_finished_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    results = reproduce(quick=True, cache_dir="cache")  # the quick page lives under the cache, never in docs/
+    assert not (tmp_path / "docs").exists()
+    page = tmp_path / "cache" / "quick" / "results.md"
+    assert [r.name for r in results] == list(CLAIMS)
+    text = page.read_text()
+    assert "Quick mode" in text and "not run yet" in text
+    for name, claim in CLAIMS.items():
+        assert claim.title in text and f"hf-comet reproduce {name}" in text
+        assert (page.parent / "results" / f"{name}_curves.png").stat().st_size > 0
+        assert (tmp_path / "cache" / "quick" / f"{name}.jsonl").read_text().count("\n") >= 4
+    assert not list((tmp_path / "cache" / "quick" / "checkpoints").glob("ft-*"))  # fine-tune scratch removed
+    finetuned = RunCache(tmp_path / "cache" / "quick", "convert_finetune", code_version(finetune)).records
+    first = {(r["variant"], r["seed"]): r["curve"][0] for r in (e["spec"] | e["record"] for e in map(
+        json.loads, (tmp_path / "cache" / "quick" / "convert_finetune.jsonl").read_text().splitlines()))}  # fmt: skip
+    assert len(finetuned) == len(first)
+    for seed in (0, 1):  # the schedule starts as exactly the dense model; plain COMET does not
+        assert first[("comet_schedule", seed)] == pytest.approx(first[("dense", seed)], abs=1e-6)
+        assert abs(first[("comet", seed)] - first[("dense", seed)]) > 1e-4
+    words = ("**reproduced**", "**partly reproduced**", "**not reproduced**", "**contradicted**", "**met**",
+             "**not met**")  # fmt: skip
+    assert all(any(word in r.verdict for word in words) for r in results)
+
+    def no_more_training(*args, **kwargs):
+        raise AssertionError("a cached run was run again")
+
+    monkeypatch.setattr(mlp, "train_one", no_more_training)
+    monkeypatch.setattr(finetune, "finetune_one", no_more_training)
+    again = reproduce(["comet_regression"], quick=True, cache_dir="cache")  # one claim: the others stay on the page
+    assert [r.name for r in again] == ["comet_regression"] and again[0].verdict == results[-1].verdict
+    assert all(f"## {claim.title}" in page.read_text() for claim in CLAIMS.values())
+
+
+def test_the_cache_survives_a_half_written_line_and_ignores_runs_of_other_code(tmp_path):
+    cache = RunCache(tmp_path, "claim", code="v1")
+    spec = {"variant": "comet", "seed": 0}
+    cache.put(spec, {"test": 0.5})
+    with open(cache.path, "a") as handle:
+        handle.write('{"key": "abc", "rec')  # killed mid-write
+    reread = RunCache(tmp_path, "claim", code="v1")
+    assert reread.get(spec) == {"test": 0.5}
+    assert reread.get({"variant": "comet", "seed": 1}) is None
+    reread.put({"variant": "comet", "seed": 1}, {"test": 0.75})  # the next record after the torn line stays readable
+    assert RunCache(tmp_path, "claim", code="v1").get({"variant": "comet", "seed": 1}) == {"test": 0.75}
+    assert json.loads(cache.path.read_text().splitlines()[0])["spec"] == spec
+    assert RunCache(tmp_path, "claim", code="v2").get(spec) is None  # made by other code: runs again
+
+
+def test_intervals_tests_and_curve_summaries_match_references():
+    mean, low, high = mean_interval([1.0, 2.0, 3.0])
+    half = scipy_stats.t.ppf(0.975, 2) * 1.0 / np.sqrt(3)
+    assert (mean, low, high) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
+    a, b = [0.9, 0.8, 0.85, 0.95], [0.7, 0.75, 0.8, 0.7]
+    diff, p = paired_test(a, b)
+    assert diff == pytest.approx(np.mean(np.subtract(a, b)))
+    assert p == pytest.approx(scipy_stats.ttest_rel(a, b).pvalue)
+    assert paired_test([1.0, 1.0], [1.0, 1.0]) == (0.0, 1.0)
+    # a difference that is float noise is no difference, whichever seed carries it
+    assert paired_test([0.5 + 1e-15, 0.5, 0.5], [0.5] * 3)[1] == paired_test([0.5, 0.5, 0.5 + 1e-15], [0.5] * 3)[1] == 1
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.2, float("nan")])[0] == 0.2
+    assert area_under_curve([0, 10, 20], [0.0, 1.0, 1.0]) == pytest.approx(0.75)
+    assert steps_to_reach([10, 20, 30], [0.5, 0.8, 0.9], 0.8) == 20
+    assert steps_to_reach([10, 20], [0.5, 0.6], 0.8) is None
+    assert steps_to_reach([10, 20], [2.0, 1.0], 1.5, higher_is_better=False) == 20
+
+
+def test_the_mlp_variants_are_what_the_paper_s_code_defines():
+    x = torch.randn(16, 64)
+    torch.manual_seed(0)
+    dense = mlp.build("dense", 64, 32, 10, 1.0)
+    torch.manual_seed(0)
+    comet_all = mlp.build("comet", 64, 32, 10, 1.0)  # keep 1.0: every unit, the dense model itself
+    torch.testing.assert_close(comet_all(x)[0], dense(x)[0])
+    comet = mlp.build("comet", 64, 32, 10, 0.25)
+    masks = comet.masks(x)
+    assert all(torch.equal(m.sum(-1), torch.full((16,), 8.0)) for m in masks)  # exactly floor(0.25 * 32) units
+    assert not any(p.requires_grad for p in comet.router.parameters())
+    assert mlp.build("smaller", 64, 32, 10, 0.25).layers[0].out_features == 8
+    top1 = mlp.build("random_top1", 64, 32, 10, 0.25)
+    assert top1.num_experts == 4 and top1.experts[0].layers[0].out_features == 8 and not top1.gate.weight.requires_grad
+    top2 = mlp.build("learned_top2", 64, 32, 10, 0.5)
+    assert top2.num_experts == 4 and top2.experts[0].layers[0].out_features == 8  # 2 x 8 = 16 active units
+    out, balance = top2(x)
+    assert out.shape == (16, 10) and balance.requires_grad
+    blocks = mlp.build("block_comet", 64, 32, 10, 0.5)
+    assert blocks.block_size == 16 and blocks.k == 1
+
+
+def test_the_cli_refuses_an_unknown_claim_before_any_run(tmp_path, capsys):
+    assert cli.main(["reproduce", "comet_vit_magic", "--quick", "--cache", str(tmp_path), "--page",
+                     str(tmp_path / "r.md")]) == 2  # fmt: skip
+    assert "unknown claim(s) 'comet_vit_magic'" in capsys.readouterr().err
+    assert not (tmp_path / "r.md").exists()
