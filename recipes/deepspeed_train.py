@@ -13,7 +13,6 @@ gathered with ``deepspeed.zero.GatheredParameters`` and rank 0 saves them with `
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ import transformers
 import hf_comet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fsdp_train import build_model, global_batch  # noqa: E402  (same model and data as the FSDP recipe)
+from fsdp_train import build_model, global_batch, training_arguments  # noqa: E402  (same model and data as the FSDP recipe)
 
 CONFIG = Path(__file__).resolve().parent / "deepspeed_zero3.json"
 
@@ -42,17 +41,8 @@ def deepspeed_config(path: Path, micro_batch: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--routing", default="comet")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--per-device-batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
-    parser.add_argument("--hidden-size", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=4)
+    parser = training_arguments(__doc__, "runs/deepspeed")
     parser.add_argument("--deepspeed-config", type=Path, default=CONFIG)
-    parser.add_argument("--output-dir", default="runs/deepspeed")
     args = parser.parse_args()
 
     deepspeed.init_distributed()

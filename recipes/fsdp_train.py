@@ -67,8 +67,9 @@ def shard_per_block(model: torch.nn.Module, mesh) -> list[str]:
     return units + [""]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def training_arguments(description: str, output_dir: str) -> argparse.ArgumentParser:
+    """The model, data and optimizer flags this recipe shares with ``deepspeed_train.py``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--routing", default="comet")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--per-device-batch-size", type=int, default=8)
@@ -77,7 +78,12 @@ def main() -> None:
     parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--output-dir", default="runs/fsdp")
+    parser.add_argument("--output-dir", default=output_dir)
+    return parser
+
+
+def main() -> None:
+    parser = training_arguments(__doc__, "runs/fsdp")
     parser.add_argument("--save-shards", action="store_true", help="also write each rank's local shards")
     args = parser.parse_args()
 
