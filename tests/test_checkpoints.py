@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 import transformers
-from conftest import ALL_HEADS, HEADS, MAIN_OUTPUTS, ROUTING_NAMES, main_output, tiny_inputs, tiny_model
+from conftest import ALL_HEADS, HEADS, MAIN_OUTPUTS, MORE, ROUTING_NAMES, main_output, tiny_inputs, tiny_model
 
 from hf_comet.modeling import FAMILY_ADAPTERS
 
@@ -121,7 +121,8 @@ def run_remote_loader(cases: list[dict], workdir, **env_extra: str) -> list:
 
 def test_every_head_loads_with_remote_code_where_hf_comet_is_not_importable(tmp_path):
     """Every routing, every family: a checkpoint of the family's first task head (outputs compared) that every other head
-    of the family loads from too. For COMET every head is also saved and compared on its own."""
+    of the family loads from too. For COMET every head is also saved and compared on its own, and every other upstream
+    head (`MORE`) with one routing; the head without an Auto class loads through its class in the saved code."""
     cases = []
     for routing in ROUTING_NAMES:
         for family, head in ALL_HEADS:
@@ -145,6 +146,17 @@ def test_every_head_loads_with_remote_code_where_hf_comet_is_not_importable(tmp_
                     reference=str(path / "reference.pt"),
                 )
             )
+    for index, (family, head) in enumerate(MORE):  # the other upstream heads, one routing each (tests/test_heads.py)
+        path = tmp_path / f"{family}-{head}"
+        model = tiny_model(family, head, routing=("comet", "topk")[index % 2]).eval()
+        model.save_pretrained(path)
+        inputs = tiny_inputs(family, head, with_labels=False)
+        with torch.no_grad():
+            torch.save(main_output(model(**inputs)), path / "reference.pt")
+        torch.save(inputs, path / "inputs.pt")
+        name = head if head.startswith("Auto") else type(model).__name__  # no Auto class: loaded by its class
+        cases.append(dict(path=str(path), saved_as=name, load_as=[name], inputs=str(path / "inputs.pt"),
+                          reference=str(path / "reference.pt")))  # fmt: skip
     results = run_remote_loader(cases, tmp_path)
     assert len(results) == sum(len(c["load_as"]) for c in cases)
     for path, head, outcome in results:

@@ -5,8 +5,9 @@ pre-training checkpoint under fill-mask; transformers 5 has no question-answerin
 
 The head-specific checks of the first heads run here on the rest: dense exactness at keep rate 1 and with identical
 experts is in test_comet/test_routers/test_topk (parametrised over ``EVERY_HEAD``), conversion exactness in
-test_convert. Round trips and training run over COMET, block-COMET and top-k only: the other routers' save/load is
-head-independent and is tested on the first heads (test_checkpoints).
+test_convert, remote code in test_checkpoints (one loader process for every head). Round trips and training run over
+COMET, block-COMET and top-k only: the other routers' save/load is head-independent and is tested on the first heads
+(test_checkpoints).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 import torch
 import transformers
 from conftest import MORE, head_class, main_output, tiny_config, tiny_inputs, tiny_model
-from test_checkpoints import CODE_FILES, run_remote_loader
+from test_checkpoints import CODE_FILES
 from test_pipeline_ready import word_tokenizer
 from transformers import PreTrainedModel, pipeline
 from transformers.models.auto import modeling_auto
@@ -121,29 +122,6 @@ def test_a_new_head_round_trips_with_identical_outputs(family, head, routing, tm
     for a, b in zip(before.router_logits or (), after.router_logits or (), strict=True):  # None for COMET
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert (before.router_logits is None) == (after.router_logits is None)
-
-
-def test_every_new_head_loads_with_remote_code_where_hf_comet_is_not_importable(tmp_path):
-    """One routing per head, alternating COMET and top-k (the routers' remote code is tested on every router with the
-    first heads); the head without an Auto class loads through its class in the saved code."""
-    cases = []
-    for index, (family, head) in enumerate(MORE):
-        path = tmp_path / f"{family}-{head}"
-        model = tiny_model(family, head, routing=("comet", "topk")[index % 2]).eval()
-        model.save_pretrained(path)
-        inputs = tiny_inputs(family, head, with_labels=False)
-        with torch.no_grad():
-            torch.save(main_output(model(**inputs)), path / "reference.pt")
-        torch.save(inputs, path / "inputs.pt")
-        load_as = [type(model).__name__ if not head.startswith("Auto") else head]
-        cases.append(
-            dict(path=str(path), saved_as=load_as[0], load_as=load_as, inputs=str(path / "inputs.pt"),
-                 reference=str(path / "reference.pt"))
-        )  # fmt: skip
-    results = run_remote_loader(cases, tmp_path)
-    assert len(results) == len(cases)
-    for path, head, outcome in results:
-        assert outcome is True, f"{path} loaded as {head} with remote code gave different outputs"
 
 
 def test_multiple_choice_routing_leaves_out_the_padding_of_every_choice():
