@@ -10,7 +10,7 @@ import torch
 from scipy import stats as scipy_stats
 
 from hf_comet import cli
-from hf_comet.reproduce import CLAIMS, RunCache, code_version, finetune, mlp, reproduce
+from hf_comet.reproduce import CLAIMS, RunCache, code_version, finetune, merging, mlp, reproduce
 from hf_comet.reproduce.stats import area_under_curve, holm, mean_interval, paired_test, steps_to_reach
 
 
@@ -43,6 +43,7 @@ def test_the_quick_run_writes_every_claim_s_section_and_plot_and_reruns_reuse_ev
 
     monkeypatch.setattr(mlp, "train_one", no_more_training)
     monkeypatch.setattr(finetune, "finetune_one", no_more_training)
+    monkeypatch.setattr(merging, "train_sequence", no_more_training)
     again = reproduce(["comet_regression"], quick=True, cache_dir="cache")  # one claim: the others stay on the page
     assert [r.name for r in again] == ["comet_regression"] and again[0].verdict == results[-1].verdict
     assert all(f"## {claim.title}" in page.read_text() for claim in CLAIMS.values())
