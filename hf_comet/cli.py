@@ -1099,6 +1099,13 @@ def _reproduce(args: argparse.Namespace) -> int:
     unknown = [claim for claim in args.claims if claim not in CLAIMS]
     if unknown:
         raise UserError(f"unknown claim(s) {', '.join(map(repr, unknown))}; choose from {', '.join(CLAIMS)}.")
+    cache = Path(args.cache)
+    if cache.exists() and not cache.is_dir():
+        raise UserError(f"--cache {args.cache!r} is a file, not a folder; remove it or choose another path.")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--cache {args.cache!r} cannot be created ({error}).") from None
     page = Path(args.page) if args.page else (Path(args.cache, "quick", "results.md") if args.quick else None)
     page = page or Path("docs/results.md")
     destination_file(page, "results page")

@@ -110,3 +110,11 @@ def test_the_cli_refuses_an_unknown_claim_before_any_run(tmp_path, capsys):
                      str(tmp_path / "r.md")]) == 2  # fmt: skip
     assert "unknown claim(s) 'comet_vit_magic'" in capsys.readouterr().err
     assert not (tmp_path / "r.md").exists()
+
+
+def test_the_cli_refuses_a_cache_that_is_a_file_before_any_run(tmp_path, capsys):
+    (tmp_path / "cache").write_text("not a folder")
+    assert cli.main(["reproduce", "comet_regression", "--quick", "--cache", str(tmp_path / "cache")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "cache").read_text() == "not a folder"  # nothing written over it
+
