@@ -1,0 +1,114 @@
+"""The pieces every claim of ``hf-comet reproduce`` shares: the resumable run cache, running specs through it, a
+claim's result and the curve plot. A claim module imports these and defines ``claim(cache, plots, quick,
+cached_only) -> ClaimResult``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class MissingRuns(Exception):
+    """A claim rendered from the cache alone has runs that have not finished."""
+
+
+def code_version(*modules) -> str:
+    """A hash of the source of the modules a claim's runs execute: a cached run made by other code is not reused."""
+    digest = hashlib.sha256()
+    for module in modules:
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+class RunCache:
+    """Finished runs of one claim, keyed by their spec, in ``<directory>/<claim>.jsonl``; entries made by another
+    version of the claim's code (``code``) are ignored, so they run again."""
+
+    def __init__(self, directory: str | os.PathLike, claim: str, code: str = ""):
+        self.path = Path(directory) / f"{claim}.jsonl"
+        self.code = code
+        self.records: dict[str, dict] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # the last line of an interrupted write
+                    continue
+                if entry.get("code", "") == code:
+                    self.records[entry["key"]] = entry["record"]
+
+    @staticmethod
+    def key(spec: dict) -> str:
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+    def get(self, spec: dict) -> dict | None:
+        return self.records.get(self.key(spec))
+
+    def put(self, spec: dict, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        key = self.key(spec)
+        torn = self.path.exists() and self.path.stat().st_size > 0 and not self.path.read_bytes().endswith(b"\n")
+        with open(self.path, "a") as handle:  # after a torn line, start a new one so this record stays readable
+            handle.write(("\n" if torn else "") + json.dumps({"key": key, "code": self.code, "spec": spec,
+                                                              "record": record}) + "\n")  # fmt: skip
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.records[key] = record
+
+
+def run_all(specs: list[dict], cache: RunCache, run: Callable[[dict], dict], description: str,
+            cached_only: bool = False) -> list[dict]:  # fmt: skip
+    """Each spec's record, from the cache or by running it (with a progress bar over the runs still to do);
+    ``cached_only`` raises `MissingRuns` instead of running."""
+    from tqdm.auto import tqdm
+
+    todo = [spec for spec in specs if cache.get(spec) is None]
+    if todo and cached_only:
+        raise MissingRuns(f"{description}: {len(todo)} of {len(specs)} runs not finished")
+    for spec in tqdm(todo, desc=description, unit="run", disable=not todo):
+        cache.put(spec, run(spec))
+    return [cache.get(spec) | {"spec": spec} for spec in specs]
+
+
+@dataclass
+class ClaimResult:
+    """A claim's section of the results page; ``seconds`` is the compute time of its runs (the pre-training run of
+    ``convert_finetune`` aside)."""
+
+    name: str
+    title: str
+    verdict: str
+    markdown: str
+    seconds: float
+
+
+def plot_curves(groups: dict[str, list[dict]], path: Path, title: str, metric: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.4, 4))
+    for variant, group in groups.items():
+        if not group:
+            continue
+        steps = group[0]["curve_steps"]
+        mean = [sum(r["curve"][i] for r in group) / len(group) for i in range(len(steps))]
+        axis.plot(steps, mean, label=variant, linewidth=2.2 if variant in ("comet", "dense") else 1.2)
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel(f"validation {metric} (mean over seeds)")
+    axis.set_title(title)
+    axis.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    temporary = path.with_suffix(".tmp.png")
+    figure.savefig(temporary, dpi=110)
+    plt.close(figure)
+    os.replace(temporary, path)
+
+
+__all__ = ["ClaimResult", "MissingRuns", "RunCache", "code_version", "plot_curves", "run_all"]
