@@ -10,7 +10,17 @@ import torch
 from scipy import stats as scipy_stats
 
 from hf_comet import cli
-from hf_comet.reproduce import CLAIMS, RunCache, code_version, finetune, merging, mlp, reproduce
+from hf_comet.reproduce import (
+    CLAIMS,
+    RunCache,
+    code_version,
+    finetune,
+    merging,
+    mlp,
+    models,
+    reproduce,
+    transformer_claims,
+)
 from hf_comet.reproduce.stats import area_under_curve, holm, mean_interval, paired_test, steps_to_reach
 
 
@@ -25,7 +35,10 @@ def test_the_quick_run_writes_every_claim_s_section_and_plot_and_reruns_reuse_ev
     for name, claim in CLAIMS.items():
         assert claim.title in text and f"hf-comet reproduce {name}" in text
         assert (page.parent / "results" / f"{name}_curves.png").stat().st_size > 0
-        assert (tmp_path / "cache" / "quick" / f"{name}.jsonl").read_text().count("\n") >= 4
+    for name in ("comet_mlp", "comet_regression", "convert_finetune", "expert_merging", "comet_transformers_vit",
+                 "comet_transformers_gpt2"):
+        assert (tmp_path / "cache" / "quick" / f"{name}.jsonl").read_text().count("\n") >= 4  # runs, not one record
+    assert (tmp_path / "cache" / "quick" / "time_to_quality.jsonl").read_text().count("\n") == 2  # one benchmark each
     assert not list((tmp_path / "cache" / "quick" / "checkpoints").glob("ft-*"))  # fine-tune scratch removed
     finetuned = RunCache(tmp_path / "cache" / "quick", "convert_finetune", code_version(finetune)).records
     first = {(r["variant"], r["seed"]): r["curve"][0] for r in (e["spec"] | e["record"] for e in map(
@@ -44,6 +57,8 @@ def test_the_quick_run_writes_every_claim_s_section_and_plot_and_reruns_reuse_ev
     monkeypatch.setattr(mlp, "train_one", no_more_training)
     monkeypatch.setattr(finetune, "finetune_one", no_more_training)
     monkeypatch.setattr(merging, "train_sequence", no_more_training)
+    monkeypatch.setattr(models, "train_one", no_more_training)
+    monkeypatch.setattr(transformer_claims, "step_times", no_more_training)
     again = reproduce(["comet_regression"], quick=True, cache_dir="cache")  # one claim: the others stay on the page
     assert [r.name for r in again] == ["comet_regression"] and again[0].verdict == results[-1].verdict
     assert all(f"## {claim.title}" in page.read_text() for claim in CLAIMS.values())
@@ -103,6 +118,34 @@ def test_the_mlp_variants_are_what_the_paper_s_code_defines():
     assert out.shape == (16, 10) and balance.requires_grad
     blocks = mlp.build("block_comet", 64, 32, 10, 0.5)
     assert blocks.block_size == 16 and blocks.k == 1
+
+
+@pytest.mark.parametrize("family", ["vit", "gpt2"])
+def test_the_transformer_variants_are_the_baselines_the_claim_names(family):
+    settings = transformer_claims.QUICK[family]
+    ffn = 4 * settings.hidden_size
+    dense = models.build(settings, "dense", 1.0, seed=0)
+    assert type(dense).__module__.startswith("transformers.models")  # the stock model, not ours
+    smaller = models.build(settings, "smaller", 0.25, seed=0)
+    assert smaller.config.to_dict()["n_inner" if family == "gpt2" else "intermediate_size"] == ffn // 4
+    dropout = models.build(settings, "dropout", 0.25, seed=0)
+    assert [m.p for m in dropout.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0] == [0.75] * settings.layers
+    comet = models.build(settings, "comet", 0.25, seed=0)
+    assert (comet.config.routing, comet.config.comet_keep_rate, comet.config.comet_block_size) == ("comet", 0.25, 1)
+    assert models.build(settings, "block_comet", 0.25, seed=0).config.comet_block_size == 16
+    random = models.build(settings, "random_top1", 0.25, seed=0)
+    assert (random.config.num_experts, random.config.num_experts_per_tok, random.config.moe_intermediate_size) == (4, 1, ffn // 4)
+    frozen = [n for n, p in random.named_parameters() if not p.requires_grad]
+    assert frozen and all(".router." in n for n in frozen) and len(frozen) == settings.layers  # only the gate is fixed
+    learned = models.build(settings, "learned_top1", 0.25, seed=0)
+    assert learned.config.routing == "switch" and all(p.requires_grad for p in learned.parameters())
+    top2 = models.build(settings, "learned_top2", 0.25, seed=0)
+    assert (top2.config.num_experts, top2.config.num_experts_per_tok, top2.config.moe_intermediate_size) == (8, 2, ffn // 8)
+    # the same seed gives the same initial weights wherever the shapes agree: runs pair by seed
+    torch.testing.assert_close(models.build(settings, "dense", 1.0, seed=3).state_dict()[next(iter(dense.state_dict()))],
+                               models.build(settings, "dense", 1.0, seed=3).state_dict()[next(iter(dense.state_dict()))])  # fmt: skip
+    with pytest.raises(ValueError, match="variant='wide'"):
+        models.build(settings, "wide", 0.5, seed=0)
 
 
 def test_the_cli_refuses_an_unknown_claim_before_any_run(tmp_path, capsys):

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import finetune, merging, mlp
+from . import finetune, merging, mlp, transformer_claims
 from .core import ClaimResult, MissingRuns, RunCache, code_version, plot_curves, run_all
 from .stats import SIGNIFICANCE, area_under_curve, format_interval, holm, mean_interval, paired_test, steps_to_reach
 
@@ -384,15 +384,23 @@ CLAIMS: dict[str, Claim] = {
                                                            REGRESSION_QUICK if quick else REGRESSION_FULL, cache, plots,
                                                            quick, cached),
         ),
+        Claim(
+            "comet_transformers", "COMET on ViT (digits) and GPT-2 (bundled text) against the paper's baselines",
+            "Shaier et al., ICLR 2025 (methods.md §1.5–1.7)",
+            transformer_claims.transformers_claim,
+        ),
+        Claim(
+            "time_to_quality", "Time to the dense model's quality in wall-clock seconds",
+            "ours (issue 14 §5; no paper claims it)",
+            transformer_claims.time_claim,
+        ),
     )
 }  # fmt: skip
 """Claims ``hf-comet reproduce`` runs, in page order."""
 
 NOT_YET = [
-    ("COMET on ViT (digits) and GPT-2 (bundled text), with block-COMET and learned top-k", "Shaier et al. 2025"),
     ("Attentive gating and the sample-similarity regulariser: decomposition entropy and error", "Krishnamurthy et al. 2023"),
     ("Deep MoE on jittered digits: position then class specialisation", "Eigen et al. 2013"),
-    ("Time to dense quality in wall-clock seconds (ours)", "no paper"),
 ]  # fmt: skip
 """Claims of issue 14 the page lists as not run yet."""
 
