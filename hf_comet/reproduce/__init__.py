@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import finetune, merging, mlp
+from . import deep_moe, finetune, merging, mlp
 from .core import ClaimResult, MissingRuns, RunCache, code_version, plot_curves, run_all
 from .stats import SIGNIFICANCE, area_under_curve, format_interval, holm, mean_interval, paired_test, steps_to_reach
 
@@ -384,6 +384,11 @@ CLAIMS: dict[str, Claim] = {
                                                            REGRESSION_QUICK if quick else REGRESSION_FULL, cache, plots,
                                                            quick, cached),
         ),
+        Claim(
+            "deep_moe", "Deep MoE on jittered digits: position then class specialisation",
+            "Eigen, Ranzato & Sutskever 2013 (methods.md §4)",
+            deep_moe.claim,
+        ),
     )
 }  # fmt: skip
 """Claims ``hf-comet reproduce`` runs, in page order."""
@@ -391,7 +396,6 @@ CLAIMS: dict[str, Claim] = {
 NOT_YET = [
     ("COMET on ViT (digits) and GPT-2 (bundled text), with block-COMET and learned top-k", "Shaier et al. 2025"),
     ("Attentive gating and the sample-similarity regulariser: decomposition entropy and error", "Krishnamurthy et al. 2023"),
-    ("Deep MoE on jittered digits: position then class specialisation", "Eigen et al. 2013"),
     ("Time to dense quality in wall-clock seconds (ours)", "no paper"),
 ]  # fmt: skip
 """Claims of issue 14 the page lists as not run yet."""
