@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import finetune, merging, mlp, transformer_claims
+from . import deep_moe, finetune, merging, mlp, transformer_claims
 from .core import ClaimResult, MissingRuns, RunCache, code_version, plot_curves, run_all
 from .stats import SIGNIFICANCE, area_under_curve, format_interval, holm, mean_interval, paired_test, steps_to_reach
 
@@ -394,13 +394,17 @@ CLAIMS: dict[str, Claim] = {
             "ours (issue 14 §5; no paper claims it)",
             transformer_claims.time_claim,
         ),
+        Claim(
+            "deep_moe", "Deep MoE on jittered digits: position then class specialisation",
+            "Eigen, Ranzato & Sutskever 2013 (methods.md §4)",
+            deep_moe.claim,
+        ),
     )
 }  # fmt: skip
 """Claims ``hf-comet reproduce`` runs, in page order."""
 
 NOT_YET = [
     ("Attentive gating and the sample-similarity regulariser: decomposition entropy and error", "Krishnamurthy et al. 2023"),
-    ("Deep MoE on jittered digits: position then class specialisation", "Eigen et al. 2013"),
 ]  # fmt: skip
 """Claims of issue 14 the page lists as not run yet."""
 

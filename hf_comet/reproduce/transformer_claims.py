@@ -25,7 +25,7 @@ SEEDS = (0, 1, 2, 3, 4)
 FULL = {
     "vit": models.FamilySettings(
         family="vit", hidden_size=32, layers=2, steps=300, eval_every=25, batch_size=32,
-        learning_rates=(1e-3, 3e-3, 1e-2), keep_rates=(0.1, 0.5, 0.9), seeds=SEEDS,
+        learning_rates=(3e-4, 1e-3, 3e-3, 1e-2), keep_rates=(0.1, 0.5, 0.9), seeds=SEEDS,
         sweep_variants=("smaller", "dropout", "comet", "block_comet"), extra=(("comet", 0.25), ("block_comet", 0.25)),
         eval_items=359,
     ),
