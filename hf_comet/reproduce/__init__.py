@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import finetune, merging, mlp
+from . import attentive_gating, finetune, merging, mlp
 from .core import ClaimResult, MissingRuns, RunCache, code_version, plot_curves, run_all
 from .stats import SIGNIFICANCE, area_under_curve, format_interval, holm, mean_interval, paired_test, steps_to_reach
 
@@ -384,13 +384,17 @@ CLAIMS: dict[str, Claim] = {
                                                            REGRESSION_QUICK if quick else REGRESSION_FULL, cache, plots,
                                                            quick, cached),
         ),
+        Claim(
+            "attentive_gating", "Attentive gating and the sample-similarity regulariser: decomposition entropy and error",
+            "Krishnamurthy, Watkins & Gärtner 2023 (methods.md §2.2–2.8)",
+            attentive_gating.claim,
+        ),
     )
 }  # fmt: skip
 """Claims ``hf-comet reproduce`` runs, in page order."""
 
 NOT_YET = [
     ("COMET on ViT (digits) and GPT-2 (bundled text), with block-COMET and learned top-k", "Shaier et al. 2025"),
-    ("Attentive gating and the sample-similarity regulariser: decomposition entropy and error", "Krishnamurthy et al. 2023"),
     ("Deep MoE on jittered digits: position then class specialisation", "Eigen et al. 2013"),
     ("Time to dense quality in wall-clock seconds (ours)", "no paper"),
 ]  # fmt: skip
