@@ -430,10 +430,23 @@ def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) 
                f"gate: **{word}** ({good} of {2 * len(CLAIMED)} comparisons significantly better, {bad} worse; "
                + "; ".join(parts) + ")")  # fmt: skip
     distilled_err, distilled_p = tests["error"]["distilled"]
+    collapsed = ", ".join(f"{LABELS[row]} {sum(h < 0.1 for h in values(row, 'H_u'))}/{len(groups[row])}"
+                          for row in ROWS if row != "single")  # fmt: skip
+    failed = [(r["spec"]["seed"], d) for r, d in zip(groups["attentive_ls"], groups["distilled"], strict=True)
+              if d["train_error"] > 0.2]  # fmt: skip
+    kept = [d["test"]["error"] for r, d in zip(groups["attentive_ls"], groups["distilled"], strict=True)
+            if d["train_error"] <= 0.2]  # fmt: skip
     lines += [
         "", f"Distilled gate against the original gate: test error {distilled_err:+.3f} (p {adjusted['error']['distilled']:.2g}, "
         f"uncorrected {distilled_p:.2g}); as top-1 (one expert run per input) its error is "
-        f"{format_interval(values('distilled', 'top1_error'))}.", "",
+        f"{format_interval(values('distilled', 'top1_error'))}. "
+        + (("Distilled gates that did not learn to route (training error > 0.2): " + ", ".join(
+            f"seed {s} (train {d['train_error']:.3f}, test {d['test']['error']:.3f})" for s, d in failed)
+            + (f"; the other seeds' mean test error is {sum(kept) / len(kept):.3f}." if kept else "."))
+           if failed else "Every distilled gate learned to route (training error ≤ 0.2)."), "",
+        f"Expert use: seeds whose gate sends every test image to one expert (H_u < 0.1 bits): {collapsed}. Mean H_u: "
+        + ", ".join(f"{LABELS[row]} {mean_interval(values(row, 'H_u'))[0]:.2f}" for row in ROWS if row != "single")
+        + f" (of {math.log2(settings.num_experts):.2f}).", "",
         "Where our setting differs from the paper's: 8×8 digits with 1,078 training images instead of MNIST's 50,000 "
         "28×28 (no max-pool, so the experts' fc layers read 64 conv outputs, not 169); L_s on sampled pairs of "
         "each batch, not all; the clean mixture instead of the code's "
