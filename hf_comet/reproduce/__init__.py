@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import deep_moe, finetune, merging, mlp, transformer_claims
+from . import attentive_gating, deep_moe, finetune, merging, mlp, transformer_claims
 from .core import ClaimResult, MissingRuns, RunCache, code_version, plot_curves, run_all
 from .stats import SIGNIFICANCE, area_under_curve, format_interval, holm, mean_interval, paired_test, steps_to_reach
 
@@ -399,12 +399,16 @@ CLAIMS: dict[str, Claim] = {
             "Eigen, Ranzato & Sutskever 2013 (methods.md §4)",
             deep_moe.claim,
         ),
+        Claim(
+            "attentive_gating", "Attentive gating and the sample-similarity regulariser: decomposition entropy and error",
+            "Krishnamurthy, Watkins & Gärtner 2023 (methods.md §2.2–2.8)",
+            attentive_gating.claim,
+        ),
     )
 }  # fmt: skip
 """Claims ``hf-comet reproduce`` runs, in page order."""
 
-NOT_YET = [
-    ("Attentive gating and the sample-similarity regulariser: decomposition entropy and error", "Krishnamurthy et al. 2023"),
+NOT_YET: list[tuple[str, str]] = [
 ]  # fmt: skip
 """Claims of issue 14 the page lists as not run yet."""
 
