@@ -31,7 +31,7 @@ def test_the_quick_run_writes_every_claim_s_section_and_plot_and_reruns_reuse_ev
     page = tmp_path / "cache" / "quick" / "results.md"
     assert [r.name for r in results] == list(CLAIMS)
     text = page.read_text()
-    assert "Quick mode" in text and "not run yet" in text
+    assert "Quick mode" in text and "not run yet" not in text
     for name, claim in CLAIMS.items():
         assert claim.title in text and f"hf-comet reproduce {name}" in text
         assert (page.parent / "results" / f"{name}_curves.png").stat().st_size > 0
@@ -62,6 +62,12 @@ def test_the_quick_run_writes_every_claim_s_section_and_plot_and_reruns_reuse_ev
     again = reproduce(["comet_regression"], quick=True, cache_dir="cache")  # one claim: the others stay on the page
     assert [r.name for r in again] == ["comet_regression"] and again[0].verdict == results[list(CLAIMS).index("comet_regression")].verdict
     assert all(f"## {claim.title}" in page.read_text() for claim in CLAIMS.values())
+    # a claim whose runs are not all cached is listed with its command, not rendered
+    monkeypatch.undo()  # training allowed again (and the working folder restored: absolute paths below)
+    alone = reproduce(["comet_regression"], quick=True, cache_dir=tmp_path / "other")
+    listed = (tmp_path / "other" / "quick" / "results.md").read_text()
+    assert [r.name for r in alone] == ["comet_regression"]
+    assert all(f"not run yet (`hf-comet reproduce {name}`)" in listed for name in CLAIMS if name != "comet_regression")
 
 
 def test_the_cache_survives_a_half_written_line_and_ignores_runs_of_other_code(tmp_path):

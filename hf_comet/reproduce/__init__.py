@@ -408,10 +408,6 @@ CLAIMS: dict[str, Claim] = {
 }  # fmt: skip
 """Claims ``hf-comet reproduce`` runs, in page order."""
 
-NOT_YET: list[tuple[str, str]] = [
-]  # fmt: skip
-"""Claims of issue 14 the page lists as not run yet."""
-
 
 def reproduce(
     claims: list[str] | None = None,
@@ -467,8 +463,6 @@ def write_page(results: list[ClaimResult], page: Path, quick: bool) -> None:
     for claim in CLAIMS.values():
         if claim.name not in done:
             lines.append(f"| {claim.title} | {claim.source} | not run yet (`hf-comet reproduce {claim.name}`) | – |")
-    for title, source in NOT_YET:
-        lines.append(f"| {title} | {source} | not run yet (issue 14 is open) | – |")
     lines.append("")
     for result in results:
         claim = CLAIMS[result.name]
