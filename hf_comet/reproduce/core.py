@@ -86,7 +86,9 @@ class ClaimResult:
     seconds: float
 
 
-def plot_curves(groups: dict[str, list[dict]], path: Path, title: str, metric: str) -> None:
+def plot_curves(groups: dict[str, list[dict]], path: Path, title: str, metric: str,
+                xlabel: str = "optimizer step") -> None:  # fmt: skip
+    """Mean curve per group (``curve_steps`` against ``curve``), written atomically to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,7 +101,7 @@ def plot_curves(groups: dict[str, list[dict]], path: Path, title: str, metric: s
         steps = group[0]["curve_steps"]
         mean = [sum(r["curve"][i] for r in group) / len(group) for i in range(len(steps))]
         axis.plot(steps, mean, label=variant, linewidth=2.2 if variant in ("comet", "dense") else 1.2)
-    axis.set_xlabel("optimizer step")
+    axis.set_xlabel(xlabel)
     axis.set_ylabel(f"validation {metric} (mean over seeds)")
     axis.set_title(title)
     axis.legend(fontsize=8)
