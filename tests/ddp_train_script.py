@@ -1,6 +1,7 @@
 """Run by tests/test_training.py, once under ``torchrun --nproc_per_node 2`` and once as a single process: train a tiny
 ViT on scikit-learn's digits with CometTrainer for a few steps and write what the test compares to OUT/rank{r}.json
-and OUT/rank{r}.pt. Usage: python ddp_train_script.py OUT ROUTING PER_DEVICE_BATCH."""
+and OUT/rank{r}.pt. Usage: python ddp_train_script.py OUT ROUTINGS PER_DEVICE_BATCH, ROUTINGS comma-separated: each
+trains in turn in the same process group (one launch for all: each launch costs the imports), into OUT/ROUTING/."""
 
 import json
 import os
@@ -28,7 +29,13 @@ class Digits(torch.utils.data.Dataset):
 
 
 def main():
-    out, routing, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    out, routings, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    for routing in routings.split(","):
+        os.makedirs(os.path.join(out, routing), exist_ok=True)
+        train_one(os.path.join(out, routing), routing, batch)
+
+
+def train_one(out, routing, batch):
     torch.manual_seed(0)
     moe = {} if routing == "comet" else dict(num_experts=4, num_experts_per_tok=2)  # fields COMET does not read
     config = AutoConfig.for_model(

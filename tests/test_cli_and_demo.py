@@ -25,9 +25,12 @@ def run_cli(*args):
     return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
 
 
-def test_version_and_info():
-    version = run_cli("--version")
-    assert version.returncode == 0 and version.stdout.strip() == f"hf-comet {hf_comet.__version__}"
+def test_version_and_info(capsys):
+    from hf_comet.cli import main
+
+    with pytest.raises(SystemExit) as exit_:  # in-process: the installed entry point is the `info` call below
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"hf-comet {hf_comet.__version__}"
     info = run_cli("info")
     assert info.returncode == 0
     for name in ("comet_gpt2", "comet_vit", "comet_bert", "CometBertForTokenClassification", "comet, topk"):

@@ -290,25 +290,42 @@ def test_ddp_without_unused_parameter_search_works_for_every_routing(tmp_path):
         assert results[(0, routing)] == results[(1, routing)], routing  # replicas stay identical
 
 
-def _run_script(out: Path, routing: str, batch: int, processes: int) -> dict:
+DDP_ROUTINGS = ("comet", "topk")
+
+
+def _run_script(out: Path, batch: int, processes: int) -> dict:
+    """Run the script for every routing of ``DDP_ROUTINGS`` in one launch; ``{routing: {rank: record}}``."""
     out.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
-    command = [sys.executable, str(HERE / "ddp_train_script.py"), str(out), routing, str(batch)]
+    command = [sys.executable, str(HERE / "ddp_train_script.py"), str(out), ",".join(DDP_ROUTINGS), str(batch)]
     if processes > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
         command = launcher + command[1:]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {rank: json.loads((out / f"rank{rank}.json").read_text()) for rank in range(processes)}
+    return {r: {rank: json.loads((out / r / f"rank{rank}.json").read_text()) for rank in range(processes)}
+            for r in DDP_ROUTINGS}  # fmt: skip
 
 
-@pytest.mark.parametrize("routing", ["comet", "topk"])
-def test_two_process_ddp_matches_one_process_with_the_same_global_batch(routing, tmp_path):
-    ddp = _run_script(tmp_path / "ddp", routing, batch=8, processes=2)
-    single = _run_script(tmp_path / "single", routing, batch=16, processes=1)
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory) -> Path:
+    """Both routings trained once under torchrun with 2 processes (batch 8 each) and once in 1 (batch 16)."""
+    folder = tmp_path_factory.mktemp("ddp_runs")
+    _run_script(folder / "ddp", batch=8, processes=2)
+    _run_script(folder / "single", batch=16, processes=1)
+    return folder
+
+
+@pytest.mark.parametrize("routing", DDP_ROUTINGS)
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(routing, ddp_runs):
+    def read(run: str, processes: int) -> dict:
+        return {rank: json.loads((ddp_runs / run / routing / f"rank{rank}.json").read_text()) for rank in range(processes)}
+
+    ddp, single = read("ddp", 2), read("single", 1)
+    tmp_path = ddp_runs  # the runs' folders: ddp/<routing>/, single/<routing>/
     assert ddp[0]["world_size"] == 2 and ddp[0]["ddp"] == "DistributedDataParallel"
-    weights = [torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1)]
+    weights = [torch.load(tmp_path / "ddp" / routing / f"rank{r}.pt") for r in (0, 1)]
     for name in weights[0]:
         assert torch.equal(weights[0][name], weights[1][name]), name  # both ranks end identical
     # telemetry is reduced over ranks: the same windows as the single process with the global batch. The first
@@ -325,7 +342,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(routing,
     assert ddp[0]["routing_keys"] == single[0]["routing_keys"]
     if routing == "comet":  # no batch-dependent aux loss: the loss curve is the single-process one
         np.testing.assert_allclose(ddp[0]["losses"], single[0]["losses"], rtol=1e-5)
-        reference = torch.load(tmp_path / "single" / "rank0.pt")
+        reference = torch.load(tmp_path / "single" / routing / "rank0.pt")
         for name in reference:
             # Adam divides by sqrt(v): float-order differences of ~1e-7 in the gradients grow to ~1e-5 in the
             # weights; a wrong batch split would move them by ~lr = 1e-2

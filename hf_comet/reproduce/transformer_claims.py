@@ -271,7 +271,10 @@ def transformers_claim(cache_dir: Path, plots: Path, quick: bool, cached_only: b
         temporary = combined.with_suffix(".tmp.png")
         shutil.copyfile(plots / "comet_transformers_vit_curves.png", temporary)
         os.replace(temporary, combined)
-    lines += ["Where our setting differs from the paper's: Shaier et al. report COMET on ViT/GPT-2-sized models "
+    lines += ["The time this claim lists is its runs' own training seconds, as measured; where other work shared the "
+              "two cores (as in the committed run), they are inflated: compare the in-run s/step columns here with "
+              "the quiet interleaved benchmark of the time-to-quality section.", "",
+              "Where our setting differs from the paper's: Shaier et al. report COMET on ViT/GPT-2-sized models "
               "trained longer on larger data; here the models are tiny (d 32–64, 2 layers) and trained for a few "
               "hundred steps on a 2-core CPU, and the learning rate is tuned for the dense model only, which favours "
               "dense. At keep 0.9 the top-1 mixtures have one expert (`int(1 / 0.9)`), so they are the `smaller` "
