@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import attentive_gating, deep_moe, finetune, merging, mlp, transformer_claims
+from . import attentive_gating, convert_finetune_bert, deep_moe, finetune, merging, mlp, transformer_claims
 from .core import ClaimResult, MissingRuns, RunCache, code_version, plot_curves, run_all
 from .stats import SIGNIFICANCE, area_under_curve, format_interval, holm, mean_interval, paired_test, steps_to_reach
 
@@ -403,6 +403,11 @@ CLAIMS: dict[str, Claim] = {
             "attentive_gating", "Attentive gating and the sample-similarity regulariser: decomposition entropy and error",
             "Krishnamurthy, Watkins & Gärtner 2023 (methods.md §2.2–2.8)",
             attentive_gating.claim,
+        ),
+        Claim(
+            "convert_finetune_bert", "Convert a dense BERT checkpoint, then fine-tune it on a topic task, without losing its accuracy",
+            "ours (issue 14 §6, BERT; keep-rate schedule after Zhu & Gupta 2017)",
+            convert_finetune_bert.claim,
         ),
     )
 }  # fmt: skip
