@@ -240,3 +240,20 @@ def dense_twin(moe_model):
     assert not unexpected, unexpected
     assert all(".router." in k or k.endswith(".routing_record") for k in missing), missing
     return dense
+
+
+@pytest.fixture(scope="session")
+def quick_reproduction(tmp_path_factory):
+    """Every claim of ``hf-comet reproduce --quick``, run once per session from a fresh working folder:
+    ``(folder, results)``; the claims' cache is ``folder/cache/quick``. The claim tests render from it, which
+    checks both halves (running, then reusing) without running each quick claim twice."""
+    from hf_comet.reproduce import reproduce
+
+    folder = tmp_path_factory.mktemp("reproduce")
+    before = os.getcwd()
+    os.chdir(folder)  # relative paths as a user gives them; the quick page must stay under the cache
+    try:
+        results = reproduce(quick=True, cache_dir="cache")
+    finally:
+        os.chdir(before)
+    return folder, results

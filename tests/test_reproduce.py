@@ -24,9 +24,11 @@ from hf_comet.reproduce import (
 from hf_comet.reproduce.stats import area_under_curve, holm, mean_interval, paired_test, steps_to_reach
 
 
-def test_the_quick_run_writes_every_claim_s_section_and_plot_and_reruns_reuse_every_finished_run(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    results = reproduce(quick=True, cache_dir="cache")  # the quick page lives under the cache, never in docs/
+def test_the_quick_run_writes_every_claim_s_section_and_plot_and_reruns_reuse_every_finished_run(
+    quick_reproduction, monkeypatch
+):
+    tmp_path, results = quick_reproduction
+    monkeypatch.chdir(tmp_path)  # the quick page lives under the cache, never in docs/
     assert not (tmp_path / "docs").exists()
     page = tmp_path / "cache" / "quick" / "results.md"
     assert [r.name for r in results] == list(CLAIMS)
@@ -64,7 +66,7 @@ def test_the_quick_run_writes_every_claim_s_section_and_plot_and_reruns_reuse_ev
     assert all(f"## {claim.title}" in page.read_text() for claim in CLAIMS.values())
     # a claim whose runs are not all cached is listed with its command, not rendered
     monkeypatch.undo()  # training allowed again (and the working folder restored: absolute paths below)
-    alone = reproduce(["comet_regression"], quick=True, cache_dir=tmp_path / "other")
+    alone = reproduce(["comet_regression"], quick=True, cache_dir=tmp_path / "other")  # a cache of one claim
     listed = (tmp_path / "other" / "quick" / "results.md").read_text()
     assert [r.name for r in alone] == ["comet_regression"]
     assert all(f"not run yet (`hf-comet reproduce {name}`)" in listed for name in CLAIMS if name != "comet_regression")

@@ -78,8 +78,9 @@ def test_distillation_freezes_the_experts_and_starts_the_plain_gate_from_the_att
     assert student.gate.trunk is not teacher.gate.trunk and student.experts is not teacher.experts
 
 
-def test_the_quick_claim_renders_the_table_and_a_verdict_and_reuses_its_runs(tmp_path, monkeypatch):
-    result = ag.claim(tmp_path / "cache", tmp_path / "results", quick=True)
+def test_the_quick_claim_renders_the_table_and_a_verdict_and_reuses_its_runs(quick_reproduction, tmp_path, monkeypatch):
+    cache = quick_reproduction[0] / "cache" / "quick"  # the session's quick run: these runs are there
+    result = ag.claim(cache, tmp_path / "results", quick=True)
     assert any(word in result.verdict for word in ("**reproduced**", "**partly reproduced**", "**not reproduced**",
                                                    "**contradicted**"))  # fmt: skip
     for label in ag.LABELS.values():
@@ -91,5 +92,5 @@ def test_the_quick_claim_renders_the_table_and_a_verdict_and_reuses_its_runs(tmp
         raise AssertionError("a cached run was run again")
 
     monkeypatch.setattr(ag, "train_one", no_more_training)
-    again = ag.claim(tmp_path / "cache", tmp_path / "results", quick=True, cached_only=True)
+    again = ag.claim(cache, tmp_path / "results", quick=True, cached_only=True)
     assert again.verdict == result.verdict and again.seconds == result.seconds

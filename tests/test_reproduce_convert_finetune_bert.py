@@ -78,18 +78,19 @@ def test_masked_and_topic_accuracy_match_a_hand_count():
     assert bert.topic_accuracy(_Fixed(predictions), rows) == pytest.approx(2 / 3)
 
 
-def test_the_quick_claim_renders_its_verdict_and_plot_and_reruns_from_the_cache(tmp_path):
-    result = bert.claim(tmp_path / "cache", tmp_path / "plots", quick=True)
+def test_the_quick_claim_renders_its_verdict_and_plot_and_reruns_from_the_cache(quick_reproduction, tmp_path):
+    cache = quick_reproduction[0] / "cache" / "quick"  # the session's quick run: these runs are there
+    result = bert.claim(cache, tmp_path / "plots", quick=True)
     assert "**met**" in result.verdict or "**not met**" in result.verdict
     assert (tmp_path / "plots" / "convert_finetune_bert_curves.png").stat().st_size > 0
-    entries = [json.loads(line) for line in (tmp_path / "cache" / "convert_finetune_bert.jsonl").read_text().splitlines()]
+    entries = [json.loads(line) for line in (cache / "convert_finetune_bert.jsonl").read_text().splitlines()]
     assert len(entries) == 1 + len(bert.QUICK.variants) * len(bert.QUICK.seeds)
     first = {(e["spec"]["variant"], e["spec"]["seed"]): e["record"] for e in entries}
     for seed in bert.QUICK.seeds:  # same head for every variant of a seed; the schedule starts as the dense model
         assert first["comet_schedule", seed]["curve"][0] == first["dense", seed]["curve"][0]
         assert first["comet_schedule", seed]["masked_loss_start"] == first["dense", seed]["masked_loss_start"]
-    assert not list((tmp_path / "cache" / "checkpoints").glob("bert-ft-*"))  # fine-tune scratch removed
-    again = bert.claim(tmp_path / "cache", tmp_path / "plots", quick=True, cached_only=True)
+    assert not list((cache / "checkpoints").glob("bert-ft-*"))  # fine-tune scratch removed
+    again = bert.claim(cache, tmp_path / "plots", quick=True, cached_only=True)
     assert again.verdict == result.verdict and again.markdown == result.markdown
     with pytest.raises(MissingRuns):
         bert.claim(tmp_path / "other", tmp_path / "plots", quick=True, cached_only=True)

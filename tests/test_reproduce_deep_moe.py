@@ -98,12 +98,13 @@ def test_verdict_rules():
     assert deep_moe.collapse_word((-3.0, 0.01), 8.0) == "contradicted"
 
 
-def test_the_quick_claim_renders_its_section_and_plot_from_four_cached_runs(tmp_path):
-    result = deep_moe.claim(tmp_path / "cache", tmp_path / "results", quick=True)
+def test_the_quick_claim_renders_its_section_and_plot_from_four_cached_runs(quick_reproduction, tmp_path):
+    cache = quick_reproduction[0] / "cache" / "quick"  # the session's quick run: these runs are there
+    result = deep_moe.claim(cache, tmp_path / "results", quick=True)
     assert any(f"**{w}**" in result.verdict for w in ("reproduced", "partly reproduced", "not reproduced",
                                                           "contradicted"))  # fmt: skip
     assert "| dmoe |" in result.markdown and "pairs in use" in result.markdown and result.seconds > 0
     assert (tmp_path / "results" / "deep_moe_curves.png").exists()
-    assert len((tmp_path / "cache" / "deep_moe.jsonl").read_text().splitlines()) == 4
-    again = deep_moe.claim(tmp_path / "cache", tmp_path / "results", quick=True, cached_only=True)
+    assert len((cache / "deep_moe.jsonl").read_text().splitlines()) == 4
+    again = deep_moe.claim(cache, tmp_path / "results", quick=True, cached_only=True)
     assert again.verdict == result.verdict

@@ -293,8 +293,8 @@ def test_ddp_without_unused_parameter_search_works_for_every_routing(tmp_path):
 DDP_ROUTINGS = ("comet", "topk")
 
 
-def _run_script(out: Path, batch: int, processes: int) -> dict:
-    """Run the script for every routing of ``DDP_ROUTINGS`` in one launch; ``{routing: {rank: record}}``."""
+def _launch_script(out: Path, batch: int, processes: int) -> subprocess.Popen:
+    """Start the script for every routing of ``DDP_ROUTINGS`` in one launch (it writes ``out/<routing>/``)."""
     out.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
@@ -302,18 +302,19 @@ def _run_script(out: Path, batch: int, processes: int) -> dict:
     if processes > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
         command = launcher + command[1:]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return {r: {rank: json.loads((out / r / f"rank{rank}.json").read_text()) for rank in range(processes)}
-            for r in DDP_ROUTINGS}  # fmt: skip
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory) -> Path:
-    """Both routings trained once under torchrun with 2 processes (batch 8 each) and once in 1 (batch 16)."""
+    """Both routings trained once under torchrun with 2 processes (batch 8 each) and once in 1 (batch 16); the two
+    launches run at the same time (each spends most of its time importing, on one core)."""
     folder = tmp_path_factory.mktemp("ddp_runs")
-    _run_script(folder / "ddp", batch=8, processes=2)
-    _run_script(folder / "single", batch=16, processes=1)
+    launches = [_launch_script(folder / "ddp", batch=8, processes=2),
+                _launch_script(folder / "single", batch=16, processes=1)]  # fmt: skip
+    for launch in launches:
+        _, err = launch.communicate(timeout=300)
+        assert launch.returncode == 0, err[-3000:]
     return folder
 
 
