@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..io import staged_path
 from . import attentive_gating, convert_finetune_bert, deep_moe, finetune, merging, mlp, transformer_claims
 from .core import ClaimResult, MissingRuns, RunCache, code_version, plot_curves, run_all
 from .stats import SIGNIFICANCE, area_under_curve, format_interval, holm, mean_interval, paired_test, steps_to_reach
@@ -473,10 +474,8 @@ def write_page(results: list[ClaimResult], page: Path, quick: bool) -> None:
         claim = CLAIMS[result.name]
         lines += [f"## {claim.title}", "", f"Source: {claim.source}. Command: "
                   f"`hf-comet reproduce {result.name}`. Verdict: {result.verdict}.", "", result.markdown, ""]  # fmt: skip
-    page.parent.mkdir(parents=True, exist_ok=True)
-    temporary = page.with_name(page.name + ".tmp")
-    temporary.write_text("\n".join(lines))
-    os.replace(temporary, page)
+    with staged_path(page) as staging:  # a kill mid-write leaves the previous page
+        staging.write_text("\n".join(lines))
 
 
 __all__ = ["CLAIMS", "Claim", "ClaimResult", "MissingRuns", "RunCache", "code_version", "reproduce", "run_all", "write_page"]

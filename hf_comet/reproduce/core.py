@@ -7,7 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,12 +106,33 @@ def plot_curves(groups: dict[str, list[dict]], path: Path, title: str, metric: s
     axis.set_ylabel(f"validation {metric} (mean over seeds)")
     axis.set_title(title)
     axis.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    save_figure(figure, path)
+
+
+def save_figure(figure, path: Path) -> None:
+    """Lay out, write atomically (`hf_comet.training.plots._save`: a kill never leaves half a PNG) and close."""
+    import matplotlib.pyplot as plt
+
+    from ..training.plots import _save
+
     figure.tight_layout()
-    temporary = path.with_suffix(".tmp.png")
-    figure.savefig(temporary, dpi=110)
+    _save(figure, path)
     plt.close(figure)
-    os.replace(temporary, path)
 
 
-__all__ = ["ClaimResult", "MissingRuns", "RunCache", "code_version", "plot_curves", "run_all"]
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run on one intra-op thread (the claims' models are too small for a second to help, and on a shared 2-core
+    machine a second one makes their steps several times slower), restoring the count after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+__all__ = ["ClaimResult", "MissingRuns", "RunCache", "code_version", "one_thread", "plot_curves", "run_all",
+           "save_figure"]

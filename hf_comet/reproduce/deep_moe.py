@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import ClaimResult, RunCache, code_version, run_all
+from .core import ClaimResult, RunCache, code_version, one_thread, run_all, save_figure
 from .stats import SIGNIFICANCE, format_interval, mean_interval, paired_test
 
 CANVAS = 12
@@ -280,12 +280,8 @@ def _layers(assignments: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 def train_one(variant: str, settings: DeepMoESettings, seed: int) -> dict:
     """Train one variant with SGD on freshly jittered batches; validation curve, then the test split once. One
     intra-op thread: these ops are tiny, and two threads on a shared 2-core VM made a step 20× slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         return _train(variant, settings, seed)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(variant: str, settings: DeepMoESettings, seed: int) -> dict:
@@ -365,12 +361,7 @@ def plot(groups: dict[str, list[dict]], constraint_steps: int, path: Path) -> No
     left.set_ylabel("validation error (mean over seeds)")
     right.set_ylabel("(layer-1, layer-2) pairs in use, of 16")
     figure.suptitle("Deep MoE on jittered digits: with (dmoe) and without (dmoe_free) the balancing constraint")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.tight_layout()
-    temporary = path.with_suffix(".tmp.png")
-    figure.savefig(temporary, dpi=110)
-    plt.close(figure)
-    os.replace(temporary, path)
+    save_figure(figure, path)
 
 
 def _cell(group: list[dict], key: str, digits: int = 2, scale: float = 1.0) -> str:

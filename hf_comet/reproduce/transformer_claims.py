@@ -12,13 +12,12 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from . import models
-from .core import ClaimResult, RunCache, code_version, plot_curves, run_all
+from .core import ClaimResult, RunCache, code_version, one_thread, plot_curves, run_all
 from .stats import SIGNIFICANCE, area_under_curve, format_interval, holm, mean_interval, paired_test, steps_to_reach
 
 SEEDS = (0, 1, 2, 3, 4)
@@ -72,17 +71,6 @@ def _settings_of(spec: dict) -> models.FamilySettings:
         eval_every=spec["eval_every"], batch_size=spec["batch_size"], learning_rates=(spec["learning_rate"],),
         keep_rates=(spec["keep_rate"],), seeds=(spec["seed"],), seq_len=spec["seq_len"], eval_items=spec["eval_items"],
     )  # fmt: skip
-
-
-@contextmanager
-def one_thread():
-    """Run on one CPU thread (these models are too small for a second to help), restoring the count after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _run(spec: dict) -> dict:
@@ -256,7 +244,8 @@ def transformers_claim(cache_dir: Path, plots: Path, quick: bool, cached_only: b
         seconds += sum(r["seconds"] for r in records + tuning)
         section, s = _family_section(family, lr, tuning, records, settings)
         lines += section
-        plot = plots / f"comet_transformers_{family}_curves.png"
+        # ViT's plot is the claim's <name>_curves.png (every claim has one); GPT-2's is beside it
+        plot = plots / ("comet_transformers_curves.png" if family == "vit" else f"comet_transformers_{family}_curves.png")
         plot_curves(s["curves"], plot, f"{NAMES[family]}, keep {settings.keep_rates[len(settings.keep_rates) // 2]:g}",
                     "loss")  # fmt: skip
         lines += [f"![validation curves]({os.path.relpath(plot, plots.parent)})", ""]
@@ -264,13 +253,6 @@ def transformers_claim(cache_dir: Path, plots: Path, quick: bool, cached_only: b
                         f"(faster at {s['faster']} of {s['n']} keep rates, slower at {s['slower']}), better test than "
                         f"dense **{_word(s['better'], s['worse'], s['n'])}** (better at {s['better']}, worse at "
                         f"{s['worse']})")  # fmt: skip
-    combined = plots / "comet_transformers_curves.png"  # the page's first plot (every claim has <name>_curves.png)
-    if (plots / "comet_transformers_vit_curves.png").exists():
-        import shutil
-
-        temporary = combined.with_suffix(".tmp.png")
-        shutil.copyfile(plots / "comet_transformers_vit_curves.png", temporary)
-        os.replace(temporary, combined)
     lines += ["The time this claim lists is its runs' own training seconds, as measured; where other work shared the "
               "two cores (as in the committed run), they are inflated: compare the in-run s/step columns here with "
               "the quiet interleaved benchmark of the time-to-quality section.", "",
