@@ -403,10 +403,11 @@ if MoeExpertsParallel is not None:
                 finally:
                     module._parameters.update(saved)
 
-        def transform_output_post_forward(self, module, output, mesh):
+        def transform_output_post_forward(self, module, output, mesh, *args, **kwargs):
+            # transformers >= 5.25 passes ``config=``; older releases do not: forward whatever the caller gave
             if output is not None and output.dim() == 3:  # forward(hidden_states): this rank's (T, E, I / n) units
                 return self._from_local_last_dim_shard(output, mesh, module.intermediate_size).full_tensor()
-            return super().transform_output_post_forward(module, output, mesh)
+            return super().transform_output_post_forward(module, output, mesh, *args, **kwargs)
 
     ALL_PARALLEL_STYLES.register(TP_EXPERTS_STYLE, CometExpertsTensorParallel())
 
