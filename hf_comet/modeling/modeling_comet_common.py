@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
+import types
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -179,6 +181,37 @@ def _save_with_code(model, upstream_save, save_directory, is_main_process: bool 
         if push:
             model.push_to_hub(hub.pop("repo_id", str(save_directory).rstrip("/").split("/")[-1]), **hub)
     return result
+
+
+def upstream_init(model: torch.nn.Module, upstream: type, *args: Any, **base_models: type) -> None:
+    """Run ``upstream.__init__`` on ``model`` with each name in ``base_models`` resolved to our class.
+
+    A stock head builds its base model by name (``self.transformer = GPT2Model(config)``). This runs upstream's own
+    ``__init__`` body (its attributes, head modules, checks, warnings and ``post_init``, in upstream's order) with
+    that name bound to ours (``GPT2Model=CometGPT2Model``): the runtime counterpart of what transformers' modular
+    converter writes for a model that inherits a head from another family. No stock base model is built, not even on
+    the meta device, and construction draws the same random numbers in the same order as upstream, so a seeded head
+    is initialised as the upstream head would be around our base model. Nothing global is patched (transformers' own
+    ``apply_patches`` rebinds module attributes process-wide, and transformers 5.0 lacks it), so it is thread-safe.
+    The names are looked up afresh from upstream's module at each call, so anything patched there is honoured.
+
+    Raises:
+        TypeError: upstream's ``__init__`` does not build one of ``base_models`` by that name (a transformers release
+            that changed how the head is built: hf_comet must be updated, rather than silently build a stock model).
+    """
+    function = inspect.unwrap(upstream.__init__)
+    code = function.__code__
+    unknown = sorted(name for name in base_models if name not in code.co_names)
+    if unknown:
+        raise TypeError(
+            f"{upstream.__name__}.__init__ of this transformers release does not build {unknown} by name, so "
+            f"{type(model).__name__} cannot put its own base model in; this transformers version is not supported "
+            "by this hf_comet version."
+        )
+    namespace = {**vars(sys.modules[function.__module__]), **base_models}
+    rebound = types.FunctionType(code, namespace, function.__name__, function.__defaults__, function.__closure__)
+    rebound.__kwdefaults__ = function.__kwdefaults__
+    rebound(model, *args)
 
 
 def routed_forward(upstream_forward, output_class):
@@ -378,4 +411,5 @@ __all__ = [
     "loss_item_share",
     "register_family",
     "routed_forward",
+    "upstream_init",
 ]
