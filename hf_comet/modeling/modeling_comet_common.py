@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from transformers import __version__ as transformers_version
 from transformers import initialization as init
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import logging
@@ -193,23 +194,31 @@ def upstream_init(model: torch.nn.Module, upstream: type, *args: Any, **base_mod
     the meta device, and construction draws the same random numbers in the same order as upstream, so a seeded head
     is initialised as the upstream head would be around our base model. Nothing global is patched (transformers' own
     ``apply_patches`` rebinds module attributes process-wide, and transformers 5.0 lacks it), so it is thread-safe.
-    The names are looked up afresh from upstream's module at each call, so anything patched there is honoured.
+    The names are looked up afresh in upstream's module at each call, so anything patched there is honoured.
+
+    Args:
+        model: the instance being built (``self`` of our head's ``__init__``).
+        upstream: the stock head class whose ``__init__`` runs (``GPT2LMHeadModel``).
+        *args: upstream ``__init__``'s arguments (``config``).
+        **base_models: stock class name -> our class to build in its place.
 
     Raises:
-        TypeError: upstream's ``__init__`` does not build one of ``base_models`` by that name (a transformers release
-            that changed how the head is built: hf_comet must be updated, rather than silently build a stock model).
+        TypeError: upstream's ``__init__`` does not itself build one of ``base_models`` by that name (a release that
+            changed how the head is built, or wrapped its ``__init__``): hf_comet refuses to run a constructor it has
+            not seen rather than build a stock base model or skip a wrapper.
     """
-    function = inspect.unwrap(upstream.__init__)
-    code = function.__code__
-    unknown = sorted(name for name in base_models if name not in code.co_names)
+    function = upstream.__init__
+    unknown = sorted(name for name in base_models if name not in function.__code__.co_names)
     if unknown:
         raise TypeError(
-            f"{upstream.__name__}.__init__ of this transformers release does not build {unknown} by name, so "
-            f"{type(model).__name__} cannot put its own base model in; this transformers version is not supported "
-            "by this hf_comet version."
+            f"{upstream.__name__}.__init__ of transformers {transformers_version} does not build {unknown} in its own "
+            f"body, so {type(model).__name__} cannot build its base model in their place; this hf_comet version "
+            "does not support that transformers version."
         )
     namespace = {**vars(sys.modules[function.__module__]), **base_models}
-    rebound = types.FunctionType(code, namespace, function.__name__, function.__defaults__, function.__closure__)
+    rebound = types.FunctionType(
+        function.__code__, namespace, function.__name__, function.__defaults__, function.__closure__
+    )
     rebound.__kwdefaults__ = function.__kwdefaults__
     rebound(model, *args)
 
