@@ -196,8 +196,8 @@ CASES = [
     ("coef-inf", [*CONVERT, "{r}/gpt2", "{r}/out", "--router-aux-loss-coef", "inf"], "'inf' is not a finite"),
     ("sweep-nan", [*REPORT, "{r}/gpt2", "{r}/out", "--sweep", "0.5,nan"], "'nan' is not a finite number"),
     ("sweep-empty-item", [*REPORT, "{r}/gpt2", "{r}/out", "--sweep", "0.5,"], "'0.5,' is not a comma-separated"),
-    ("sweep-keep-rate", [*REPORT, "{r}/gpt2", "{r}/out", "--sweep", "1.5"], "--sweep 1.5"),
-    ("sweep-fraction-k", [*REPORT, "{r}/gpt2", "{r}/out", "--method", "upcycle", "--sweep", "2.5"], "--sweep 2.5"),
+    ("sweep-keep-rate", [*REPORT, "{r}/gpt2", "{r}/out", "--sweep", "1.5"], "sweep 1.5: a COMET keep rate is in (0, 1]"),
+    ("sweep-fraction-k", [*REPORT, "{r}/gpt2", "{r}/out", "--method", "upcycle", "--sweep", "2.5"], "sweep 2.5: with method upcycle"),
     (
         "sweep-k-too-big",
         [*REPORT, "{r}/gpt2", "o", "--method", "upcycle", "--num-experts", "4", "--sweep", "8"],
@@ -294,7 +294,7 @@ def test_a_bad_invocation_exits_2_naming_the_value_and_writes_nothing(root, argv
     def no_run(*args, **kwargs):
         raise AssertionError("a refused invocation started a training run")
 
-    monkeypatch.setattr("hf_comet.training.recipes.run_recipe", no_run)  # fail fast instead of training for minutes
+    monkeypatch.setattr("hf_comet.training.recipes.base.run_prepared", no_run)  # fail fast instead of training
     before = snapshot(root)
     assert run_main(fill(argv, root)) == 2
     err = capsys.readouterr().err
