@@ -363,12 +363,11 @@ _MOE_FLAGS = [name for name in MOE_FIELD_KINDS if name not in PROVENANCE_FIELDS 
 _MOE_TYPES = {"list": _int_list, "float": finite_float, "int": int, "str": None}
 
 TRAIN_EPILOG = """\
-Every transformers TrainingArguments flag is accepted too and reaches each variant's Trainer, e.g.
-  --report_to tensorboard   --gradient_accumulation_steps 4   --weight_decay 0.0   --lr_scheduler_type linear
-(give the recipe name first). --learning_rate, --max_steps, --per_device_train_batch_size, --logging_steps and
---eval_steps set the recipe settings of the same meaning (learning_rate, steps, batch_size, logging_steps,
-eval_steps); --output_dir and --seed are the recipe's (use --output-dir, --seed). By default a recipe reports
-nowhere (report_to none). List every TrainingArguments flag with:
+Every transformers TrainingArguments flag is accepted too (after the recipe name) and reaches each variant's
+Trainer, e.g. --report_to tensorboard --gradient_accumulation_steps 4 --weight_decay 0.0 --lr_scheduler_type linear.
+--learning_rate, --max_steps, --per_device_train_batch_size, --logging_steps and --eval_steps set the recipe settings
+of the same meaning; --output_dir and --seed are the recipe's (use --output-dir, --seed). A recipe reports nowhere
+unless asked; reporter logs and Trainer checkpoints go to OUTPUT/trainer/VARIANT. List the flags with:
   python -c "from transformers import HfArgumentParser, TrainingArguments; HfArgumentParser(TrainingArguments).print_help()"
 """
 

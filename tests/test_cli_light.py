@@ -62,7 +62,7 @@ def test_the_cli_process_loads_no_torch_once_the_package_does_not(loaded):
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
         assert done.returncode == 0 and "usage: hf-comet" in done.stdout, done.stderr[-2000:]
         imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
-        assert not {m for m in imported if _is(m, ("torch", "transformers"))}, sub
+        assert not {m for m in imported if _is(m, ("torch",))}, sub
 
 
 def test_the_version_is_the_package_s(capsys):
@@ -80,7 +80,7 @@ def test_train_help_says_every_training_argument_is_accepted_and_how_to_list_the
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])
     out = capsys.readouterr().out
-    assert "Every transformers TrainingArguments flag is accepted" in out and "--report_to tensorboard" in out
+    assert "Every transformers TrainingArguments flag is accepted" in out and "--report_to tensorboard" in out and "OUTPUT/trainer/VARIANT" in out
     assert "HfArgumentParser(TrainingArguments).print_help()" in out and "--routing-logging" in out
 
 

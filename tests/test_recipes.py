@@ -244,3 +244,11 @@ def test_the_readme_s_per_variant_override_works_as_pasted(tmp_path):
         "topk": {"router_aux_loss_coef": 0.1, "hidden_dropout_prob": 0.1},
         "switch": {"router_aux_loss_coef": 0.2, "hidden_dropout_prob": 0.1},  # the prefixed value wins
     }
+
+
+def test_trainer_files_asked_for_are_kept_in_the_run_folder_and_none_otherwise(toy_recipe, tmp_path):
+    argv = ["train", "toy_digits", "--fast", "--no-progress", "--variants", "comet"]
+    assert main([*argv, "--output-dir", str(tmp_path / "plain")]) == 0
+    assert not (tmp_path / "plain" / "trainer").exists() and not any(p.name.startswith(".") for p in (tmp_path / "plain").iterdir())
+    assert main([*argv, "--save_strategy", "steps", "--save_steps", "2", "--output-dir", str(tmp_path / "kept")]) == 0
+    assert (tmp_path / "kept" / "trainer" / "comet" / "checkpoint-2" / "trainer_state.json").is_file()

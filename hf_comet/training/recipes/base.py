@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -439,6 +440,17 @@ def _recipe_training_arguments(settings: Settings, workdir: Path, seed: int, pro
     )
 
 
+def trainer_writes(training_args: Mapping[str, Any]) -> bool:
+    """Whether ``training_args`` ask the Trainer for files worth keeping (a reporter's logs such as TensorBoard's
+    event files, Trainer checkpoints, a Hub push): then each variant's Trainer writes into ``OUTPUT/trainer/VARIANT``,
+    kept; otherwise into a scratch folder removed after the variant."""
+    report_to = training_args.get("report_to", "none")
+    reporters = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    strategy = training_args.get("save_strategy", "no")
+    saves = getattr(strategy, "value", strategy) != "no"
+    return any(r != "none" for r in reporters) or saves or bool(training_args.get("push_to_hub"))
+
+
 def check_training_arguments(training_args: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split a recipe run's ``training_args`` (TrainingArguments fields, as ``hf-comet train --learning_rate ...``
     gives them) into recipe settings (`SETTING_TRAINING_ARGUMENTS`) and the rest, which override the recipe's own
@@ -566,7 +578,8 @@ class VariantJob:
     overrides: dict[str, Any]
     seed: int
     workdir: Path
-    """A scratch folder for this variant (removed after the runner returns)."""
+    """The Trainer's folder for this variant: a scratch folder removed after the runner returns, or
+    ``OUTPUT/trainer/VARIANT``, kept, when the training arguments ask for files (`trainer_writes`)."""
     progress: bool
     data: RecipeData | None = None
     """A user's data (``--dataset``) to train on instead of the recipe's own."""
@@ -663,6 +676,8 @@ def prepare_recipe_run(
     except (ValueError, TypeError) as error:
         raise RecipeArgumentError(f"the training arguments are refused by TrainingArguments: {error}") from error
     output = check_recipe_outputs(name, output_dir, variants, what=what)
+    if trainer_writes(training_args):
+        run_folder(output / "trainer", what, folders=[], files=[])
     return PreparedRun(RECIPES[name], output, fast, variants, chosen, dict(overrides or {}), per_variant, seed, data,
                        training_args, routing_logging)  # fmt: skip
 
@@ -696,7 +711,8 @@ def run_recipe(
         dataset: the user's data to train on instead of the recipe's own: a `DatasetSource` (read here with
             `load_recipe_data`) or `RecipeData` already read.
         training_args: TrainingArguments fields over the recipe's (`check_training_arguments`; e.g.
-            ``{"report_to": "tensorboard"}``; the recipe reports nowhere by default).
+            ``{"report_to": "tensorboard"}``; the recipe reports nowhere by default). A reporter's logs and Trainer
+            checkpoints go to ``OUTPUT/trainer/VARIANT`` (`trainer_writes`).
         routing_logging: `CometTrainer`'s telemetry level, ``"summary"``, ``"layers"`` or ``"none"``.
 
     Returns the content of ``metrics.json``. All arguments are checked before any training starts
@@ -719,7 +735,12 @@ def run_prepared(prepared: PreparedRun, *, progress: bool = True, log: Callable[
     models = {}
     for variant in prepared.variants:
         log(f"[{recipe.name}] training {variant} ({chosen.steps} steps)")
-        with scratch_directory(output / f"{variant}.trainer") as workdir:
+        kept = output / "trainer" / variant
+        trainer_folder = scratch_directory(output / f"{variant}.trainer")
+        if trainer_writes(prepared.training_args):  # a reporter's logs or Trainer checkpoints: kept
+            kept.mkdir(parents=True, exist_ok=True)
+            trainer_folder = contextlib.nullcontext(kept)
+        with trainer_folder as workdir:
             job = VariantJob(recipe, chosen, variant, prepared.variant_overrides.get(variant, {}), prepared.seed,
                              Path(workdir), progress, data, prepared.training_args, prepared.routing_logging)  # fmt: skip
             trainer, metrics, seconds, sample = recipe.run(job)
