@@ -25,6 +25,8 @@ from .statistics import statistics_paused
 
 SUMMARY_KEYS = ("max_load_share", "min_load_share", "dead_experts", "gate_entropy", "usage_entropy")
 SUMMARY_KEYS += ("dropped_tokens", "non_finite_decisions", "mask_overlap", "overlap_similarity_correlation")
+ROUTING_LOGGING = ("summary", "layers", "none")
+"""The telemetry levels of `CometTrainer` (``routing_logging``), in `hf_comet.names` too (``hf-comet train``)."""
 ROUTING_STATE_FILE = "routing_state_{rank}.json"
 """Per process in every Trainer checkpoint: what resuming needs beyond the weights and Trainer's own RNG states."""
 
@@ -113,8 +115,8 @@ class CometTrainer(Trainer):
 
     Each training log line gains ``router_aux_loss`` (the weighted aux loss's part of the logged ``loss``: what was
     trained, per optimizer step, averaged over the window like ``loss``) and, from the MoE
-    blocks' statistics over the window (summed over ranks under DDP): per layer and as model summaries the max/min
-    load share, dead experts, gate entropy H_s and usage entropy H_u (bits), dropped tokens, and the mask overlap
+    blocks' statistics over the window (summed over ranks under DDP): as model summaries (and per layer with
+    ``routing_logging="layers"``) the max/min load share, dead experts, gate entropy H_s and usage entropy H_u (bits), dropped tokens, and the mask overlap
     between token pairs with its correlation to their input similarity (COMET's claim). The window then restarts.
     ``routing_history`` keeps, per logging step, each layer's tokens per expert (for load heatmaps). Evaluation does
     not count into the training window.
@@ -126,13 +128,22 @@ class CometTrainer(Trainer):
     one of several (``torchrun``, ``accelerate launch``) but Accelerate formed a single process.
 
     Args:
-        routing_telemetry: set ``False`` to log like a plain Trainer.
+        routing_logging: how much telemetry each log line gains: ``"summary"`` (default: ``router_aux_loss`` and
+            the model summaries ``routing/{key}``, a handful of keys whatever the depth), ``"layers"`` (also every
+            layer's ``routing/layer_{i}/{key}``: about ten keys per MoE layer) or ``"none"`` (log like a plain
+            Trainer; ``routing_history`` stays empty). ``routing_history`` keeps the per-layer tokens per expert at
+            ``"summary"`` and ``"layers"`` alike.
     """
 
-    def __init__(self, *args, routing_telemetry: bool = True, **kwargs):
+    def __init__(self, *args, routing_logging: str = "summary", **kwargs):
+        if routing_logging not in ROUTING_LOGGING:
+            raise ValueError(
+                f"routing_logging={routing_logging!r} is not a telemetry level; choose one of "
+                f"{', '.join(map(repr, ROUTING_LOGGING))} (summaries, summaries and every layer, nothing)."
+            )
         super().__init__(*args, **kwargs)
         warn_if_launch_collapsed(self.accelerator.num_processes)
-        self.routing_telemetry = routing_telemetry
+        self.routing_logging = routing_logging
         self.routing_history: list[dict[str, Any]] = []
         self._aux_sum: torch.Tensor | None = None  # the aux loss's part of the reported loss, summed over the window
         self._aux_window_start = 0
@@ -236,7 +247,7 @@ class CometTrainer(Trainer):
 
     # -- telemetry -----------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self.routing_telemetry and "loss" in logs:
+        if self.routing_logging != "none" and "loss" in logs:
             logs.update(self.routing_logs())
         super().log(logs, start_time)
 
@@ -256,7 +267,8 @@ class CometTrainer(Trainer):
             return logs
         reduce_routing_statistics(model)
         statistics = model.routing_statistics(reset=True)
-        logs.update(flatten_routing_statistics(statistics))
+        flat = flatten_routing_statistics(statistics)
+        logs.update(flat if self.routing_logging == "layers" else {k: v for k, v in flat.items() if "/layer_" not in k})
         self.routing_history.append(
             {
                 "step": self.state.global_step,
@@ -283,4 +295,4 @@ class CometTrainer(Trainer):
             return super().predict(*args, **kwargs)
 
 
-__all__ = ["CometTrainer", "flatten_routing_statistics", "reduce_routing_statistics"]
+__all__ = ["ROUTING_LOGGING", "CometTrainer", "flatten_routing_statistics", "reduce_routing_statistics"]
