@@ -290,10 +290,10 @@ def shell_runs(placeholder_checkpoints, tmp_path_factory) -> dict[Path, str | No
     if hf_comet is None or Path(hf_comet).parent != Path(sys.executable).parent:
         pytest.skip("the hf-comet command is not installed next to this Python: pip install -e .")
     owner: dict[str, Path] = {}
-    for doc in reversed(SHELL_DOCS):  # the guides own what the README repeats
+    for doc in [*PAGES, README]:  # the pages own what the README repeats
         for block, marker in shell_blocks(doc):
             if marker is None:
-                owner[block] = doc
+                owner.setdefault(block, doc)
     plan = {doc: [b for b, m in shell_blocks(doc) if m is None and owner[b] == doc] for doc in SHELL_DOCS}
     root = tmp_path_factory.mktemp("shell")
     docs = sorted((doc for doc in plan if plan[doc]), key=lambda doc: -len("".join(plan[doc])))
