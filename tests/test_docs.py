@@ -171,7 +171,7 @@ def test_the_site_builds_with_warnings_as_errors(tmp_path):
     missing = [name for name in SITE_PACKAGES if importlib.util.find_spec(name.split(".")[0]) is None]
     if missing:
         pytest.skip(f"the docs tools are not installed ({', '.join(missing)}): pip install -e '.[docs]'")
-    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}  # mkdocstrings reads hf_comet's source from ROOT (paths: [.])
     command = [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(ROOT / "mkdocs.yml")]
     result = subprocess.run([*command, "--site-dir", str(tmp_path / "site")], capture_output=True, text=True, env=env)
     assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stdout}\n{result.stderr}"
