@@ -68,6 +68,46 @@ def flatten_routing_statistics(statistics: dict[int, dict[str, Any]], prefix: st
     return logs
 
 
+def _read_routing_state(path: str, model) -> dict[int, tuple[int, torch.Tensor]]:
+    """The routing state saved in ``path``, checked whole before anything is restored: per MoE layer the pair
+    sampler's position (an integer >= 0) and the selection counts (integers >= 0, one per expert of that layer).
+    A truncated, malformed or mismatched file is refused naming it, rather than resuming with wrong counts."""
+
+    def damaged(reason: str) -> ValueError:
+        return ValueError(
+            f"the routing state {path!r} is damaged ({reason}); restore it from a good checkpoint, or delete it to "
+            "resume with fresh routing counters (expert merging then ranks by counts from the resume on)."
+        )
+
+    try:
+        state = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise damaged(f"{type(error).__name__}: {error}") from None
+    if not isinstance(state, dict):
+        raise damaged(f"a JSON {type(state).__name__}, not an object of layers")
+    blocks = {str(block.layer_idx): block for block in model.moe_blocks()}
+    restored = {}
+    for layer, saved in state.items():
+        block = blocks.get(layer)
+        if block is None:
+            raise damaged(f"layer {layer!r} is not an MoE layer of this model ({', '.join(blocks)})")
+        if not isinstance(saved, dict) or set(saved) != {"pair_draws", "selection_counts"}:
+            raise damaged(f"layer {layer}: expected pair_draws and selection_counts")
+        draws, counts = saved["pair_draws"], saved["selection_counts"]
+        if isinstance(draws, bool) or not isinstance(draws, int) or draws < 0:
+            raise damaged(f"layer {layer}: pair_draws={draws!r} is not an integer >= 0")
+        expected = block.selection_counts.numel()
+        if (
+            not isinstance(counts, list)
+            or len(counts) != expected
+            or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
+        ):
+            shown = f"{len(counts)} values" if isinstance(counts, list) else repr(counts)[:40]
+            raise damaged(f"layer {layer}: selection_counts must be {expected} integers >= 0, got {shown}")
+        restored[block.layer_idx] = (draws, torch.tensor(counts, dtype=torch.long).view_as(block.selection_counts))
+    return restored
+
+
 class CometTrainer(Trainer):
     """`Trainer` that logs the routers' telemetry every ``logging_steps``.
 
@@ -188,13 +228,11 @@ class CometTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         if not os.path.isfile(path) or not hasattr(model, "moe_blocks"):
             return
-        state = json.loads(Path(path).read_text())
+        restored = _read_routing_state(path, model)
         for block in model.moe_blocks():
-            saved = state.get(str(block.layer_idx))
-            if saved is None:
-                continue
-            block.pair_draws = saved["pair_draws"]
-            block.selection_counts.copy_(torch.tensor(saved["selection_counts"], dtype=torch.long))
+            if block.layer_idx in restored:
+                block.pair_draws, counts = restored[block.layer_idx]
+                block.selection_counts.copy_(counts)
 
     # -- telemetry -----------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
