@@ -21,18 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from .io import UserError, non_finite
-from .names import (
-    BENCH_SECTIONS,
-    CONVERSION_METHODS,
-    DEFAULT_SPLIT_METHOD,
-    DEMO_RECIPE,
-    MOE_FIELD_KINDS,
-    PROVENANCE_FIELDS,
-    RECIPE_NAMES,
-    ROUTING_LOGGING,
-    SPLIT_METHODS,
-    VARIANTS,
-)
+from .limits import loads_json
+
+from .names import BENCH_SECTIONS, CONVERSION_METHODS, DEFAULT_SPLIT_METHOD, DEMO_RECIPE, MOE_FIELD_KINDS  # isort: skip
+from .names import PROVENANCE_FIELDS, RECIPE_NAMES, ROUTING_LOGGING, SPLIT_METHODS, VARIANTS  # isort: skip
 
 __all__ = ["UserError", "build_parser", "format_table", "main", "parse_overrides"]
 
@@ -107,7 +99,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if key in overrides:
             raise RecipeArgumentError(f"{key} is given twice ({key}={overrides[key]!r} and {item!r}); give it once.")
         try:
-            parsed = json.loads(value)
+            parsed = loads_json(value, f"{key}={value[:20]}...")
         except json.JSONDecodeError:  # a string, unless it spells NaN or an infinity JSON does not parse (nan, inf)
             parsed = value
             with contextlib.suppress(ValueError):
@@ -187,7 +179,8 @@ def _info(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from hf_comet.training.recipes import RECIPES, base
 
-    prepared = base.prepare_recipe_run(DEMO_RECIPE, args.output_dir, fast=args.fast, seed=args.seed, what="--output-dir")
+    prepared = base.prepare_recipe_run(DEMO_RECIPE, args.output_dir, fast=args.fast, seed=args.seed, what="--output-dir",
+                                       overwrite=args.overwrite)  # fmt: skip
     _quiet_transformers()
     setting = "fast" if args.fast else "full"
     print(f"hf-comet demo: COMET vs top-k vs dense ViT on scikit-learn's digits ({setting} setting) -> {args.output_dir}")
@@ -229,7 +222,7 @@ def _train(args: argparse.Namespace) -> int:
     prepared = base.prepare_recipe_run(
         args.recipe, output_dir, fast=args.fast, variants=variants, overrides=overrides, settings=settings,
         seed=args.seed, dataset=source, training_args=training_args, routing_logging=args.routing_logging,
-        what="--output-dir",
+        what="--output-dir", overwrite=args.overwrite,
     )  # fmt: skip
     summary = base.run_prepared(prepared, progress=not args.no_progress)
     return _report(summary, output_dir)
@@ -384,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fast", action="store_true", help="a few steps per model, for a quick check")
     demo.add_argument("--seed", type=seed_int, default=0)
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.add_argument("--overwrite", action="store_true", help="replace the previous run in --output-dir (your files stay)")
 
     train = commands.add_parser(
         "train", help="run a recipe: " + ", ".join(RECIPE_NAMES), epilog=TRAIN_EPILOG, allow_abbrev=False,
@@ -400,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
                        help="recipe setting, e.g. batch_size=16")  # fmt: skip
     train.add_argument("--output-dir", help="default: runs/RECIPE")
+    train.add_argument("--overwrite", action="store_true", help="replace the previous run in --output-dir as a whole "
+                       "(files of yours in it are kept); without it a folder that holds files is refused")  # fmt: skip
     train.add_argument("--seed", type=seed_int, default=0)
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.add_argument("--routing-logging", choices=ROUTING_LOGGING, default="summary",

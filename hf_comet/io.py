@@ -36,6 +36,7 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
+import hashlib
 import json
 import logging
 import math
@@ -85,8 +86,32 @@ def _tag() -> str:
     return _tag_cache[1]
 
 
+NAME_MAX = 255
+"""Longest file name (bytes) the usual file systems allow (POSIX ``NAME_MAX``; `name_max` asks the file system)."""
+_SIBLING_RESERVE = 48
+"""Bytes a hidden sibling adds to its destination's name (``.`` + ``.tmp-PID-START-TOKEN``, ``.lock``)."""
+
+
+def name_max(folder: str | os.PathLike) -> int:
+    """The longest file name (bytes) allowed in ``folder`` (its nearest existing ancestor), `NAME_MAX` if unknown."""
+    for place in (Path(folder), *Path(folder).absolute().parents):
+        if os.path.isdir(place):
+            with contextlib.suppress(OSError, ValueError):
+                return int(os.pathconf(place, "PC_NAME_MAX"))
+            break
+    return NAME_MAX
+
+
+def _stem(name: str) -> str:
+    """The destination's part of its hidden siblings' names: ``name`` itself, or for a name so long that a sibling's
+    name would pass `NAME_MAX` (a legal 200-255-byte name) a short hash of it (``~`` and 16 hex digits)."""
+    if len(os.fsencode(name)) + _SIBLING_RESERVE <= NAME_MAX:
+        return name
+    return "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+
+
 def _sibling(target: Path, kind: str) -> Path:
-    return target.with_name(f".{target.name}.{kind}-{_tag()}-{secrets.token_hex(4)}")
+    return target.with_name(f".{_stem(target.name)}.{kind}-{_tag()}-{secrets.token_hex(4)}")
 
 
 def _register(path: Path) -> None:
@@ -161,11 +186,12 @@ def _stale_leftovers(target: Path) -> list[tuple[Path, str]]:
         names = os.listdir(target.parent)
     except (FileNotFoundError, NotADirectoryError):
         return []
-    prefix = f".{target.name}."
+    stem = _stem(target.name)
+    prefix = f".{stem}."
     found = []
     for name in names:
         match = _LEFTOVER.fullmatch(name) if name.startswith(prefix) else None
-        if match is None or match["name"] != target.name:
+        if match is None or match["name"] != stem:
             continue
         if not _owner_running(name, int(match["pid"]), int(match["start"])):
             found.append((target.parent / name, match["kind"]))
@@ -263,7 +289,10 @@ def recover_folder(folder: str | os.PathLike) -> list[Recovery]:
         names = os.listdir(folder)
     except (FileNotFoundError, NotADirectoryError):
         return []
-    destinations = sorted({m["name"] for m in map(_LEFTOVER.fullmatch, names) if m is not None})
+    destinations = {m["name"] for m in map(_LEFTOVER.fullmatch, names) if m is not None}
+    hashed = {_stem(name): name for name in names if _stem(name) != name}  # long names' siblings carry a hash
+    destinations = sorted(hashed.get(name, name) for name in destinations
+                          if not re.fullmatch(r"~[0-9a-f]{16}", name) or name in hashed)  # fmt: skip
     return [report for report in (recover(folder / name) for name in destinations) if report]
 
 
@@ -393,8 +422,39 @@ def existing_file(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
+def check_name_length(path: str | os.PathLike, what: str) -> None:
+    """Refuse (`UserError`, naming the limit) a path with a component longer than the file system allows
+    (`name_max`, usually 255 bytes): writing it would fail with ``ENAMETOOLONG`` after the work."""
+    path = Path(path)
+    limit = name_max(path.parent)
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size > limit:
+            raise UserError(
+                f"{what} {str(path)!r}: the name {part[:40]!r}... is {size} bytes long; the file system allows at "
+                f"most {limit} bytes (NAME_MAX) per name: choose a shorter name."
+            )
+
+
+def _probe(folder: Path, what: str, path: Path) -> None:
+    """Create and remove an empty hidden file in ``folder``: a read-only file system (``EROFS``, which stops root
+    too), a full inode table or a refused permission is found here, before any work, not after it."""
+    probe = folder / f".hf-comet-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as error:
+        raise UserError(
+            f"{what} {str(path)!r} cannot be written: {str(folder)!r} refuses new files ({error.strerror or error}); "
+            "choose another place."
+        ) from None
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+
+
 def _writable_place(path: Path, what: str) -> None:
-    """``path`` can be created: its nearest existing ancestor is a folder we may write in."""
+    """``path`` can be created: its nearest existing ancestor is a folder we may write in (permission bits and an
+    actual probe file, `_probe`), and no name in it is too long (`check_name_length`)."""
+    check_name_length(path, what)
     for parent in path.absolute().parents:
         if _lstat(parent, what) is None:
             continue
@@ -404,6 +464,7 @@ def _writable_place(path: Path, what: str) -> None:
             raise UserError(
                 f"{what} {str(path)!r} cannot be created: {str(parent)!r} is not writable; choose another place."
             )
+        _probe(parent, what, path)
         return
 
 
@@ -450,15 +511,16 @@ def destination_folder(path: str | os.PathLike, what: str, *, overwrite: bool) -
 
 
 def destination_file(path: str | os.PathLike, what: str) -> None:
-    """A file that will be replaced: refuses a symlink and anything but a regular file there."""
+    """A file that will be written (replaced atomically): refuses a symlink, anything but a regular file there, a
+    name longer than the file system allows, and a folder that cannot take new files (`_writable_place`)."""
     path = Path(path)
     status = _lstat(path, what)
-    if status is None:
-        return
-    _no_link(path, status, what)
-    if not stat.S_ISREG(status.st_mode):
-        kind = "a folder, not a file" if stat.S_ISDIR(status.st_mode) else "not a regular file"
-        raise UserError(f"{what} {str(path)!r} is {kind}; remove it or choose another path.")
+    if status is not None:
+        _no_link(path, status, what)
+        if not stat.S_ISREG(status.st_mode):
+            kind = "a folder, not a file" if stat.S_ISDIR(status.st_mode) else "not a regular file"
+            raise UserError(f"{what} {str(path)!r} is {kind}; remove it or choose another path.")
+    _writable_place(path, what)
 
 
 def run_folder(path: str | os.PathLike, what: str, *, folders: Sequence[str], files: Sequence[str]) -> Path:
@@ -475,6 +537,7 @@ def run_folder(path: str | os.PathLike, what: str, *, folders: Sequence[str], fi
         raise UserError(f"{what} {str(path)!r} is a file, not a folder; remove it or choose another path.")
     if not os.access(path, os.W_OK | os.X_OK):
         raise UserError(f"{what} {str(path)!r} is not writable; choose another place.")
+    _writable_place(path, what)
     for name in folders:
         inner = _lstat(path / name, what)
         if inner is not None:
@@ -503,8 +566,10 @@ def _read_json(path: Path, what: str) -> Any:
         raise UserError(f"{what}: {str(path)!r} is not UTF-8 text (a damaged file?); re-save it.") from None
     except OSError as error:
         raise UserError(f"{what}: {str(path)!r} cannot be read ({error.strerror or error}).") from None
+    from .limits import loads_json
+
     try:
-        return json.loads(text)
+        return loads_json(text, f"{what}: {str(path)!r}")
     except json.JSONDecodeError as error:
         raise UserError(
             f"{what}: {str(path)!r} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); "
@@ -716,15 +781,19 @@ _AT_FDCWD = -100
 _renameat2 = None
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically exchange two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+def _load_renameat2():
     global _renameat2
     if _renameat2 is None:
         try:
             _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
         except (OSError, AttributeError, TypeError):
             _renameat2 = False
-    if not _renameat2:
+    return _renameat2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically exchange two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    if not _load_renameat2():
         return False
     result = _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
     if result == 0:
@@ -733,6 +802,24 @@ def _exchange(a: Path, b: Path) -> bool:
     if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
         return False
     raise OSError(code, f"cannot exchange {a} and {b}: {os.strerror(code)}")
+
+
+_RENAME_NOREPLACE = 1
+
+
+def _rename_new(source: Path, target: Path) -> None:
+    """Rename ``source`` to ``target``, which must not exist (``FileExistsError`` if it does, even an empty folder
+    someone just created: Linux ``renameat2(RENAME_NOREPLACE)``, atomic; elsewhere a check, then ``os.replace``)."""
+    if _load_renameat2():
+        result = _renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE)
+        if result == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise OSError(code, os.strerror(code), str(target))
+    if os.path.lexists(target):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
+    os.replace(source, target)
 
 
 def _discard_old(old: Path) -> None:
@@ -746,9 +833,12 @@ def _discard_old(old: Path) -> None:
 
 def _swap_in(staging: Path, target: Path, directory: bool, carry_over: Callable[[Path], bool] | None) -> None:
     if not os.path.lexists(target):
-        os.replace(staging, target)
-        _fsync(target.parent, directory=True)
-        return
+        try:
+            _rename_new(staging, target)
+            _fsync(target.parent, directory=True)
+            return
+        except FileExistsError:
+            pass  # created meanwhile: replaced below as an existing destination
     if directory and carry_over is not None:
         _carry_over(target, staging, carry_over)
     os.chmod(staging, stat.S_IMODE(os.stat(target).st_mode))  # a replaced destination keeps its mode
@@ -780,9 +870,128 @@ def _swap_in(staging: Path, target: Path, directory: bool, carry_over: Callable[
         _unregister(backup)
 
 
+class DestinationChanged(UserError):
+    """The destination of a write appeared or was replaced while the result was being made: it is never swapped
+    out; the result is kept under `kept` (printed in the message)."""
+
+    def __init__(self, message: str, kept: Path):
+        super().__init__(message)
+        self.kept = kept
+
+
+_ANY = object()
+
+
+def identity(path: str | os.PathLike) -> tuple[int, int] | None:
+    """What is at ``path`` now (device and inode, links not followed), ``None`` for nothing: `staged_path`'s
+    ``expect`` compares it at swap time."""
+    try:
+        status = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return (status.st_dev, status.st_ino)
+
+
+def _keep_result(staging: Path, target: Path, what: str, found: str) -> DestinationChanged:
+    kept = target.with_name(f"{_stem(target.name)}.new-{secrets.token_hex(4)}")
+    os.rename(staging, kept)
+    return DestinationChanged(
+        f"{what} {str(target)!r} {found} while this result was being written; it is left as it is (never replaced "
+        f"or deleted), and the new result is kept in {str(kept)!r}: move it where you want it.",
+        kept,
+    )
+
+
+@contextlib.contextmanager
+def destination_lock(path: str | os.PathLike, what: str = "destination") -> Iterator[Path]:
+    """Hold an exclusive lock on destination ``path`` for a whole run: ``fcntl.flock`` on a hidden lock file beside
+    it (``.NAME.lock``, removed at the end). A second run (another process, or this one) on the same destination is
+    refused at once with a `UserError` naming the holder's process id, instead of both reporting success while one
+    result is lost. Where ``fcntl`` is missing (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield _absolute(path)
+        return
+    target = _absolute(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = target.with_name(f".{_stem(target.name)}.lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(
+                f"{what} {str(path)!r} is being written by another hf-comet run (process {holder}, lock "
+                f"{str(lock)!r}); wait for it to finish or choose another destination."
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        if identity(lock) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
+            break  # else the holder removed the file between our open and lock: lock the new one
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield target
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+
+
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.EACCES, errno.EPERM,
+                errno.EFBIG, errno.EIO, errno.EMFILE)  # fmt: skip
+"""``OSError`` codes `write_failures` turns into a `UserError`: no space or quota, a read-only or refused place, a
+name too long, a file too large, a failing disk."""
+
+
+@contextlib.contextmanager
+def write_failures(path: str | os.PathLike, what: str = "destination") -> Iterator[None]:
+    """Turn a failed write under ``path`` into one clear `UserError`: an ``OSError`` of `WRITE_ERRNOS` and
+    safetensors' ``SafetensorError`` (not an ``OSError``; e.g. "No space left on device"). Used around writers that
+    stage their result (`staged_path`), so the message can say that what was there before is unchanged."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except UserError:
+        raise
+    except SafetensorError as error:
+        raise UserError(f"cannot write {what} {str(path)!r} ({error}); what was there before is unchanged.") from error
+    except OSError as error:
+        if error.errno not in WRITE_ERRNOS:
+            raise
+        raise UserError(
+            f"cannot write {what} {str(path)!r} ({error.strerror or error}); what was there before is unchanged."
+        ) from error
+
+
+def check_finite_weights(model: PreTrainedModel, what: str = "model") -> None:
+    """Refuse (`UserError`) a model with a NaN or infinite weight or buffer, naming the first: such a model must
+    never be saved, carded or published."""
+    import torch
+
+    for kind, tensors in (("weight", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in tensors:
+            if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+                raise UserError(
+                    f"{what}: {kind} {name} holds NaN or infinite values (training diverged?); it is not saved or "
+                    "published. Lower the learning rate or check the data."
+                )
+
+
 @contextlib.contextmanager
 def staged_path(
-    target: str | os.PathLike, *, directory: bool = False, carry_over: Callable[[Path], bool] | None = None
+    target: str | os.PathLike,
+    *,
+    directory: bool = False,
+    carry_over: Callable[[Path], bool] | None = None,
+    expect: Any = _ANY,
+    what: str = "destination",
 ) -> Iterator[Path]:
     """A fresh hidden sibling of ``target`` (an empty folder with ``directory=True``, else an empty file) to write
     into; when the ``with`` body completes it is made durable and replaces ``target``; when the body (or the swap)
@@ -794,6 +1003,10 @@ def staged_path(
     moved aside (and put back if that fails); see the module docstring. ``carry_over(path)`` (folders only) names
     the entries of the replaced folder to keep in the new one when the new one has no entry of that name (hard
     links, e.g. the files ``save_pretrained`` leaves alone).
+
+    ``expect`` (an `identity` taken when the destination was checked, ``None`` for nothing there) is checked again
+    at swap time: a destination that appeared or was replaced meanwhile (e.g. a folder a user created) is never
+    swapped out; the result is kept under a printed name and `DestinationChanged` (named with ``what``) is raised.
     """
     target = _absolute(target)
     recover(target)
@@ -806,7 +1019,16 @@ def staged_path(
             _sync_tree(staging)
         else:
             _fsync(staging, directory=False)
-        _swap_in(staging, target, directory, carry_over)
+        if expect is not _ANY and identity(target) != expect:
+            raise _keep_result(staging, target, what, "appeared" if expect is None else "was replaced")
+        if expect is None:
+            try:
+                _rename_new(staging, target)
+            except FileExistsError:
+                raise _keep_result(staging, target, what, "appeared") from None
+            _fsync(target.parent, directory=True)
+        else:
+            _swap_in(staging, target, directory, carry_over)
     except BaseException:
         with contextlib.suppress(OSError):
             if staging.is_dir() and not staging.is_symlink():
@@ -848,7 +1070,13 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
 
 
 def atomic_save_pretrained(
-    model: PreTrainedModel, save_directory: str | os.PathLike, *, overwrite: bool = True, **kwargs
+    model: PreTrainedModel,
+    save_directory: str | os.PathLike,
+    *,
+    overwrite: bool = True,
+    expect: Any = _ANY,
+    what: str = "destination",
+    **kwargs,
 ) -> Path:
     """``model.save_pretrained`` into a hidden sibling folder, then swap it in place of ``save_directory``.
 
@@ -856,21 +1084,32 @@ def atomic_save_pretrained(
     ``model.save_pretrained`` keeps them). A failure or kill at any point leaves the previous checkpoint, or after
     `recover` the previous or the complete new one. Refuses (``ValueError``, before saving) a symbolic link, a file,
     a non-empty folder that holds no checkpoint, and with ``overwrite=False`` any existing destination (checked
-    after `recover`, which may have restored one an interrupted write had moved aside). Returns the absolute path
-    of the checkpoint.
+    after `recover`, which may have restored one an interrupted write had moved aside). A model with a NaN or
+    infinite weight is refused (`check_finite_weights`). ``expect`` and ``what``: as for `staged_path`. Returns the
+    absolute path of the checkpoint.
     """
     recover(save_directory)
     target = check_destination(save_directory, directory=True, checkpoint=True)
     if not overwrite and os.path.lexists(target):
         raise ValueError(f"{save_directory} exists; pass overwrite=True (--overwrite) to replace it.")
-    with staged_path(target, directory=True) as staging:
+    check_finite_weights(model, f"checkpoint {str(save_directory)!r}")
+    with staged_path(target, directory=True, expect=expect, what=what) as staging:
         model.save_pretrained(staging, **kwargs)
         apply_umask(staging)
     return target
 
 
 __all__ = [
+    "NAME_MAX",
+    "WRITE_ERRNOS",
+    "DestinationChanged",
     "Recovery",
+    "check_finite_weights",
+    "check_name_length",
+    "destination_lock",
+    "identity",
+    "name_max",
+    "write_failures",
     "UserError",
     "check_loaded",
     "checkpoint_folder",

@@ -8,9 +8,11 @@ Everything that can be refused (the source, the destination, the sweep, the eval
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -21,14 +23,18 @@ from ..io import (
     atomic_save_pretrained,
     checkpoint_folder,
     destination_folder,
+    destination_lock,
     existing_file,
     given_path,
+    identity,
     loading,
     missing_path,
     paths_overlap,
+    write_failures,
 )
+from ..limits import check_memory
 from .companions import is_hub_id
-from .core import conversion_method, convert_to_moe, stock_to_ours
+from .core import _moe_config, conversion_method, convert_to_moe, stock_to_ours
 from .report import deviation_report
 
 TOKEN_LABEL_HEADS = {
@@ -73,6 +79,25 @@ def source_config(source: str | os.PathLike) -> transformers.PretrainedConfig:
             ) from error
 
 
+def conversion_parameters(config, method: str, fields: dict[str, Any]) -> tuple[int, int] | None:
+    """Parameter counts of the dense source (of ``config``) and of the MoE model ``method`` and ``fields`` make of
+    it, from models built on the meta device (no memory); ``None`` where the source or the fields cannot be built
+    (the conversion itself then says why)."""
+    heads = stock_to_ours()
+    architecture = (getattr(config, "architectures", None) or [""])[0]
+    if architecture not in heads:
+        return None
+    family, head = heads[architecture]
+    try:
+        moe_config = _moe_config(SimpleNamespace(config=config), family, conversion_method(method), dict(fields), {})
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            moe = family.head_class(head)._from_config(moe_config)
+            dense = family.stock_class(head)._from_config(config)
+    except Exception:  # noqa: BLE001 - refused later, with the conversion's own message
+        return None
+    return sum(p.numel() for p in dense.parameters()), sum(p.numel() for p in moe.parameters())
+
+
 def convert_checkpoint(
     source: str | os.PathLike,
     destination: str | os.PathLike | None = None,
@@ -106,14 +131,20 @@ def convert_checkpoint(
         if problem:
             raise UserError(f"sweep {value:g}: {problem}.")
     config = source_config(source)
-    target = None
+    target = found = None
     if destination is not None:
         target = destination_folder(destination, "destination", overwrite=overwrite)
+        found = identity(target)
         if os.path.lexists(source) and paths_overlap(target, source):
             raise UserError(
                 f"destination {str(destination)!r} and source {str(source)!r} overlap; writing one would damage the "
                 "other: choose a destination outside the source."
             )
+    sizes = conversion_parameters(config, method, fields)
+    if sizes is not None:  # dense weights, the MoE model and the mapped state dict (float32), plus the report's copy
+        dense, moe = sizes
+        check_memory(4 * (dense + (3 if report else 2) * moe), f"converting {str(source)!r} ({dense:,} parameters) "
+                     f"into a {moe:,}-parameter MoE model", "lower --num-experts or the expert width.")  # fmt: skip
     batch = None
     if eval_inputs is not None:
         heads = stock_to_ours()
@@ -126,34 +157,32 @@ def convert_checkpoint(
 
     stages = tqdm(total=3, desc="convert", disable=not progress)
     result = ConvertedCheckpoint(model=None, destination=target, sweep_label=conversion.sweep_label)
+    lock = destination_lock(target, "destination") if target is not None else contextlib.nullcontext()
     try:
-        stages.set_postfix_str("loading and mapping weights")
-        result.model = convert_to_moe(source, method, split_method=split_method, seed=seed, **fields)
-        stages.update(1)
-        if report:
-            stages.set_postfix_str("deviation sweep")
-            experts = result.model.config.num_experts
-            values = list(sweep) if sweep else conversion.default_sweep(experts)
-            for value in values:
-                problem = conversion.sweep_problem(value, experts)
-                if problem:
-                    raise UserError(f"sweep {value:g}: {problem}.")
-            try:
-                result.rows = deviation_report(
-                    source, method, values, inputs=batch, split_method=split_method, seed=seed, **fields
-                )
-            except (ValueError, RuntimeError) as error:  # a ConversionError is a ValueError too
-                raise UserError(f"the deviation report failed: {error}") from error
-        stages.update(1)
-        if target is not None:
-            stages.set_postfix_str(f"saving to {target}")
-            try:
-                atomic_save_pretrained(result.model, target)
-            except OSError as error:
-                raise UserError(
-                    f"cannot write destination {str(target)!r} ({error}); what was there before is unchanged."
-                ) from error
-        stages.update(1)
+        with lock:
+            stages.set_postfix_str("loading and mapping weights")
+            result.model = convert_to_moe(source, method, split_method=split_method, seed=seed, **fields)
+            stages.update(1)
+            if report:
+                stages.set_postfix_str("deviation sweep")
+                experts = result.model.config.num_experts
+                values = list(sweep) if sweep else conversion.default_sweep(experts)
+                for value in values:
+                    problem = conversion.sweep_problem(value, experts)
+                    if problem:
+                        raise UserError(f"sweep {value:g}: {problem}.")
+                try:
+                    result.rows = deviation_report(
+                        source, method, values, inputs=batch, split_method=split_method, seed=seed, **fields
+                    )
+                except (ValueError, RuntimeError) as error:  # a ConversionError is a ValueError too
+                    raise UserError(f"the deviation report failed: {error}") from error
+            stages.update(1)
+            if target is not None:
+                stages.set_postfix_str(f"saving to {target}")
+                with write_failures(target, "destination"):  # a full disk, a read-only place: one clear line
+                    atomic_save_pretrained(result.model, target, expect=found, what="destination")
+            stages.update(1)
     finally:
         stages.close()
     return result

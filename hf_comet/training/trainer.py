@@ -19,6 +19,7 @@ import torch
 from transformers import Trainer
 
 from ..io import atomic_write_text
+from ..limits import loads_json
 from ..modeling.modeling_comet_common import aux_loss_share, loss_item_share
 from .launch import warn_if_launch_collapsed
 from .statistics import statistics_paused
@@ -82,7 +83,7 @@ def _read_routing_state(path: str, model) -> dict[int, tuple[int, torch.Tensor]]
         )
 
     try:
-        state = json.loads(Path(path).read_text())
+        state = loads_json(Path(path).read_text(), "it")
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
         raise damaged(f"{type(error).__name__}: {error}") from None
     if not isinstance(state, dict):

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -20,7 +21,7 @@ import torch
 import transformers
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, TrainingArguments
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
 
 from ...cards import write_model_card
 from ...io import (
@@ -28,10 +29,16 @@ from ...io import (
     atomic_save_pretrained,
     atomic_write_bytes,
     atomic_write_text,
+    destination_lock,
+    identity,
+    recover,
     recover_folder,
     run_folder,
     scratch_directory,
+    staged_path,
+    write_failures,
 )
+from ...limits import check_memory
 from ...modeling import FAMILY_ADAPTERS, configuration_comet
 from ...names import PROVENANCE_FIELDS
 from ..callbacks import DeepConstraintCallback
@@ -315,19 +322,34 @@ def variant_overrides(family: str, variants: list[str], overrides: Mapping[str, 
 
 def check_models_build(
     recipe: Recipe, variants: list[str], settings: Settings, overrides: Mapping[str, dict], data=None
-) -> None:
+) -> dict[str, int]:
     """Build every variant's model on the meta device (no memory, no weights): sizes that build a config but not a
     model (e.g. ``hidden_size=33`` with 4 heads) are refused here, not after the run has started.
-    ``overrides`` are per variant (`variant_overrides`)."""
+    ``overrides`` are per variant (`variant_overrides`). Returns each variant's parameter count (of its body)."""
     shared = shared_config(recipe, settings, data)
+    counts = {}
     for variant in variants:
         try:
             with torch.random.fork_rng(devices=[]), torch.device("meta"):
-                build_model(recipe.family, "AutoModel", variant, shared, overrides.get(variant, {}), seed=0)
+                model = build_model(recipe.family, "AutoModel", variant, shared, overrides.get(variant, {}), seed=0)
         except (ValueError, TypeError, ArithmeticError, RuntimeError) as error:
             raise RecipeArgumentError(
                 f"recipe {recipe.name}: the {variant} model cannot be built with these settings and overrides: {error}"
             ) from error
+        counts[variant] = sum(p.numel() for p in model.parameters())
+    return counts
+
+
+def estimate_run_bytes(settings: Settings, parameters: Mapping[str, int]) -> int:
+    """A recipe run's peak memory, estimated before anything is allocated: float32 weights of every variant (a run
+    keeps each trained model for its plots and card), gradients and Adam's two moments of the largest, activations
+    of one batch (``batch_size x seq_len x hidden_size x num_layers``, ~32 floats per entry) and the token windows
+    of ``num_train`` (three int64 columns of ``seq_len``). A deliberate over-estimate of the order of magnitude: it
+    refuses runs that cannot fit (``hidden_size=65536``, ``num_train=2**31-1``), not runs that barely fit."""
+    weights = 4 * (sum(parameters.values()) + 3 * max(parameters.values(), default=0))
+    activations = 4 * 32 * settings.batch_size * settings.seq_len * settings.hidden_size * settings.num_layers
+    windows = 3 * 8 * settings.num_train * settings.seq_len
+    return weights + activations + windows
 
 
 def shared_config(recipe: Recipe, settings: Settings, data: RecipeData | None = None) -> dict[str, Any]:
@@ -387,6 +409,37 @@ def accuracy(prediction) -> dict[str, float]:
         predictions = predictions.argmax(-1)
     valid = labels != -100
     return load_metric("accuracy").compute(predictions=predictions[valid], references=labels[valid])
+
+
+class TrainingDiverged(UserError):
+    """A recipe's training produced a NaN or infinite loss, gradient norm or weight; raised at once, so nothing of
+    the run is saved, carded or reported (a `~hf_comet.io.UserError`: ``hf-comet train`` prints one line, exit 2)."""
+
+
+class StopOnNonFinite(TrainerCallback):
+    """Stop training with `TrainingDiverged` as soon as a logged loss or gradient norm, or any trainable weight
+    after an optimizer step, is NaN or infinite (Trainer's ``logging_nan_inf_filter`` hides a non-finite loss from
+    the logs, and a diverged model would otherwise be saved, carded and reported with exit status 0)."""
+
+    def _refuse(self, state, what: str):
+        raise TrainingDiverged(
+            f"training diverged at step {state.global_step}: {what} is not finite (NaN or infinite). Nothing of this "
+            "run is saved; check the data for huge or non-finite values, or lower the learning rate."
+        )
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm", "eval_loss"):
+            value = (logs or {}).get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                self._refuse(state, f"the {key.replace('_', ' ')} ({value})")
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            return
+        params = [p.detach() for p in model.parameters() if p.requires_grad and p.is_floating_point()]
+        if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            name = next(n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all())
+            self._refuse(state, f"the weight {name}")
 
 
 class _StepProgress(ProgressCallback):
@@ -546,6 +599,7 @@ def train_model(
     "gradient_accumulation_steps": 4}``. Returns the trainer, the evaluation metrics and the training seconds."""
     args = TrainingArguments(**{**_recipe_training_arguments(settings, workdir, seed, progress), **(training_args or {})})
     callbacks = [DeepConstraintCallback()] if getattr(model.config, "routing", None) == "deep" else []
+    callbacks.append(StopOnNonFinite())
     trainer = CometTrainer(
         model=model,
         args=args,
@@ -564,7 +618,11 @@ def train_model(
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    metrics = trainer.evaluate()
+    last = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)
+    if last is not None and last.get("step") == trainer.state.global_step:  # evaluated at the last step already:
+        metrics = {k: v for k, v in last.items() if k != "step"}  # the same model: not evaluated twice
+    else:
+        metrics = trainer.evaluate()
     return trainer, metrics, seconds
 
 
@@ -630,6 +688,10 @@ class PreparedRun:
     data: RecipeData | None
     training_args: dict[str, Any]
     routing_logging: str
+    found: tuple[int, int] | None = None
+    """`hf_comet.io.identity` of the output folder when it was checked (``None``: nothing there); checked again when
+    the run is swapped in."""
+    what: str = "output folder"
 
 
 def prepare_recipe_run(
@@ -645,11 +707,14 @@ def prepare_recipe_run(
     training_args: Mapping[str, Any] | None = None,
     routing_logging: str = "summary",
     what: str = "output folder",
+    overwrite: bool = False,
 ) -> PreparedRun:
     """Check every argument of `run_recipe` once, before any training: the recipe, the training arguments, the
     settings, the variants and their overrides (each MoE config built at the recipe's real sizes and every model on
-    the meta device), the user's data (read here when a `DatasetSource`) and the output folder (``what`` names it in
-    errors). Raises `RecipeArgumentError` or `~hf_comet.io.UserError` naming the bad value and what is allowed."""
+    the meta device, its memory estimated against the machine's, `estimate_run_bytes`), the user's data (read here
+    when a `DatasetSource`; its held-out rows capped at ``num_eval``) and the output folder (``what`` names it in
+    errors; one that holds files is refused unless ``overwrite``). Raises `RecipeArgumentError` or
+    `~hf_comet.io.UserError` naming the bad value and what is allowed."""
     if name not in RECIPES:
         raise RecipeArgumentError(f"recipe {name!r} does not exist; choose one of {', '.join(RECIPES)}.")
     if routing_logging not in ROUTING_LOGGING:
@@ -668,9 +733,21 @@ def prepare_recipe_run(
     data = load_recipe_data(name, dataset, seed) if isinstance(dataset, DatasetSource) else dataset
     try:
         variants, chosen, per_variant = validate_recipe_arguments(name, fast, variants, overrides, settings, data)
-        check_models_build(RECIPES[name], variants, chosen, per_variant, data)
+        parameters = check_models_build(RECIPES[name], variants, chosen, per_variant, data)
     except StrictDataclassError as error:  # huggingface_hub's typed config fields
         raise RecipeArgumentError(f"an override is refused by the config: {error}") from error
+    try:
+        check_memory(
+            estimate_run_bytes(chosen, parameters),
+            f"recipe {name} ({', '.join(f'{v}: {n:,} parameters' for v, n in parameters.items())}; "
+            f"batch_size={chosen.batch_size}, seq_len={chosen.seq_len}, num_train={chosen.num_train})",
+            "lower hidden_size, num_layers, batch_size, seq_len or num_train with --setting, or num_experts with --set.",
+        )
+    except UserError as error:
+        raise RecipeArgumentError(str(error)) from None
+    if data is not None and len(data.test) > chosen.num_eval:  # a size cap like any other: evaluate num_eval rows
+        data = replace(data, test=data.test.select(range(chosen.num_eval)),
+                       description=f"{data.description} (evaluated on {chosen.num_eval} held-out rows: num_eval)")  # fmt: skip
     try:  # the TrainingArguments the recipe will build, once, so a bad combination is refused now
         TrainingArguments(**{**_recipe_training_arguments(chosen, Path(output_dir), seed, False), **training_args})
     except (ValueError, TypeError) as error:
@@ -678,8 +755,16 @@ def prepare_recipe_run(
     output = check_recipe_outputs(name, output_dir, variants, what=what)
     if trainer_writes(training_args):
         run_folder(output / "trainer", what, folders=[], files=[])
+    if os.path.isdir(output) and not output.is_symlink():
+        recover(output)
+        recover_folder(output)  # what an interrupted earlier run left (each repair is logged as a warning)
+        if not overwrite and any(not n.endswith(".lock") or not n.startswith(".") for n in os.listdir(output)):
+            raise RecipeArgumentError(
+                f"{what} {str(output_dir)!r} exists and holds files; pass --overwrite to replace the previous run "
+                "as a whole (files of yours in it are kept), or choose another folder."
+            )
     return PreparedRun(RECIPES[name], output, fast, variants, chosen, dict(overrides or {}), per_variant, seed, data,
-                       training_args, routing_logging)  # fmt: skip
+                       training_args, routing_logging, identity(output), what)  # fmt: skip
 
 
 def run_recipe(
@@ -696,12 +781,15 @@ def run_recipe(
     dataset: DatasetSource | RecipeData | None = None,
     training_args: Mapping[str, Any] | None = None,
     routing_logging: str = "summary",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train the recipe's variants side by side and write metrics, plots, checkpoints and model cards.
 
     Args:
         name: one of `RECIPES`.
-        output_dir: folder for the run (created; files in it are replaced).
+        output_dir: folder for the run: created, or an empty folder, or with ``overwrite`` one that holds files
+            (the previous run's outputs are replaced as a whole, other files kept). The run is staged in a hidden
+            sibling and swapped in at the end (`run_prepared`).
         fast: the seconds-long preset used by the tests instead of the full one.
         variants: ``"dense"`` and/or routing names (``"comet"``, ``"topk"``, ... and ``"block_comet"``).
         overrides: config fields of the MoE variants (validated by the config, e.g. ``comet_keep_rate``); a key
@@ -714,29 +802,54 @@ def run_recipe(
             ``{"report_to": "tensorboard"}``; the recipe reports nowhere by default). A reporter's logs and Trainer
             checkpoints go to ``OUTPUT/trainer/VARIANT`` (`trainer_writes`).
         routing_logging: `CometTrainer`'s telemetry level, ``"summary"``, ``"layers"`` or ``"none"``.
+        overwrite: replace a previous run in ``output_dir`` (``hf-comet train --overwrite``).
 
     Returns the content of ``metrics.json``. All arguments are checked before any training starts
     (`prepare_recipe_run`).
     """
     prepared = prepare_recipe_run(
         name, output_dir, fast=fast, variants=variants, overrides=overrides, settings=settings, seed=seed,
-        dataset=dataset, training_args=training_args, routing_logging=routing_logging,
+        dataset=dataset, training_args=training_args, routing_logging=routing_logging, overwrite=overwrite,
     )  # fmt: skip
     return run_prepared(prepared, progress=progress, log=log)
 
 
+def _previous_run_output(path: Path) -> bool:
+    """Whether an entry of a replaced output folder is a run's output (a variant's checkpoint, ``metrics.json``,
+    plots, Trainer files), replaced by the new run; every other entry (a user's notes) is kept."""
+    name = path.name
+    return (name in (*variant_names(), "metrics.json", "loss_curves.png", "trainer")
+            or re.fullmatch(r"(expert_load|overlap_similarity)_.+\.png", name) is not None)  # fmt: skip
+
+
 def run_prepared(prepared: PreparedRun, *, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run a checked recipe run (`prepare_recipe_run`); see `run_recipe`."""
-    recipe, output, chosen, data = prepared.recipe, prepared.output, prepared.settings, prepared.data
-    output.mkdir(parents=True, exist_ok=True)
-    recover_folder(output)  # what an interrupted earlier run left (each repair is logged as a warning)
+    """Run a checked recipe run (`prepare_recipe_run`); see `run_recipe`.
+
+    The run is one unit: the output folder is locked for the run (`hf_comet.io.destination_lock`: a second run
+    into it is refused), everything is written into a hidden sibling and swapped in whole at the end, keeping the
+    replaced folder's own files (not the previous run's outputs). A failure, a full disk (one clear `UserError`) or
+    Ctrl-C leaves the previous folder as it was; a folder that appeared at the destination meanwhile is never
+    replaced (the result is kept under a printed name, `hf_comet.io.DestinationChanged`)."""
+    output, what = prepared.output, prepared.what
+    with destination_lock(output, what), write_failures(output, what):
+        if os.path.isdir(output) and not output.is_symlink():
+            recover_folder(output)
+        with staged_path(output, directory=True, carry_over=lambda p: not _previous_run_output(p),
+                         expect=prepared.found, what=what) as stage:  # fmt: skip
+            return _run_into(prepared, stage, progress, log)
+
+
+def _run_into(prepared: PreparedRun, stage: Path, progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """Train every variant and write the run's files into ``stage`` (recording the final paths under the output)."""
+    recipe, chosen, data = prepared.recipe, prepared.settings, prepared.data
+    final = prepared.output.absolute()
     results: dict[str, VariantResult] = {}
     samples = {}
     models = {}
     for variant in prepared.variants:
         log(f"[{recipe.name}] training {variant} ({chosen.steps} steps)")
-        kept = output / "trainer" / variant
-        trainer_folder = scratch_directory(output / f"{variant}.trainer")
+        kept = stage / "trainer" / variant
+        trainer_folder = scratch_directory(stage / f"{variant}.trainer")
         if trainer_writes(prepared.training_args):  # a reporter's logs or Trainer checkpoints: kept
             kept.mkdir(parents=True, exist_ok=True)
             trainer_folder = contextlib.nullcontext(kept)
@@ -745,23 +858,23 @@ def run_prepared(prepared: PreparedRun, *, progress: bool = True, log: Callable[
                              Path(workdir), progress, data, prepared.training_args, prepared.routing_logging)  # fmt: skip
             trainer, metrics, seconds, sample = recipe.run(job)
         model = trainer.model
-        checkpoint = atomic_save_pretrained(model, output / variant)
+        atomic_save_pretrained(model, stage / variant, what=f"the {variant} checkpoint of recipe {recipe.name}")
         results[variant] = VariantResult(
             name=variant,
             metrics=metrics,
             parameters=sum(p.numel() for p in model.parameters()),
             seconds=seconds,
-            checkpoint=str(checkpoint),
+            checkpoint=str(final / variant),
             log_history=trainer.state.log_history,
             routing_history=trainer.routing_history,
         )
         samples[variant], models[variant] = sample, model
-    _write_plots_and_cards(recipe, output, results, models, samples, data)
+    _write_plots_and_cards(recipe, stage, results, models, samples, data)
     summary = _summary(recipe, prepared.fast, chosen, prepared.overrides, prepared.seed, results, data)
     if prepared.training_args:  # as given (an enum or object as its text)
         summary["training_args"] = {k: v if isinstance(v, (bool, int, float, str, list, type(None))) else str(v)
                                      for k, v in prepared.training_args.items()}  # fmt: skip
-    atomic_write_text(output / "metrics.json", json.dumps(summary, indent=2))
+    atomic_write_text(stage / "metrics.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -807,10 +920,10 @@ def _write_plots_and_cards(
         )
         result.metrics["overlap_similarity_correlation"] = float(np.nanmean(list(correlations.values())))
         for plot in (*plots, "loss_curves.png"):
-            atomic_write_bytes(Path(result.checkpoint) / plot, (output / plot).read_bytes())
+            atomic_write_bytes(output / variant / plot, (output / plot).read_bytes())
         write_model_card(
             models[variant],
-            result.checkpoint,
+            output / variant,
             results={k: v for k, v in result.metrics.items() if isinstance(v, float)},
             plots=["loss_curves.png", *plots],
             datasets_text=data.description if data is not None else recipe.data_description,

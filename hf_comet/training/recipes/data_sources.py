@@ -18,6 +18,8 @@ import datasets
 import numpy as np
 import pyarrow
 
+from ...io import UserError
+from ...limits import check_json_file_depth
 from .base import RecipeArgumentError
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv"}
@@ -43,7 +45,7 @@ def read_splits(path: str | Path, seed: int) -> tuple[datasets.Dataset, datasets
             raise RecipeArgumentError(
                 f"--dataset {str(path)!r} is a folder not saved by save_to_disk ({error}); give {ALLOWED}."
             ) from None
-        except (OSError, ValueError, TypeError, KeyError, pyarrow.ArrowException) as error:
+        except (OSError, ValueError, TypeError, KeyError, RecursionError, pyarrow.ArrowException) as error:
             raise RecipeArgumentError(
                 f"--dataset {str(path)!r} is a damaged save_to_disk folder ({type(error).__name__}: {error}); save it "
                 "again with save_to_disk."
@@ -57,6 +59,11 @@ def read_splits(path: str | Path, seed: int) -> tuple[datasets.Dataset, datasets
             )
         if location.stat().st_size == 0:
             raise RecipeArgumentError(f"--dataset {str(path)!r} is empty; a train and a test row at least.")
+        if builder == "json":  # before Arrow's JSON reader, which a deeply nested file crashes
+            try:
+                check_json_file_depth(location, f"--dataset {str(path)!r}")
+            except UserError as error:
+                raise RecipeArgumentError(str(error)) from None
         try:
             loaded = datasets.load_dataset(builder, data_files=str(location))
         except StopIteration:  # datasets' json builder on a file with no rows
