@@ -729,10 +729,15 @@ def run_from_args(args: argparse.Namespace, argv: list[str]) -> int:
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 7)
     if rounds < 1 or args.threads < 1:
         raise ValueError(f"--rounds and --threads must be at least 1 (got {rounds} and {args.threads})")
+    from hf_comet.io import destination_file, write_failures
+
     if args.json is not None:  # refused before the run, not after it
         target = os.path.abspath(args.json)
         if os.path.isdir(target) or not os.path.isdir(os.path.dirname(target)):
             raise ValueError(f"--json {args.json!r} must be a file path in an existing folder")
+    for flag, path in (("--json", args.json), ("--readme", args.readme)):
+        if path is not None:  # a symlink, a folder, a name too long, a place that takes no new file: before the run
+            destination_file(path, flag)
     if args.readme is not None:
         try:
             with open(args.readme, encoding="utf-8") as handle:
@@ -748,16 +753,16 @@ def run_from_args(args: argparse.Namespace, argv: list[str]) -> int:
     report = run(sections, args.quick, rounds, args.threads, command)
     text = markdown(report)
     print(text)
+    from hf_comet.io import atomic_write_text
+
     if args.json:
-        from hf_comet.io import atomic_write_text
-
-        atomic_write_text(args.json, json.dumps(report, indent=1))
+        with write_failures(args.json, "--json"):
+            atomic_write_text(args.json, json.dumps(report, indent=1))
     if args.readme:
-        from hf_comet.io import atomic_write_text
-
         with open(args.readme, encoding="utf-8") as handle:
             readme = handle.read()
-        atomic_write_text(args.readme, replace_readme_section(readme, text))
+        with write_failures(args.readme, "--readme"):
+            atomic_write_text(args.readme, replace_readme_section(readme, text))
     return 0
 
 

@@ -263,7 +263,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _card(args: argparse.Namespace) -> int:
     from hf_comet.cards import write_model_card
-    from hf_comet.io import checkpoint_folder, destination_file, load_checked
+    from hf_comet.io import check_finite_weights, checkpoint_folder, destination_file, load_checked
     from hf_comet.modeling import FAMILIES
 
     _quiet_transformers()
@@ -278,6 +278,7 @@ def _card(args: argparse.Namespace) -> int:
     if not os.access(checkpoint, os.W_OK | os.X_OK):
         raise UserError(f"checkpoint {args.checkpoint!r} is not writable, so README.md cannot be written there.")
     model = load_checked(checkpoint, "checkpoint")
+    check_finite_weights(model, f"checkpoint {args.checkpoint!r}")  # a broken model is never carded
     try:
         path = write_model_card(model, checkpoint, plots=sorted(p.name for p in checkpoint.glob("*.png")),
                                 repo_id=args.repo_id)  # fmt: skip
@@ -300,7 +301,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from hf_comet.io import destination_file
+    from hf_comet.io import destination_file, write_failures
     from hf_comet.reproduce import CLAIMS, reproduce
 
     unknown = [claim for claim in args.claims if claim not in CLAIMS]
@@ -316,7 +317,8 @@ def _reproduce(args: argparse.Namespace) -> int:
     page = Path(args.page) if args.page else (Path(args.cache, "quick", "results.md") if args.quick else None)
     page = page or Path("docs/results.md")
     destination_file(page, "results page")
-    results = reproduce(args.claims or None, quick=args.quick, cache_dir=args.cache, page=page)
+    with write_failures(page, "results page or --cache"):  # a full disk or read-only place: one line
+        results = reproduce(args.claims or None, quick=args.quick, cache_dir=args.cache, page=page)
     for result in results:
         print(f"{result.name}: {result.verdict} ({result.seconds / 60:.1f} min)")
     print(f"results page written to {page}")

@@ -496,6 +496,7 @@ def destination_folder(path: str | os.PathLike, what: str, *, overwrite: bool) -
     without ``overwrite`` or that is not a checkpoint folder, and a place we may not write in. First repairs what an
     interrupted earlier write left there (`recover`, which says so)."""
     path = given_path(path, what)
+    check_name_length(path, what)
     if not path.is_symlink():
         recover(path)
     status = _lstat(path, what)
@@ -514,6 +515,7 @@ def destination_file(path: str | os.PathLike, what: str) -> None:
     """A file that will be written (replaced atomically): refuses a symlink, anything but a regular file there, a
     name longer than the file system allows, and a folder that cannot take new files (`_writable_place`)."""
     path = Path(path)
+    check_name_length(path, what)
     status = _lstat(path, what)
     if status is not None:
         _no_link(path, status, what)
@@ -528,6 +530,7 @@ def run_folder(path: str | os.PathLike, what: str, *, folders: Sequence[str], fi
     in it a symlink or the wrong kind of entry where the run writes ``folders`` (checkpoints, replaced as a whole:
     each must be a checkpoint folder or empty, `replaceable_folder`) and ``files``."""
     path = given_path(path, what)
+    check_name_length(path, what)
     status = _lstat(path, what)
     if status is None:
         _writable_place(path, what)
