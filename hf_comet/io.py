@@ -1092,8 +1092,9 @@ def atomic_save_pretrained(
     absolute path of the checkpoint.
     """
     recover(save_directory)
-    target = check_destination(save_directory, directory=True, checkpoint=True)
-    if not overwrite and os.path.lexists(target):
+    changed = expect is not _ANY and identity(save_directory) != expect  # kept aside by staged_path, not refused
+    target = check_destination(save_directory, directory=True, checkpoint=not changed)
+    if not overwrite and not changed and os.path.lexists(target):
         raise ValueError(f"{save_directory} exists; pass overwrite=True (--overwrite) to replace it.")
     check_finite_weights(model, f"checkpoint {str(save_directory)!r}")
     with staged_path(target, directory=True, expect=expect, what=what) as staging:

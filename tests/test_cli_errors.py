@@ -376,7 +376,7 @@ def test_unreadable_and_unwritable_places_are_refused(root, capsys, monkeypatch)
     assert "good.safetensors' cannot be read" in capsys.readouterr().err
     denied[str(root / "moe_nocard")] = os.W_OK  # README.md would go in a read-only folder
     assert run_main(["card", str(root / "moe_nocard")]) == 2
-    assert f"checkpoint '{root}/moe_nocard' is not writable" in capsys.readouterr().err
+    assert f"'{root}/moe_nocard' is not writable" in capsys.readouterr().err
     assert snapshot(root) == before
 
 
