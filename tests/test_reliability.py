@@ -374,3 +374,29 @@ def test_a_model_with_non_finite_weights_is_never_saved_or_carded(source, tmp_pa
     assert main(["card", str(tmp_path / "nan")]) == 2
     one_error_line(capsys, "card", "holds NaN or infinite values")
     assert not (tmp_path / "nan" / "README.md").exists()
+
+
+# -- class 5: the keep-rate schedule's target survives a save mid-schedule ----------------------------------------
+def test_a_keep_rate_schedule_made_again_on_a_mid_schedule_checkpoint_keeps_the_model_s_target(tmp_path):
+    from conftest import tiny_inputs, tiny_model
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from hf_comet.training import CometTrainer, KeepRateScheduleCallback, scheduled_keep_rate
+
+    model = tiny_model("comet_gpt2", "AutoModelForCausalLM", routing="comet", comet_keep_rate=0.25)
+    inputs = tiny_inputs("comet_gpt2", "AutoModelForCausalLM", batch=8)
+    rows = [{k: v[i] for k, v in inputs.items()} for i in range(8)]
+    args = TrainingArguments(str(tmp_path / "run"), use_cpu=True, report_to="none", save_strategy="no",
+                             disable_tqdm=True, per_device_train_batch_size=4, max_steps=3, learning_rate=1e-3)  # fmt: skip
+    CometTrainer(model=model, args=args, train_dataset=rows, callbacks=[KeepRateScheduleCallback(steps=8)]).train()
+    middle = scheduled_keep_rate(3, 0.25, 8, levels=7)
+    assert model.config.comet_keep_rate == pytest.approx(middle) and middle > 0.4  # stopped mid-schedule
+    model.save_pretrained(tmp_path / "mid")
+    for step in (0, 3):  # a new run on the reloaded checkpoint, and a resume at the step it was saved
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mid")
+        callback = KeepRateScheduleCallback(steps=8)
+        callback.on_train_begin(args, TrainerState(global_step=step), TrainerControl(), model=reloaded)
+        assert callback.target == pytest.approx(0.25), step
+    callback.on_train_end(args, TrainerState(global_step=8), TrainerControl(), model=reloaded)
+    assert reloaded.config.comet_keep_rate == pytest.approx(0.25)
+    assert not hasattr(reloaded.config, KeepRateScheduleCallback.TARGET_ATTRIBUTE)  # finished: nothing left to carry

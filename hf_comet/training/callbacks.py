@@ -163,8 +163,9 @@ class KeepRateScheduleCallback(TrainerCallback, ExportableState):
 
     Args:
         steps: optimizer steps the schedule takes (>= 1).
-        target: the keep rate at the end, in (0, 1] (default: the model's ``comet_keep_rate`` when training starts
-            from step 0; pass it when resuming, since the config then holds the schedule's value at that step).
+        target: the keep rate at the end, in (0, 1]. Default: the target a schedule recorded in the model's config
+            (`TARGET_ATTRIBUTE`, written while a schedule runs, so a checkpoint saved mid-schedule, resumed or
+            reloaded, keeps heading to it), else the model's ``comet_keep_rate`` when training starts from step 0.
         start: the keep rate at step 0, in [target, 1].
         schedule: ``"cubic"`` (Zhu & Gupta 2017) or ``"linear"``; see `scheduled_keep_rate`.
         levels: how many equal steps the keep rate takes (``None``: every step's exact value).
@@ -201,12 +202,22 @@ class KeepRateScheduleCallback(TrainerCallback, ExportableState):
             "attributes": {},
         }  # fmt: skip
 
+    TARGET_ATTRIBUTE = "keep_rate_schedule_target"
+    """The config attribute (saved in ``config.json``) holding the target of a schedule that has not finished: the
+    config's ``comet_keep_rate`` is then the schedule's value at that step, not its end. Removed once it finishes."""
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if getattr(model.config, "routing", None) != "comet":
             raise ValueError(
                 "KeepRateScheduleCallback needs a model with routing='comet'; this one routes with "
                 f"{getattr(model.config, 'routing', None)!r}."
             )
+        recorded = getattr(model.config, self.TARGET_ATTRIBUTE, None)
+        if self.target is None and recorded is not None:
+            if isinstance(recorded, bool) or not isinstance(recorded, (int, float)) or not 0 < recorded <= 1:
+                raise ValueError(f"the model's config records {self.TARGET_ATTRIBUTE}={recorded!r}, not a keep rate "
+                                 "in (0, 1]; pass target= or remove it from config.json.")  # fmt: skip
+            self.target = float(recorded)
         if self.target is None:
             if state.global_step > 0:
                 raise ValueError(
@@ -217,6 +228,7 @@ class KeepRateScheduleCallback(TrainerCallback, ExportableState):
             self.target = float(model.config.comet_keep_rate)
         if self.start < self.target:
             raise ValueError(f"start={self.start} is below the model's comet_keep_rate={self.target}.")
+        setattr(model.config, self.TARGET_ATTRIBUTE, self.target)  # every save before the end records it
         self._apply(model, state.global_step)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
@@ -231,6 +243,8 @@ class KeepRateScheduleCallback(TrainerCallback, ExportableState):
             logger.info("best checkpoint %s keeps its COMET keep rate %.4f", best, keep_rate)
             return
         self._apply(model, state.global_step)
+        if state.global_step >= self.steps and hasattr(model.config, self.TARGET_ATTRIBUTE):
+            delattr(model.config, self.TARGET_ATTRIBUTE)  # finished: comet_keep_rate is the target
 
     def _apply(self, model, step: int) -> None:
         keep_rate = scheduled_keep_rate(step, self.target, self.steps, self.start, self.schedule, self.levels)
