@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 from .cards import write_model_card
-from .io import apply_umask, holds_checkpoint, recover, staged_path
+from .io import apply_umask, holds_checkpoint, non_finite_weight, recover, staged_path
 
 _SHARD = re.compile(r"(.*?)-\d{5}-of-\d{5}")
 
@@ -37,6 +38,12 @@ class Sharing:
         files get the umask's mode (safetensors 0.8 itself writes weights 0600), and the folder is a new one (a
         process whose working directory or open folder handle is the old one keeps seeing the old one).
         """
+        broken = non_finite_weight(model) if is_main_process else None
+        if broken is not None:  # saved as asked (upstream does), but never carded or pushed as a working model
+            warnings.warn(f"{type(model).__name__}.save_pretrained: {broken} holds NaN or infinite values; the "
+                          "weights are saved, but no model card is written and push_to_hub is refused.", stacklevel=3)  # fmt: skip
+            if kwargs.get("push_to_hub"):
+                raise ValueError(f"{broken} holds NaN or infinite values; refusing to push the model to the Hub.")
         push = kwargs.pop("push_to_hub", False)
         push_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "token", "commit_message", "private") if k in kwargs}
         if self.stages_save(model, save_directory, is_main_process, args, kwargs):
@@ -46,7 +53,7 @@ class Sharing:
             with staged_path(save_directory, directory=True, carry_over=keep) as staging:
                 result = upstream_save(staging, is_main_process, *args, **kwargs)
                 _carry_over_from_source(model, staging, existing=save_directory)
-                if not has_card:
+                if not has_card and broken is None:
                     write_model_card(model, staging, repo_id=push_kwargs.get("repo_id"))
                 apply_umask(staging)
         else:
@@ -54,7 +61,7 @@ class Sharing:
             if is_main_process and os.path.isdir(save_directory):
                 _carry_over_from_source(model, save_directory)
             card = os.path.join(save_directory, "README.md")
-            if is_main_process and os.path.isdir(save_directory) and not os.path.lexists(card):
+            if is_main_process and os.path.isdir(save_directory) and not os.path.lexists(card) and broken is None:
                 write_model_card(model, save_directory, repo_id=push_kwargs.get("repo_id"))
         if push and is_main_process:
             repo_id = push_kwargs.pop("repo_id", None) or os.path.basename(os.path.abspath(save_directory))
@@ -108,9 +115,14 @@ class Sharing:
 
         Upstream ``push_to_hub`` uploads the repo's existing card (or a generic one) with tags added; this one
         uploads the hf_comet card of this model (routing, provenance, statistics, loading, citations; tags given
-        here are added), replacing README.md on the Hub. Same arguments and Hub calls as upstream otherwise.
+        here are added), replacing README.md on the Hub. Same arguments and Hub calls as upstream otherwise. A
+        model with a NaN or infinite weight is refused (``ValueError``) before any Hub call.
         """
         from transformers.utils.hub import hf_api
+
+        broken = non_finite_weight(model)
+        if broken is not None:
+            raise ValueError(f"{broken} holds NaN or infinite values; refusing to push the model to the Hub.")
 
         if tags:
             model.add_model_tags(tags)

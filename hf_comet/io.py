@@ -973,18 +973,26 @@ def write_failures(path: str | os.PathLike, what: str = "destination") -> Iterat
         ) from error
 
 
-def check_finite_weights(model: PreTrainedModel, what: str = "model") -> None:
-    """Refuse (`UserError`) a model with a NaN or infinite weight or buffer, naming the first: such a model must
-    never be saved, carded or published."""
+def non_finite_weight(model: PreTrainedModel) -> str | None:
+    """The first weight or buffer of ``model`` holding a NaN or an infinity (``"weight NAME"``), ``None`` if none."""
     import torch
 
     for kind, tensors in (("weight", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, tensor in tensors:
             if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
-                raise UserError(
-                    f"{what}: {kind} {name} holds NaN or infinite values (training diverged?); it is not saved or "
-                    "published. Lower the learning rate or check the data."
-                )
+                return f"{kind} {name}"
+    return None
+
+
+def check_finite_weights(model: PreTrainedModel, what: str = "model") -> None:
+    """Refuse (`UserError`) a model with a NaN or infinite weight or buffer, naming the first: such a model must
+    never be saved, carded or published."""
+    found = non_finite_weight(model)
+    if found is not None:
+        raise UserError(
+            f"{what}: {found} holds NaN or infinite values (training diverged?); it is not saved or published. "
+            "Lower the learning rate or check the data."
+        )
 
 
 @contextlib.contextmanager
@@ -1110,6 +1118,7 @@ __all__ = [
     "Recovery",
     "check_finite_weights",
     "check_name_length",
+    "non_finite_weight",
     "destination_lock",
     "identity",
     "name_max",
