@@ -301,7 +301,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from hf_comet.io import destination_file, write_failures
+    from hf_comet.io import destination_file, run_folder, write_failures
     from hf_comet.reproduce import CLAIMS, reproduce
 
     unknown = [claim for claim in args.claims if claim not in CLAIMS]
@@ -314,6 +314,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UserError(f"--cache {args.cache!r} cannot be created ({error}).") from None
+    run_folder(cache, "--cache", folders=[], files=[])  # it takes new files: found before the runs, not after
     page = Path(args.page) if args.page else (Path(args.cache, "quick", "results.md") if args.quick else None)
     page = page or Path("docs/results.md")
     destination_file(page, "results page")

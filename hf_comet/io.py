@@ -614,6 +614,11 @@ def checkpoint_folder(path: str | os.PathLike, what: str) -> dict[str, Any]:
     field = non_finite(config)
     if field is not None:
         raise UserError(f"{what}: {str(config_path)!r} sets {field} to a non-finite number; give a finite one.")
+    from .limits import check_json_file_depth
+
+    for companion in sorted(folder.glob("*.json")):  # generation/tokenizer configs transformers parses on load
+        if companion.is_file() and not companion.is_symlink():
+            check_json_file_depth(companion, f"{what}: {str(companion)!r}")
     index_path = folder / WEIGHTS_INDEX_NAME
     if os.path.exists(index_path):
         index = _read_json(index_path, what)

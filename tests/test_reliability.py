@@ -295,14 +295,20 @@ def _deep(levels: int) -> str:
     return "[" * levels + "]" * levels
 
 
-def _deep_config(tmp_path: Path, source: Path) -> list[str]:
-    folder = tmp_path / "deep_source"
-    folder.mkdir()
-    for name in os.listdir(source):
-        (folder / name).write_bytes((source / name).read_bytes())
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps(config)[:-1] + ', "task_specific_params": ' + _deep(5000) + "}")
-    return ["convert", str(folder), str(tmp_path / "out")]
+def _deep_config(name: str):
+    """A copy of the source whose ``name`` (a JSON object file) gains a field nested 5,000 levels deep."""
+
+    def make(tmp_path: Path, source: Path) -> list[str]:
+        folder = tmp_path / "deep_source"
+        folder.mkdir()
+        for entry in os.listdir(source):
+            (folder / entry).write_bytes((source / entry).read_bytes())
+        text = (folder / name).read_text() if (folder / name).exists() else "{}"
+        body = json.dumps(json.loads(text))
+        (folder / name).write_text(body[:-1] + (", " if body != "{}" else "") + '"extra": ' + _deep(5000) + "}")
+        return ["convert", str(folder), str(tmp_path / "out")]
+
+    return make
 
 
 def _deep_dataset(tmp_path: Path, suffix: str, levels: int) -> list[str]:
@@ -315,7 +321,9 @@ def _deep_dataset(tmp_path: Path, suffix: str, levels: int) -> list[str]:
 DEPTHS = [
     ("set", lambda tmp, src: [*TRAIN, "--variants", "comet", "--set", f"moe_layers={_deep(1000)}"]),
     ("setting", lambda tmp, src: [*TRAIN, "--setting", f"steps={_deep(10000)}"]),
-    ("config.json", _deep_config),
+    ("config.json", _deep_config("config.json")),
+    ("generation_config.json", _deep_config("generation_config.json")),
+    ("tokenizer_config.json", _deep_config("tokenizer_config.json")),
     ("jsonl-10000", lambda tmp, src: _deep_dataset(tmp, ".jsonl", 10000)),
     ("json-1000", lambda tmp, src: _deep_dataset(tmp, ".json", 1000)),
 ]
