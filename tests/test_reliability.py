@@ -78,8 +78,16 @@ def test_a_run_over_a_folder_that_holds_files_needs_overwrite(command, previous_
     assert snapshot(previous_run.parent) == before
 
 
-def test_overwrite_replaces_the_previous_run_as_one_unit_and_keeps_the_user_s_files(previous_run, capsys):
+def test_overwrite_replaces_the_previous_run_as_one_unit_and_keeps_the_user_s_files(previous_run, capsys,
+                                                                                    monkeypatch):  # fmt: skip
+    evaluations = []
+    real_evaluate = transformers.Trainer.evaluate
+    monkeypatch.setattr(transformers.Trainer, "evaluate", lambda self, *a, **k: evaluations.append(1)
+                        or real_evaluate(self, *a, **k))  # fmt: skip
     assert main([*TRAIN, "--output-dir", str(previous_run), "--overwrite"]) == 0
+    fast = base.RECIPES["vit_digits"].fast
+    every = min(fast.eval_steps, fast.steps)
+    assert len(evaluations) == fast.steps // every + (fast.steps % every != 0)  # the last step's is not repeated
     assert sorted(os.listdir(previous_run.parent)) == ["run"]  # no hidden leftover, no lock file
     entries = sorted(os.listdir(previous_run))
     assert entries == ["dense", "loss_curves.png", "metrics.json", "notes.txt"], entries  # comet/ was the old run's

@@ -594,7 +594,8 @@ def train_model(
     routing_logging: str = "summary",
 ) -> tuple[CometTrainer, dict[str, float], float]:
     """Train ``model`` for ``settings.steps`` with `CometTrainer` (``routing_logging``: its telemetry level) on CPU
-    (cosine schedule, evaluation every ``settings.eval_steps``, no reporter), then evaluate. ``training_args``
+    (cosine schedule, evaluation every ``settings.eval_steps``, no reporter), then evaluate (once: an evaluation at
+    the last step is reused, unless ``load_best_model_at_end`` loads another model). ``training_args``
     (checked by `check_training_arguments`) override those TrainingArguments, e.g. ``{"report_to": "tensorboard",
     "gradient_accumulation_steps": 4}``. Returns the trainer, the evaluation metrics and the training seconds."""
     args = TrainingArguments(**{**_recipe_training_arguments(settings, workdir, seed, progress), **(training_args or {})})
@@ -619,8 +620,8 @@ def train_model(
     trainer.train()
     seconds = time.perf_counter() - start
     last = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)
-    if last is not None and last.get("step") == trainer.state.global_step:  # evaluated at the last step already:
-        metrics = {k: v for k, v in last.items() if k != "step"}  # the same model: not evaluated twice
+    if last is not None and last.get("step") == trainer.state.global_step and not args.load_best_model_at_end:
+        metrics = {k: v for k, v in last.items() if k != "step"}  # evaluated at the last step: not twice
     else:
         metrics = trainer.evaluate()
     return trainer, metrics, seconds
