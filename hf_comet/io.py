@@ -890,13 +890,16 @@ class DestinationChanged(UserError):
 _ANY = object()
 
 
-def identity(path: str | os.PathLike) -> tuple[int, int] | None:
-    """What is at ``path`` now (device and inode, links not followed), ``None`` for nothing: `staged_path`'s
-    ``expect`` compares it at swap time."""
+def identity(path: str | os.PathLike, contents: bool = False) -> tuple | None:
+    """What is at ``path`` now (device and inode, links not followed; with ``contents`` a folder's entry names
+    too), ``None`` for nothing: `staged_path`'s ``expect`` compares it again at swap time."""
     try:
         status = os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
+    if contents and stat.S_ISDIR(status.st_mode):
+        with contextlib.suppress(OSError):
+            return (status.st_dev, status.st_ino, frozenset(os.listdir(path)))
     return (status.st_dev, status.st_ino)
 
 
@@ -1021,8 +1024,9 @@ def staged_path(
     links, e.g. the files ``save_pretrained`` leaves alone).
 
     ``expect`` (an `identity` taken when the destination was checked, ``None`` for nothing there) is checked again
-    at swap time: a destination that appeared or was replaced meanwhile (e.g. a folder a user created) is never
-    swapped out; the result is kept under a printed name and `DestinationChanged` (named with ``what``) is raised.
+    at swap time: a destination that appeared, was replaced or (for an identity with contents) gained or lost
+    entries meanwhile (e.g. a folder or a file a user created) is never swapped out; the result is kept under a
+    printed name and `DestinationChanged` (named with ``what``) is raised.
     """
     target = _absolute(target)
     recover(target)
@@ -1035,8 +1039,11 @@ def staged_path(
             _sync_tree(staging)
         else:
             _fsync(staging, directory=False)
-        if expect is not _ANY and identity(target) != expect:
-            raise _keep_result(staging, target, what, "appeared" if expect is None else "was replaced")
+        now = identity(target, contents=expect is not _ANY and expect is not None and len(expect) == 3)
+        if expect is not _ANY and now != expect:
+            found = "appeared" if expect is None else "was replaced" if now is None or now[:2] != expect[:2] else \
+                "changed (files were added or removed in it)"
+            raise _keep_result(staging, target, what, found)
         if expect is None:
             try:
                 _rename_new(staging, target)
@@ -1105,7 +1112,8 @@ def atomic_save_pretrained(
     absolute path of the checkpoint.
     """
     recover(save_directory)
-    changed = expect is not _ANY and identity(save_directory) != expect  # kept aside by staged_path, not refused
+    now = identity(save_directory, contents=expect is not _ANY and expect is not None and len(expect) == 3)
+    changed = expect is not _ANY and now != expect  # kept aside by staged_path, not refused
     target = check_destination(save_directory, directory=True, checkpoint=not changed)
     if not overwrite and not changed and os.path.lexists(target):
         raise ValueError(f"{save_directory} exists; pass overwrite=True (--overwrite) to replace it.")

@@ -211,6 +211,27 @@ def test_a_folder_created_at_the_destination_during_the_write_is_never_replaced(
 
 
 # -- class 3: full disks, read-only places, long names ------------------------------------------------------------
+def test_a_file_added_to_a_destination_being_overwritten_is_never_deleted(source, tmp_path, capsys, monkeypatch):
+    from hf_comet.convert import checkpoint as module
+
+    destination = tmp_path / "out"
+    assert main(["convert", str(source), str(destination), "--no-progress"]) == 0
+    real = module.convert_to_moe
+
+    def convert_while_the_user_adds_a_file(*args, **kwargs):
+        result = real(*args, **kwargs)
+        (destination / "notes.txt").write_text("mine")
+        return result
+
+    monkeypatch.setattr(module, "convert_to_moe", convert_while_the_user_adds_a_file)
+    before = snapshot(destination)
+    assert main(["convert", str(source), str(destination), "--no-progress", "--overwrite", "--seed", "1"]) == 2
+    line = one_error_line(capsys, "convert", f"'{destination}' changed", "never replaced or deleted")
+    assert snapshot(destination) == {**before, "notes.txt": hashlib.sha256(b"mine").hexdigest()}
+    kept = [name for name in os.listdir(tmp_path) if name != "out"]
+    assert len(kept) == 1 and kept[0] in line and (tmp_path / kept[0] / "model.safetensors").exists()
+
+
 def test_a_destination_name_of_255_bytes_works_and_256_is_refused_before_work(source, tmp_path, capsys, monkeypatch):
     legal = tmp_path / ("d" * 250)
     assert main(["convert", str(source), str(legal), "--no-progress"]) == 0

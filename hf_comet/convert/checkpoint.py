@@ -134,7 +134,7 @@ def convert_checkpoint(
     target = found = None
     if destination is not None:
         target = destination_folder(destination, "destination", overwrite=overwrite)
-        found = identity(target)
+        found = identity(target, contents=True)  # a file added to it meanwhile is never deleted by the swap
         if os.path.lexists(source) and paths_overlap(target, source):
             raise UserError(
                 f"destination {str(destination)!r} and source {str(source)!r} overlap; writing one would damage the "
