@@ -20,7 +20,7 @@ from ..modeling import FAMILY_ADAPTERS, FamilyAdapter
 from ..modeling.configuration_comet import CONVERSION_METHODS
 from ..modeling.configuration_comet import SPLIT_METHODS as CONFIG_SPLIT_METHODS
 from .comet import COMET
-from .companions import is_hub_id, read_conversion_source
+from .companions import is_hub_id, read_conversion_source, recorded_source
 from .method import ConversionError, ConversionMethod, hash_block
 from .split import DEFAULT_SPLIT_METHOD, SPLIT, SPLIT_METHODS
 from .upcycle import UPCYCLE
@@ -81,7 +81,7 @@ def _load_dense(source: PreTrainedModel | str | os.PathLike) -> tuple[PreTrained
         )
     family, head = _stock_head(architectures[0])
     if os.path.isdir(path):
-        path = os.path.abspath(path)  # a local source is recorded as an absolute path, never mistaken for a repo id
+        path = os.path.abspath(path)  # a local source is read as an absolute path, never mistaken for a repo id
     stock_class = family.stock_class(head)
     try:  # mismatched shapes are reported (and refused below) rather than raised with a pointer to a hidden report
         model, report = stock_class.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True)
@@ -195,7 +195,7 @@ def convert_to_moe(
     model, source = _load_dense(dense)
     family, head = _stock_head(type(model).__name__)
     provenance = {
-        "converted_from": source,
+        "converted_from": recorded_source(source),  # a Hub id or ./<folder name>, never an absolute path
         "conversion_method": method,
         "split_method": split_method if conversion.takes_split_method else None,
         "conversion_seed": seed,
