@@ -72,9 +72,8 @@ def test_a_typo_of_an_moe_field_is_refused_naming_the_field_at_every_entry_point
     with pytest.raises(ValueError, match=f"'{typo}' is not a comet_gpt2 config field; did you mean '{field}'"):
         gpt2(routing="topk", **{typo: 2})
     config = gpt2(routing="topk")
-    with pytest.raises(ValueError, match=f"did you mean '{field}'"):
-        setattr(config, typo, 2)
-    assert typo not in config.__dict__
+    with pytest.warns(UserWarning, match=f"did you mean '{field}'.*changes nothing"):
+        setattr(config, typo, 2)  # a warning only: transformers' own tests set arbitrary attributes
     with pytest.raises(ValueError, match=f"did you mean '{field}'"):
         config.update_moe(**{typo: 2})
     config.save_pretrained(tmp_path)

@@ -117,9 +117,12 @@ def test_tensor_parallel_two_processes_match_one(tmp_path):
         for name, result in results.items():
             sharded = result["sharded"]
             assert len([n for n in sharded if ".experts." in n]) == (6 if name.startswith("comet_gpt2") else 3), name
-            # GPT-2: its two MoE blocks' experts only (Conv1D stays replicated); ViT/BERT: 2 x 7 attention weights and
-            # biases (the rowwise output bias stays replicated), a dense FFN's 3 and a MoE block's 3
-            assert len(sharded) == (6 if name.startswith("comet_gpt2") else 20), (name, sharded)
+            # GPT-2: its two MoE blocks' experts and the token embedding on the vocabulary (Conv1D stays replicated;
+            # the tied lm_head is the same parameter); ViT/BERT: 2 x 7 attention weights and biases (the rowwise output
+            # bias stays replicated), a dense FFN's 3 and a MoE block's 3
+            assert len(sharded) == (7 if name.startswith("comet_gpt2") else 20), (name, sharded)
+            if name.startswith("comet_gpt2"):
+                assert sharded["transformer.wte.weight"] == [[32, 32], [64, 32]], name  # half the vocabulary
             for local, full in sharded.values():  # one dim halved, the others whole
                 pairs = list(zip(local, full, strict=True))
                 assert sum(a != b for a, b in pairs) == 1 and all(a in (b, b // 2) for a, b in pairs), (name, pairs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -192,7 +193,8 @@ def check_unknown_moe_names(config_class: type, names: Iterable[str]) -> None:
     (`MOE_FIELD_ALIASES`, the class's ``attribute_map``), not private (``_...``) and not one transformers consumes
     (`UPSTREAM_MOE_KWARGS`) is refused with ``ValueError`` when it contains an MoE word (`MOE_NAME_WORDS`), is
     a typo of an MoE field (one edit away, two for names of 12 characters or more; the message names the field) or is another library's look-alike (`LOOKALIKE_NAMES`, with advice). Any other unknown name keeps transformers' behaviour (stored as an attribute), so
-    transformers' own config tests and arbitrary user metadata still work.
+    transformers' own config tests and arbitrary user metadata still work. Assigning such a name after
+    construction only warns (transformers' tests set arbitrary attributes on a built config).
     """
     known = set(config_class.__dataclass_fields__) | set(config_class.attribute_map) | set(MOE_FIELD_ALIASES)
     for name in names:
@@ -441,7 +443,13 @@ class CometMoEConfigMixin:
     def __setattr__(self, name, value):
         name = MOE_FIELD_ALIASES.get(name, name)
         if self.__dict__.get("_moe_checked") and name not in self.__dict__ and not hasattr(type(self), name):
-            check_unknown_moe_names(type(self), [name])  # a new attribute: refused if it looks like a mistyped field
+            # a new attribute that looks like a mistyped MoE field: a warning, not an error, because transformers'
+            # own tests and tools set arbitrary attributes after construction (``mlp_only_layers`` in
+            # ``test_tp_plan_matches_params``); construction, loading and `update_moe` refuse it
+            try:
+                check_unknown_moe_names(type(self), [name])
+            except ValueError as error:
+                warnings.warn(f"{error} It is stored as a plain attribute and changes nothing.", stacklevel=2)
         if not self.__dict__.get("_moe_checked") or (name not in MOE_FIELD_RULES and name not in CROSS_FIELDS):
             super().__setattr__(name, value)  # construction, loading internals, upstream-only fields
             return
@@ -537,6 +545,29 @@ def experts_tp_plan(block: str) -> dict[str, str]:
     }
 
 
+class TensorParallelPlan:
+    """A config's ``base_model_tp_plan``: every rule on the class, the rules for modules that exist on an instance.
+
+    Read on the class (``CometBertConfig.base_model_tp_plan``) it is the whole plan, for a model with dense and MoE
+    blocks. Read on a config (what transformers does when it builds a model) the dense-FFN rules are left out when
+    every block is an MoE block (``moe_layers`` is ``None`` or lists them all): transformers' rule is that every entry
+    of a plan names a module of the model (``test_tp_plan_matches_params``), and those modules then do not exist.
+    """
+
+    def __init__(self, shared: dict[str, str], dense_ffn: dict[str, str]):
+        self.shared, self.dense_ffn = shared, dense_ffn
+
+    def __get__(self, config, owner=None) -> dict[str, str]:
+        if config is None or self._has_dense_block(config):
+            return {**self.shared, **self.dense_ffn}
+        return dict(self.shared)
+
+    @staticmethod
+    def _has_dense_block(config) -> bool:
+        layers = getattr(config, "moe_layers", None)
+        return layers is not None and len(set(layers)) < config.num_hidden_layers
+
+
 INFERENCE_IGNORED_KEYS = ["cache", "past_key_values", "router_logits", "aux_loss", "router_aux_loss", "router_losses"]
 """Output fields Trainer's evaluation and prediction drop, so metrics receive plain logits: the KV cache (``cache`` in
 transformers 5, Trainer's own default; ``past_key_values`` before) and every routing field."""
@@ -549,8 +580,10 @@ class CometGPT2Config(CometMoEConfigMixin, GPT2Config):
 
     model_type = "comet_gpt2"
     # GPT-2's attention and dense FFNs are Conv1D (weight (in, out)), which transformers' colwise/rowwise styles do
-    # not shard (they need nn.Linear's `out_features` / `in_features`): only the experts are sharded.
-    base_model_tp_plan = experts_tp_plan("h.*.mlp")
+    # not shard (they need nn.Linear's `out_features` / `in_features`): the experts are sharded, and the token
+    # embedding on the vocabulary (transformers' rule for any plan that shards more than the head; the tied `lm_head`
+    # is `colwise_gather_output` in the LM heads' `_tp_plan`).
+    base_model_tp_plan = TensorParallelPlan({"wte": "embedding_rowwise", **experts_tp_plan("h.*.mlp")}, {})
     keys_to_ignore_at_inference = INFERENCE_IGNORED_KEYS
     _ffn_width_field = "n_inner"
 
@@ -565,15 +598,17 @@ class CometViTConfig(CometMoEConfigMixin, ViTConfig):
     """ViT config with MoE feed-forward blocks (model type ``comet_vit``); see `CometMoEConfigMixin`."""
 
     model_type = "comet_vit"
-    base_model_tp_plan = {
-        "layers.*.attention.q_proj": "colwise",
-        "layers.*.attention.k_proj": "colwise",
-        "layers.*.attention.v_proj": "colwise",
-        "layers.*.attention.o_proj": "rowwise",
-        "layers.*.mlp.fc1": "colwise",  # dense blocks (not in moe_layers)
-        "layers.*.mlp.fc2": "rowwise",
-        **experts_tp_plan("layers.*.mlp"),
-    }
+    # ViT's input embedding is a patch convolution, not a token embedding: replicated
+    base_model_tp_plan = TensorParallelPlan(
+        {
+            "layers.*.attention.q_proj": "colwise",
+            "layers.*.attention.k_proj": "colwise",
+            "layers.*.attention.v_proj": "colwise",
+            "layers.*.attention.o_proj": "rowwise",
+            **experts_tp_plan("layers.*.mlp"),
+        },
+        {"layers.*.mlp.fc1": "colwise", "layers.*.mlp.fc2": "rowwise"},  # dense blocks (not in moe_layers)
+    )
     keys_to_ignore_at_inference = INFERENCE_IGNORED_KEYS
 
 
@@ -583,15 +618,18 @@ class CometBertConfig(CometMoEConfigMixin, BertConfig):
     """BERT config with MoE feed-forward blocks (model type ``comet_bert``); see `CometMoEConfigMixin`."""
 
     model_type = "comet_bert"
-    base_model_tp_plan = {
-        "encoder.layer.*.attention.self.query": "colwise",
-        "encoder.layer.*.attention.self.key": "colwise",
-        "encoder.layer.*.attention.self.value": "colwise",
-        "encoder.layer.*.attention.output.dense": "rowwise",
-        "encoder.layer.*.intermediate.dense": "colwise",  # dense blocks (not in moe_layers)
-        "encoder.layer.*.output.dense": "rowwise",
-        **experts_tp_plan("encoder.layer.*.intermediate"),
-    }
+    # embeddings stay replicated: the MLM decoder tied to the word embedding has a bias tied to another parameter
+    # (`cls.predictions.bias`), which no transformers style shards with it
+    base_model_tp_plan = TensorParallelPlan(
+        {
+            "encoder.layer.*.attention.self.query": "colwise",
+            "encoder.layer.*.attention.self.key": "colwise",
+            "encoder.layer.*.attention.self.value": "colwise",
+            "encoder.layer.*.attention.output.dense": "rowwise",
+            **experts_tp_plan("encoder.layer.*.intermediate"),
+        },
+        {"encoder.layer.*.intermediate.dense": "colwise", "encoder.layer.*.output.dense": "rowwise"},  # dense blocks
+    )
     keys_to_ignore_at_inference = INFERENCE_IGNORED_KEYS
 
     def validate_moe_config(self) -> None:
@@ -617,4 +655,5 @@ __all__ = [
     "CometViTConfig",
     "comet_num_active",
     "experts_tp_plan",
+    "TensorParallelPlan",
 ]
