@@ -211,3 +211,14 @@ def test_a_card_of_an_older_checkpoint_with_an_absolute_path_shows_only_the_fold
     model.config.update_moe(converted_from="/home/someone/.cache/dense", conversion_method="comet", conversion_seed=0)
     card = str(render_model_card(model))
     assert "/home/someone" not in card and "`./dense`" in card
+
+
+def test_conversion_takes_transformers_names_and_refuses_typos_by_name():
+    from hf_comet.convert.method import ConversionError
+
+    dense = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=32, vocab_size=64)
+    )
+    assert convert_to_moe(dense, "upcycle", routing="topk", num_local_experts=2).config.num_experts == 2
+    with pytest.raises(ConversionError, match="did you mean 'num_experts_per_tok'"):
+        convert_to_moe(dense, "upcycle", routing="topk", num_experts_per_token=1)

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, PreTrainedModel
 
 from ..modeling import FAMILY_ADAPTERS, FamilyAdapter
-from ..modeling.configuration_comet import CONVERSION_METHODS
+from ..modeling.configuration_comet import CONVERSION_METHODS, resolve_moe_aliases
 from ..modeling.configuration_comet import SPLIT_METHODS as CONFIG_SPLIT_METHODS
 from .comet import COMET
 from .companions import is_hub_id, read_conversion_source, recorded_source
@@ -139,6 +139,10 @@ def _moe_config(
     config_dict = dense.config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path"):
         config_dict.pop(key, None)
+    try:  # transformers' names (num_local_experts) as the config takes them; MoE-looking typos refused by name
+        fields = resolve_moe_aliases(fields, family.config_class)
+    except ValueError as error:
+        raise ConversionError(str(error)) from error
     routing = method.resolve_routing(fields.pop("routing", None))
     if method.expert_width is not None and "moe_intermediate_size" in fields:
         raise ConversionError(
