@@ -222,6 +222,27 @@ def is_hub_id(source: str) -> bool:
     return True
 
 
+def recorded_source(source: str | os.PathLike | None) -> str | None:
+    """What ``converted_from`` records for a conversion source: never an absolute local path (it would put a home
+    directory or cache location into ``config.json`` and cards, and means nothing on another machine).
+
+    A Hub repo id is kept as given; a snapshot folder of the Hub cache (``.../models--org--name/snapshots/<rev>``)
+    is recorded as its repo id ``org/name``; any other local folder as ``./<folder name>`` (the ``./`` keeps a local
+    name from being read as a repo id). ``None`` (an in-memory model with no name) stays ``None``.
+    """
+    if source is None or not str(source):
+        return None
+    source = str(source)
+    if is_hub_id(source):
+        return source
+    parts = Path(os.path.abspath(os.path.expanduser(source))).parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        repo_id = parts[-3][len("models--") :].replace("--", "/")
+        if is_hub_id(repo_id):
+            return repo_id
+    return f"./{parts[-1]}" if len(parts) > 1 else None
+
+
 def _cached(repo_id: str, filename: str, revision: str | None) -> Path | None:
     from huggingface_hub import try_to_load_from_cache
 
@@ -266,4 +287,5 @@ __all__ = [
     "inherited_card_metadata",
     "is_hub_id",
     "read_conversion_source",
+    "recorded_source",
 ]

@@ -97,6 +97,8 @@ class CometGPT2Model(CometGPT2PreTrainedModel, GPT2Model):
 class CometGPT2ForCausalLM(CometGPT2PreTrainedModel, GPT2LMHeadModel, GenerationMixin):
     """`GPT2LMHeadModel` on a `CometGPT2Model`; ``loss`` includes the router aux loss in training mode."""
 
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # tied to the vocabulary-sharded `wte` (the config's plan)
+
     def __init__(self, config: CometGPT2Config):
         upstream_init(self, GPT2LMHeadModel, config, GPT2Model=CometGPT2Model)
 
@@ -150,6 +152,7 @@ class CometGPT2DoubleHeadsModel(CometGPT2PreTrainedModel, GPT2DoubleHeadsModel):
 
     accepts_loss_kwargs = False
     aux_loss_fields = ("loss", "mc_loss")
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # tied to the vocabulary-sharded `wte` (the config's plan)
 
     def __init__(self, config: CometGPT2Config):
         upstream_init(self, GPT2DoubleHeadsModel, config, GPT2Model=CometGPT2Model)
