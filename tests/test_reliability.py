@@ -236,7 +236,9 @@ def test_a_destination_name_of_255_bytes_works_and_256_is_refused_before_work(so
     legal = tmp_path / ("d" * 250)
     assert main(["convert", str(source), str(legal), "--no-progress"]) == 0
     assert main(["convert", str(source), str(legal), "--no-progress", "--overwrite"]) == 0  # hidden siblings fit
-    assert sorted(os.listdir(tmp_path)) == ["d" * 250]
+    run = tmp_path / ("r" * 255)
+    assert main([*TRAIN, "--output-dir", str(run)]) == 0 and (run / "dense" / "config.json").is_file()
+    assert sorted(os.listdir(tmp_path)) == ["d" * 250, "r" * 255]
     capsys.readouterr()
     monkeypatch.setattr("hf_comet.convert.checkpoint.convert_to_moe", lambda *a, **k: pytest.fail("converted"))
     monkeypatch.setattr(base, "run_prepared", lambda *a, **k: pytest.fail("trained"))
@@ -299,6 +301,7 @@ def test_a_chmod_read_only_folder_is_refused_before_work(source, tmp_path, capsy
 SIZES = [
     (["train", "gpt2_text", "--fast", "--setting", "hidden_size=65536"], "train"),
     (["train", "gpt2_text", "--fast", "--setting", "num_train=2147483647"], "train"),
+    (["train", "bert_mlm_cls", "--fast", "--setting", "num_eval=2147483647"], "train"),
     (["train", "vit_digits", "--fast", "--setting", "batch_size=2147483647"], "train"),
     (["train", "vit_digits", "--fast", "--variants", "topk", "--set", "num_experts=100000", "--set",
       "moe_intermediate_size=256"], "train"),
