@@ -5,6 +5,7 @@ and the complete ``auto_map`` written at save time. Travels with checkpoints (to
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -62,8 +63,9 @@ class CometPreTrainedMixin:
     aux_loss_fields: ClassVar[tuple[str, ...]] = ("loss",)
     """Output fields the aux loss may join in training, first present wins (a head with two losses names both)."""
     sharing: ClassVar[Any] = None
-    """Set by ``import hf_comet`` (`hf_comet.hub.Sharing`): writes the model card when saving and pushes it to the
-    Hub. ``None`` where a checkpoint runs as remote code without the package: upstream behaviour."""
+    """Set when this module loads as part of the installed package (`hf_comet.hub.Sharing`, see the end of this file):
+    writes the model card when saving and pushes it to the Hub. ``None`` where a checkpoint runs as remote code
+    without the package: upstream behaviour."""
 
     @torch.no_grad()
     def _init_weights(self, module: torch.nn.Module) -> None:
@@ -379,3 +381,8 @@ __all__ = [
     "register_family",
     "routed_forward",
 ]
+
+if __name__ == "hf_comet.modeling.modeling_comet_common":  # the installed package; remote code runs without it
+    # Model cards at save time and push_to_hub with them, plugged in as soon as any model class exists (so never
+    # missing, however the model was imported) and without ``import hf_comet`` importing the Hub code.
+    CometPreTrainedMixin.sharing = importlib.import_module("hf_comet.hub").Sharing()
