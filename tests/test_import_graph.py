@@ -44,6 +44,8 @@ model = AutoModelForCausalLM.from_config(config)
 loaded = AutoModelForCausalLM.from_pretrained(sys.argv[2])
 generator = pipeline("text-generation", model=sys.argv[2])
 text = generator("the cat", max_new_tokens=2, do_sample=False)[0]["generated_text"]
+from hf_comet.convert import core
+from hf_comet.modeling import FAMILIES, FAMILY_ADAPTERS
 print(json.dumps({
     "after_import": after_import,
     "model": type(model).__module__ + "." + type(model).__name__,
@@ -51,6 +53,7 @@ print(json.dumps({
     "pipeline_model": type(generator.model).__name__,
     "generated": text,
     "sharing": type(type(model).sharing).__name__,
+    "one_family_registry": core.FAMILY_ADAPTERS is FAMILY_ADAPTERS,
 }))
 """
 
@@ -78,6 +81,7 @@ def test_import_hf_comet_imports_only_the_configs_yet_auto_classes_from_pretrain
     assert result["loaded"] == result["pipeline_model"] == "CometGPT2ForCausalLM"
     assert result["generated"].startswith("the cat")
     assert result["sharing"] == "Sharing"  # model cards attach whenever a model class loads
+    assert result["one_family_registry"]  # a lazy name is computed once: a family added to it reaches conversion
 
 
 @pytest.mark.parametrize(

@@ -68,11 +68,12 @@ def __getattr__(name: str) -> Any:
         modules = (importlib.import_module(f"{__name__}.{module}") for module in _FAMILY_MODULES)
         value = {module.FAMILY.model_type: module.FAMILY for module in modules}
     elif name == "FAMILIES":
-        value = {t: (family.config_class, family.auto_classes) for t, family in __getattr__("FAMILY_ADAPTERS").items()}
+        adapters = globals().get("FAMILY_ADAPTERS") or __getattr__("FAMILY_ADAPTERS")
+        value = {t: (family.config_class, family.auto_classes) for t, family in adapters.items()}
     else:
         return _getattr(name)
-    globals()[name] = value
-    return value
+    # The family modules may read these while they load (nested call): the first value stored is the one everyone gets.
+    return globals().setdefault(name, value)
 
 
 def __dir__() -> list[str]:
