@@ -72,7 +72,7 @@ def __getattr__(name: str) -> Any:
         value = {t: (family.config_class, family.auto_classes) for t, family in adapters.items()}
     else:
         return _getattr(name)
-    # The family modules may read these while they load (nested call): the first value stored is the one everyone gets.
+    # Stored once, so every reader holds the same dict (a family added to it reaches conversion).
     return globals().setdefault(name, value)
 
 
