@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-SECTIONS = ("sgemm", "blocks", "selection", "training", "generation", "router")
+from .bench_arguments import SECTIONS, add_arguments  # the argument part, torch-free (``hf-comet bench --help``)
+
 README_START = "<!-- hf-comet bench: start -->"
 README_END = "<!-- hf-comet bench: end -->"
 
@@ -718,16 +719,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"hf-comet bench: error: {error}", file=sys.stderr)
         return 2
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("sections", nargs="*", default=[], metavar="SECTION",
-                        help=f"sections to run (default: all of {', '.join(SECTIONS)})")
-    parser.add_argument("--quick", action="store_true", help="toy sizes, one round: a smoke test (numbers mean nothing)")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7; 1 with --quick)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
-    parser.add_argument("--readme", metavar="PATH", help="regenerate this README's speed section from the report")
 
 
 def run_from_args(args: argparse.Namespace, argv: list[str]) -> int:

@@ -12,7 +12,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .convert.companions import is_hub_id
+from .convert.companions import is_hub_id, recorded_source
 from .io import atomic_write_text
 from .modeling.moe_routers import ROUTER_CLASSES
 
@@ -38,8 +38,22 @@ def describe_routing(config) -> str:
 
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
-CONFIG_ROWS = ("routing", "num_experts", "num_experts_per_tok", "comet_keep_rate", "comet_block_size", "moe_layers")
-CONFIG_ROWS += ("router_aux_loss_coef", "routing_seed")
+CONFIG_ROWS = ("routing", "num_experts", "num_experts_per_tok", "mixture_top_k", "comet_keep_rate", "comet_block_size")
+CONFIG_ROWS += ("comet_router", "capacity_factor", "moe_layers", "router_aux_loss_coef", "routing_seed")
+"""The config fields a card's table may show, in order; a card shows those its routing reads (`config_rows`)."""
+
+
+def config_rows(config) -> list[tuple[str, Any]]:
+    """``(field, value)`` of every `CONFIG_ROWS` field the routing of ``config`` reads: the fields every routing reads
+    (``routing``, ``moe_layers``, ``routing_seed``), the router's ``config_fields`` and the fields it fixes
+    (``fixed_fields``: Switch's ``num_experts_per_tok = 1``). A COMET card so lists no expert count, top-k or aux-loss
+    weight, which COMET never reads."""
+    from .modeling.configuration_comet import MOE_FIELD_RULES
+
+    router = ROUTER_CLASSES[config.routing]
+    read = {name for name, rule in MOE_FIELD_RULES.items() if rule.common}
+    read |= set(router.config_fields) | set(getattr(router, "fixed_fields", {}))
+    return [(name, getattr(config, name)) for name in CONFIG_ROWS if name in read and hasattr(config, name)]
 
 
 def _statistics_rows(model) -> tuple[list[list[str]], int]:
@@ -76,13 +90,13 @@ def render_model_card(
     """
     config = model.config
     head = next((suffix for suffix in PIPELINE_TAGS if type(model).__name__.endswith(suffix)), None)
-    source = getattr(config, "converted_from", None)
+    source = recorded_source(getattr(config, "converted_from", None))  # older checkpoints recorded absolute paths
     inherited = getattr(model, "conversion_source", None)  # set by convert_to_moe (hf_comet.convert.companions)
     inherited_card = inherited.card if inherited is not None else {}
     if base_model is None and inherited is not None:
         base_model = inherited.base_model  # the Hub id converted from, or the base model the source's card names
     if base_model is None and source and is_hub_id(source):
-        base_model = source  # converted from a Hub checkpoint (local sources are recorded as absolute paths)
+        base_model = source  # converted from a Hub checkpoint (local sources are recorded as ./<folder name>)
     # a conversion is a derived work: the source's license, or none stated when its card gives none
     license_ = inherited_card.get("license") if getattr(config, "conversion_method", None) else "apache-2.0"
     datasets = datasets if datasets is not None else inherited_card.get("datasets")
@@ -143,7 +157,7 @@ def render_model_card(
         family_name=getattr(getattr(model, "family", None), "display_name", config.model_type),
         model_class=type(model).__name__,
         routing_description=describe_routing(config),
-        config_rows=[(k, getattr(config, k)) for k in CONFIG_ROWS if hasattr(config, k)],
+        config_rows=config_rows(config),
         provenance=provenance,
         training_data=datasets_text,
         results=[(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in (results or {}).items()],

@@ -21,6 +21,13 @@ Destinations that are symbolic links are refused (writing through one would repl
 as are files where a folder is expected and folders where a file is expected (`check_destination`). Files and
 folders are created with the modes ``save_pretrained`` gives them (``0o666`` / ``0o777`` less the umask: 0644 /
 0755 with the usual umask 022); a replaced destination keeps its previous mode.
+
+The checks of what a user points at live here too, once for the CLI and the Python API: paths (`existing_folder`,
+`existing_file`, `destination_folder`, `destination_file`, `run_folder`), checkpoints (`checkpoint_folder`: config.json
+parses, the safetensors weights are present and whole; `loading` turns transformers' load errors into a message
+naming the path; `check_loaded` refuses a load report with missing, unexpected or mis-shaped tensors). They raise
+`UserError` (a ``ValueError``) before anything is written. A checkpoint folder is one that holds a ``config.json``
+file (`holds_checkpoint`); only such a folder, or an empty one, is ever replaced as a whole.
 """
 
 from __future__ import annotations
@@ -29,7 +36,9 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
+import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -37,9 +46,9 @@ import shutil
 import stat
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -259,15 +268,14 @@ def recover_folder(folder: str | os.PathLike) -> list[Recovery]:
 
 
 # -- checks -----------------------------------------------------------------------------------------------------------
+CONFIG_NAME = "config.json"
+
+
 def holds_checkpoint(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` holds a saved model: a ``config.json`` or weights (``*.safetensors``, ``*.bin``)."""
-    folder = Path(folder)
-    if (folder / "config.json").is_file():
-        return True
-    try:
-        return any(e.is_file() and e.name.endswith((".safetensors", ".bin")) for e in os.scandir(folder))
-    except OSError:
-        return False
+    """Whether ``folder`` is a checkpoint folder: it holds a ``config.json`` file (``save_pretrained`` always writes
+    one and ``from_pretrained`` reads it first). The one definition every writer here, ``hf-comet convert``'s
+    destination and a recipe run's checkpoint folders use to decide that replacing a folder deletes no one's files."""
+    return (Path(folder) / CONFIG_NAME).is_file()
 
 
 def check_destination(path: str | os.PathLike, *, directory: bool, checkpoint: bool = False) -> Path:
@@ -275,7 +283,7 @@ def check_destination(path: str | os.PathLike, *, directory: bool, checkpoint: b
 
     Refused: a symbolic link (writing through it would replace or delete what it points to), a path under a file,
     a file when ``directory`` (a folder is written) and a folder when not. With ``checkpoint`` also a non-empty
-    folder that holds no checkpoint (replacing it would delete its files). Returns ``path`` made absolute (without
+    folder that is not a checkpoint folder (`holds_checkpoint`; replacing it would delete its files). Returns ``path`` made absolute (without
     following a link in its last component). Call it before any work whose result goes to ``path``.
     """
     target = _absolute(path)
@@ -299,12 +307,326 @@ def check_destination(path: str | os.PathLike, *, directory: bool, checkpoint: b
         )
     if not directory and target.is_dir():
         raise ValueError(f"{path} is a folder; a file is written there. Choose another path or remove the folder.")
-    if directory and checkpoint and not holds_checkpoint(target) and any(os.scandir(target)):
-        raise ValueError(
-            f"{path} is a folder that holds no checkpoint (no config.json or weights); refusing to replace it, which "
-            "would delete its files. Choose a new or empty folder, or remove this one first."
-        )
+    if directory and checkpoint:
+        replaceable_folder(target, "folder")
     return target
+
+
+# -- what users point at: paths and checkpoints -----------------------------------------------------------------------
+class UserError(ValueError):
+    """A mistake in what the user typed or pointed at, raised before anything is written, with a message that names
+    the value and says what to do. ``hf-comet`` prints it as ``hf-comet <command>: error: <message>`` and exits 2."""
+
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+
+def non_finite(value: Any, where: str = "") -> str | None:
+    """Where ``value`` (a parsed JSON value) holds NaN or an infinity (``"a.b[1]"``; ``""`` for the value itself),
+    or ``None`` when it holds none."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else where
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        found = non_finite(item, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}".lstrip("."))
+        if found is not None:
+            return found
+    return None
+
+
+def _lstat(path: Path, what: str) -> os.stat_result | None:
+    """``os.lstat`` of ``path``, ``None`` when nothing is there; a path that cannot be examined is a `UserError`."""
+    try:
+        return os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except ValueError as error:  # e.g. an embedded NUL byte
+        raise UserError(f"{what} {str(path)!r} is not a valid path ({error}).") from None
+    except OSError as error:
+        raise UserError(f"{what} {str(path)!r} cannot be examined ({error.strerror or error}).") from None
+
+
+def given_path(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a `Path`; an empty one is a `UserError`."""
+    if not str(path).strip():
+        raise UserError(f"{what} is empty; give a path.")
+    return Path(path)
+
+
+def missing_path(path: Path, what: str) -> UserError:
+    """The error for nothing at ``path``: a dangling link, a parent that is a file, or simply no such path."""
+    if os.path.islink(path):
+        return UserError(f"{what} {str(path)!r} is a symlink to {os.readlink(path)!r}, which does not exist.")
+    for parent in path.absolute().parents:
+        if _lstat(parent, what) is not None:
+            if not os.path.isdir(parent):
+                return UserError(f"{what} {str(path)!r} does not exist: {str(parent)!r} is a file, not a folder.")
+            break
+    return UserError(f"{what} {str(path)!r} does not exist; check the path.")
+
+
+def existing_folder(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a readable folder (a symlink to one is fine for reading): refuses no such path, a file, no
+    permission."""
+    path = given_path(path, what)
+    if _lstat(path, what) is None or not os.path.exists(path):
+        raise missing_path(path, what)
+    if not os.path.isdir(path):
+        raise UserError(f"{what} {str(path)!r} is a file, not a folder; give the folder.")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise UserError(f"{what} {str(path)!r} cannot be read (permission denied).")
+    return path
+
+
+def existing_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a readable regular file: refuses no such path, a folder, no permission."""
+    path = given_path(path, what)
+    if _lstat(path, what) is None or not os.path.exists(path):
+        raise missing_path(path, what)
+    if os.path.isdir(path):
+        raise UserError(f"{what} {str(path)!r} is a folder, not a file; give the file.")
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {str(path)!r} is not a regular file.")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"{what} {str(path)!r} cannot be read (permission denied).")
+    return path
+
+
+def _writable_place(path: Path, what: str) -> None:
+    """``path`` can be created: its nearest existing ancestor is a folder we may write in."""
+    for parent in path.absolute().parents:
+        if _lstat(parent, what) is None:
+            continue
+        if not os.path.isdir(parent):
+            raise UserError(f"{what} {str(path)!r} cannot be created: {str(parent)!r} is a file, not a folder.")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UserError(
+                f"{what} {str(path)!r} cannot be created: {str(parent)!r} is not writable; choose another place."
+            )
+        return
+
+
+def _no_link(path: Path, status: os.stat_result, what: str) -> None:
+    if stat.S_ISLNK(status.st_mode):
+        raise UserError(
+            f"{what} {str(path)!r} is a symlink (to {os.readlink(path)!r}); hf-comet replaces what it writes as a "
+            "whole and will not replace what a link points to: give the real path or a new one."
+        )
+
+
+def replaceable_folder(path: str | os.PathLike, what: str) -> None:
+    """Refuse to replace an existing folder as a whole unless it is empty or a checkpoint folder
+    (`holds_checkpoint`): anything else is someone's files, which replacing would delete."""
+    path = Path(path)
+    try:
+        entries = os.listdir(path)
+    except OSError as error:
+        raise UserError(f"{what} {str(path)!r} cannot be read ({error.strerror or error}).") from None
+    if entries and not holds_checkpoint(path):
+        raise UserError(
+            f"{what} {str(path)!r} holds files but no config.json, so it is not a checkpoint; replacing it would "
+            "delete them: choose another path."
+        )
+
+
+def destination_folder(path: str | os.PathLike, what: str, *, overwrite: bool) -> Path:
+    """A folder that will be written as a whole (a checkpoint): refuses a symlink, a file, an existing folder
+    without ``overwrite`` or that is not a checkpoint folder, and a place we may not write in. First repairs what an
+    interrupted earlier write left there (`recover`, which says so)."""
+    path = given_path(path, what)
+    if not path.is_symlink():
+        recover(path)
+    status = _lstat(path, what)
+    if status is not None:
+        _no_link(path, status, what)
+        if not stat.S_ISDIR(status.st_mode):
+            raise UserError(f"{what} {str(path)!r} is a file, not a folder; remove it or choose another path.")
+        if not overwrite:
+            raise UserError(f"{what} {str(path)!r} exists; pass --overwrite to replace it.")
+        replaceable_folder(path, what)
+    _writable_place(path, what)
+    return path
+
+
+def destination_file(path: str | os.PathLike, what: str) -> None:
+    """A file that will be replaced: refuses a symlink and anything but a regular file there."""
+    path = Path(path)
+    status = _lstat(path, what)
+    if status is None:
+        return
+    _no_link(path, status, what)
+    if not stat.S_ISREG(status.st_mode):
+        kind = "a folder, not a file" if stat.S_ISDIR(status.st_mode) else "not a regular file"
+        raise UserError(f"{what} {str(path)!r} is {kind}; remove it or choose another path.")
+
+
+def run_folder(path: str | os.PathLike, what: str, *, folders: Sequence[str], files: Sequence[str]) -> Path:
+    """The output folder of a run (created, or written into): refuses a symlink, a file, no write permission, and
+    in it a symlink or the wrong kind of entry where the run writes ``folders`` (checkpoints, replaced as a whole:
+    each must be a checkpoint folder or empty, `replaceable_folder`) and ``files``."""
+    path = given_path(path, what)
+    status = _lstat(path, what)
+    if status is None:
+        _writable_place(path, what)
+        return path
+    _no_link(path, status, what)
+    if not stat.S_ISDIR(status.st_mode):
+        raise UserError(f"{what} {str(path)!r} is a file, not a folder; remove it or choose another path.")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {str(path)!r} is not writable; choose another place.")
+    for name in folders:
+        inner = _lstat(path / name, what)
+        if inner is not None:
+            _no_link(path / name, inner, what)
+            if not stat.S_ISDIR(inner.st_mode):
+                raise UserError(
+                    f"{what} {str(path)!r} holds a file {name!r} where the run saves its {name} checkpoint folder; "
+                    "remove it or choose another output folder."
+                )
+            replaceable_folder(path / name, what)
+    for name in files:
+        destination_file(path / name, what)
+    return path
+
+
+def paths_overlap(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether one of two paths is the other or inside it (links resolved): writing one would damage the other."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{what}: {str(path)!r} is not UTF-8 text (a damaged file?); re-save it.") from None
+    except OSError as error:
+        raise UserError(f"{what}: {str(path)!r} cannot be read ({error.strerror or error}).") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError(
+            f"{what}: {str(path)!r} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); "
+            "fix it or re-save the checkpoint."
+        ) from None
+
+
+def _safetensors_keys(path: Path, what: str) -> dict[str, list[int]]:
+    """The tensor names and shapes in the header of a safetensors file; a missing, truncated or garbage file (the
+    header must parse and cover the whole file) is a `UserError`. Reads the header only."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise UserError(f"{what}: {str(path)!r} is missing or not a file; re-save the checkpoint.")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UserError(
+            f"{what}: {str(path)!r} is not a whole safetensors file ({error}); re-save the checkpoint."
+        ) from None
+
+
+def checkpoint_folder(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """The parsed ``config.json`` of a checkpoint folder saved by ``save_pretrained``, once the folder is checked:
+    it exists and is a folder, ``config.json`` is a JSON object with a ``model_type`` and no NaN or infinity, and
+    its safetensors weights (one file, or the shards an index names) are present with whole headers. Pickled weights
+    are refused (never unpickled). Raises `UserError` naming the path and what to do."""
+    folder = existing_folder(path, what)
+    config_path = folder / CONFIG_NAME
+    if not os.path.isfile(config_path):
+        raise UserError(
+            f"{what} {str(folder)!r} has no config.json, so it is not a saved checkpoint (save_pretrained writes "
+            "one); give the checkpoint folder."
+        )
+    config = _read_json(config_path, what)
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise UserError(f"{what}: {str(config_path)!r} is not a transformers config (no model_type); re-save it.")
+    field = non_finite(config)
+    if field is not None:
+        raise UserError(f"{what}: {str(config_path)!r} sets {field} to a non-finite number; give a finite one.")
+    index_path = folder / WEIGHTS_INDEX_NAME
+    if os.path.exists(index_path):
+        index = _read_json(index_path, what)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{what}: {str(index_path)!r} has no weight_map of tensor -> shard; re-save it.")
+        for shard in sorted(set(weight_map.values())):
+            if Path(shard).name != shard:
+                raise UserError(f"{what}: {str(index_path)!r} names a shard outside the folder ({shard!r}).")
+            keys = _safetensors_keys(folder / shard, what)
+            absent = sorted(key for key, name in weight_map.items() if name == shard and key not in keys)
+            if absent:
+                raise UserError(f"{what}: shard {shard!r} lacks tensors its index lists: {absent[:5]}; re-save it.")
+    elif os.path.lexists(folder / WEIGHTS_NAME):
+        _safetensors_keys(folder / WEIGHTS_NAME, what)
+    else:
+        pickled = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in folder.glob(pattern))
+        if pickled:
+            raise UserError(
+                f"{what} {str(folder)!r} has only pickled weights ({', '.join(pickled)}), which hf-comet does not "
+                "unpickle; load them in Python and re-save with save_pretrained (it writes model.safetensors)."
+            )
+        raise UserError(f"{what} {str(folder)!r} has no weights ({WEIGHTS_NAME}); save the model with save_pretrained.")
+    return config
+
+
+@contextlib.contextmanager
+def loading(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Turn what transformers raises for a checkpoint it cannot load (OSError, a ValueError such as bad JSON or a
+    refused config, huggingface_hub's typed-config errors, a TypeError or ZeroDivisionError from a config value the
+    model cannot be built with, a safetensors error, a size mismatch) into a `UserError` naming the path."""
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except UserError:
+        raise
+    except (OSError, ValueError, TypeError, ArithmeticError, RuntimeError, SafetensorError, StrictDataclassError) as e:
+        raise UserError(f"{what} {str(path)!r} cannot be loaded: {e}") from e
+
+
+def check_loaded(report: dict[str, Any], path: str | os.PathLike, what: str) -> None:
+    """Refuse a load report (``from_pretrained(..., output_loading_info=True)``) with any missing, unexpected or
+    mis-shaped tensor: the model would hold random values where the user expects saved ones."""
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys"):
+        keys = sorted(report.get(kind) or ())
+        if keys:
+            problems.append(f"{kind.replace('_keys', '')} tensors {keys[:5]}" + (" ..." if len(keys) > 5 else ""))
+    mismatched = sorted(report.get("mismatched_keys") or ())
+    if mismatched:
+        problems.append(
+            "tensors of the wrong shape "
+            + ", ".join(f"{k} {tuple(s)} (needs {tuple(n)})" for k, s, n in mismatched[:5])
+        )
+    if report.get("error_msgs"):
+        problems.append(f"errors {report['error_msgs']}")
+    if problems:
+        raise UserError(
+            f"{what} {str(path)!r} does not match its config: {'; '.join(problems)}. Its weights are damaged or "
+            "were saved for another model; re-save the checkpoint."
+        )
+
+
+def load_checked(path: str | os.PathLike, what: str) -> PreTrainedModel:
+    """The hf_comet model saved in checkpoint folder ``path`` (already checked by `checkpoint_folder`), loaded with
+    the class its ``architectures`` name (the family's first class otherwise), its load report refused unless
+    clean (`check_loaded`); load errors become a `UserError` naming the path (`loading`)."""
+    import transformers
+
+    from .modeling import FAMILY_ADAPTERS
+
+    with loading(path, what):
+        config = transformers.AutoConfig.from_pretrained(path)
+        classes = FAMILY_ADAPTERS[config.model_type].model_classes
+        architecture = (config.architectures or ["AutoModel"])[0]
+        model_class = classes.get(architecture, next(iter(classes.values())))
+        model, report = model_class.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True)
+    check_loaded(report, path, what)
+    return model
 
 
 # -- writing ----------------------------------------------------------------------------------------------------------
@@ -549,6 +871,21 @@ def atomic_save_pretrained(
 
 __all__ = [
     "Recovery",
+    "UserError",
+    "check_loaded",
+    "checkpoint_folder",
+    "destination_file",
+    "destination_folder",
+    "existing_file",
+    "existing_folder",
+    "given_path",
+    "load_checked",
+    "loading",
+    "missing_path",
+    "non_finite",
+    "paths_overlap",
+    "replaceable_folder",
+    "run_folder",
     "apply_umask",
     "atomic_save_pretrained",
     "atomic_write_bytes",

@@ -196,8 +196,8 @@ CASES = [
     ("coef-inf", [*CONVERT, "{r}/gpt2", "{r}/out", "--router-aux-loss-coef", "inf"], "'inf' is not a finite"),
     ("sweep-nan", [*REPORT, "{r}/gpt2", "{r}/out", "--sweep", "0.5,nan"], "'nan' is not a finite number"),
     ("sweep-empty-item", [*REPORT, "{r}/gpt2", "{r}/out", "--sweep", "0.5,"], "'0.5,' is not a comma-separated"),
-    ("sweep-keep-rate", [*REPORT, "{r}/gpt2", "{r}/out", "--sweep", "1.5"], "--sweep 1.5"),
-    ("sweep-fraction-k", [*REPORT, "{r}/gpt2", "{r}/out", "--method", "upcycle", "--sweep", "2.5"], "--sweep 2.5"),
+    ("sweep-keep-rate", [*REPORT, "{r}/gpt2", "{r}/out", "--sweep", "1.5"], "sweep 1.5: a COMET keep rate is in (0, 1]"),
+    ("sweep-fraction-k", [*REPORT, "{r}/gpt2", "{r}/out", "--method", "upcycle", "--sweep", "2.5"], "sweep 2.5: with method upcycle"),
     (
         "sweep-k-too-big",
         [*REPORT, "{r}/gpt2", "o", "--method", "upcycle", "--num-experts", "4", "--sweep", "8"],
@@ -253,6 +253,52 @@ CASES = [
     ("train-out-entry", ["train", "vit_digits", "--output-dir", "{r}/run_with_file"], "holds a file 'comet'"),
     ("train-out-foreign", ["train", "vit_digits", "--output-dir", "{r}/run_foreign"], "run_foreign/comet' holds"),
     ("train-out-link", ["train", "vit_digits", "--output-dir", "{r}/run_link"], "'{r}/run_link' is a symlink"),
+    # -- train: TrainingArguments flags, per-variant overrides, telemetry level -----------------------------------
+    ("train-logging-level", ["train", "vit_digits", "--routing-logging", "all"], "invalid choice: 'all'"),
+    ("train-ta-unknown", ["train", "vit_digits", "--report-too", "wandb"], "unrecognized arguments: --report-too wandb"),
+    ("train-ta-float", ["train", "vit_digits", "--learning_rate", "fast"], "invalid float value: 'fast'"),
+    ("train-ta-nan", ["train", "vit_digits", "--weight_decay", "nan"], "--weight_decay nan is not finite"),
+    ("train-ta-choice", ["train", "vit_digits", "--lr_scheduler_type", "annealing"], "invalid choice: 'annealing'"),
+    ("train-ta-reporter", ["train", "vit_digits", "--report_to", "tensorbored"], "'tensorbored' is not a reporter"),
+    ("train-ta-output-dir", ["train", "vit_digits", "--output_dir", "x"], "--output_dir is decided by the recipe"),
+    ("train-ta-steps-twice", ["train", "vit_digits", "--steps", "3", "--max_steps", "5"], "--max_steps 5 and setting"),
+    ("train-ta-lr-twice", ["train", "vit_digits", "--setting", "learning_rate=0.1", "--learning_rate", "0.2"], "both"),
+    (
+        "train-ta-combination",
+        ["train", "vit_digits", "--fast", "--load_best_model_at_end"],
+        "refused by TrainingArguments: --load_best_model_at_end requires the save and eval strategy to match",
+    ),
+    (
+        "train-set-prefix-absent",
+        ["train", "vit_digits", "--variants", "comet,topk", "--set", "switch.capacity_factor=1.25"],
+        "the variants of this run are comet, topk",
+    ),
+    (
+        "train-set-prefix-unknown",
+        ["train", "vit_digits", "--variants", "switch", "--set", "swich.capacity_factor=1.25"],
+        "'swich' is not a variant",
+    ),
+    (
+        "train-set-read-by-none",
+        ["train", "vit_digits", "--variants", "dense,comet", "--set", "capacity_factor=1.25"],
+        "no variant of this run (dense, comet) reads capacity_factor; it is read by switch",
+    ),
+    (
+        "train-set-dense",
+        ["train", "vit_digits", "--variants", "dense,comet", "--set", "dense.hidden_dropout_prob=0.2"],
+        "the dense variant is the upstream model",
+    ),
+    ("train-set-prefix-routing", ["train", "vit_digits", "--set", "comet.routing=topk"], "comet.routing='topk'"),
+    (
+        "train-set-prefix-field",
+        ["train", "vit_digits", "--variants", "comet", "--set", "comet.keep_rate=0.5"],
+        "'keep_rate' is not a comet_vit config field",
+    ),
+    (
+        "train-set-prefix-value",
+        ["train", "vit_digits", "--variants", "comet,switch", "--set", "switch.capacity_factor=-1"],
+        "capacity_factor=-1 is not allowed",
+    ),
     # -- demo ---------------------------------------------------------------------------------------------------
     ("demo-out-file", ["demo", "--fast", "--output-dir", "{r}/a_file"], "'{r}/a_file' is a file"),
     ("demo-out-empty", ["demo", "--fast", "--output-dir", ""], "--output-dir is empty"),
@@ -294,7 +340,7 @@ def test_a_bad_invocation_exits_2_naming_the_value_and_writes_nothing(root, argv
     def no_run(*args, **kwargs):
         raise AssertionError("a refused invocation started a training run")
 
-    monkeypatch.setattr("hf_comet.training.recipes.run_recipe", no_run)  # fail fast instead of training for minutes
+    monkeypatch.setattr("hf_comet.training.recipes.base.run_prepared", no_run)  # fail fast instead of training
     before = snapshot(root)
     assert run_main(fill(argv, root)) == 2
     err = capsys.readouterr().err

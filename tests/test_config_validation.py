@@ -196,7 +196,7 @@ IGNORED = [
     (routing, field)
     for routing, cls in ROUTER_CLASSES.items()
     for field, rule in MOE_FIELD_RULES.items()
-    if not rule.common and field not in cls.config_fields and field in GOOD_VALUES
+    if not rule.common and field not in cls.config_fields and field not in cls.fixed_fields and field in GOOD_VALUES
 ]
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import MORE, head_class, main_output, tiny_config, tiny_inputs, tiny_model
+from conftest import EVERY_HEAD, MORE, head_class, main_output, tiny_config, tiny_inputs, tiny_model
 from test_checkpoints import CODE_FILES
 from test_pipeline_ready import word_tokenizer
 from transformers import PreTrainedModel, pipeline
@@ -27,6 +27,7 @@ from transformers.models.vit import modeling_vit
 from hf_comet.convert import convert_to_moe
 from hf_comet.modeling import FAMILY_ADAPTERS
 from hf_comet.modeling.family_adapter import upstream_class
+from hf_comet.modeling.modeling_comet_common import upstream_init
 
 UPSTREAM_MODULES = {"comet_gpt2": modeling_gpt2, "comet_vit": modeling_vit, "comet_bert": modeling_bert}
 FEW_ROUTINGS = ["comet", "block_comet", "topk"]
@@ -135,6 +136,91 @@ def test_multiple_choice_routing_leaves_out_the_padding_of_every_choice():
     assert {layer: s["tokens"] for layer, s in statistics.items()} == dict.fromkeys(
         statistics, int(inputs["attention_mask"].sum())
     )
+
+
+# -- construction: upstream's constructor around our base model (issue 21) ---------------------------------------
+STOCK_BUILDING_BLOCKS = {
+    "comet_gpt2": (modeling_gpt2.GPT2Model, modeling_gpt2.GPT2Block),
+    "comet_bert": (modeling_bert.BertModel, modeling_bert.BertLayer),
+    "comet_vit": (modeling_vit.ViTModel, modeling_vit.ViTLayer),
+}
+HEADS_ONLY = [(family, head) for family, head in EVERY_HEAD if head != "AutoModel"]
+
+
+def comet_class(family: str, head: str) -> type:
+    adapter = FAMILY_ADAPTERS[family]
+    return adapter.auto_classes.get(head) or adapter.model_classes[head]
+
+
+@pytest.mark.parametrize("family, head", EVERY_HEAD)
+def test_a_model_builds_one_base_model_and_it_is_ours(family, head, monkeypatch):
+    """Heads run upstream's ``__init__`` with the base model's name bound to ours: exactly one base model (ours) and
+    one set of blocks is built, never a stock base model that is thrown away, and nothing is patched globally."""
+    built = []
+    for stock in STOCK_BUILDING_BLOCKS[family]:
+
+        def counting_init(self, *args, _stock=stock, _original=stock.__init__, **kwargs):
+            built.append((_stock, type(self)))
+            _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(stock, "__init__", counting_init)
+    stock_base, stock_block = STOCK_BUILDING_BLOCKS[family]
+    model = comet_class(family, head)(tiny_config(family, head))
+    assert [built_type for stock, built_type in built if stock is stock_base] == [type(model.base_model)]
+    assert type(model.base_model).__name__ == f"Comet{stock_base.__name__}"
+    assert sum(stock is stock_block for stock, _ in built) == model.config.num_hidden_layers
+    assert getattr(UPSTREAM_MODULES[family], stock_base.__name__) is stock_base
+
+
+def stock_twin_config(config):
+    config_dict = config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+        config_dict.pop(key, None)
+    return FAMILY_ADAPTERS[config.model_type].stock_config_class(**config_dict)
+
+
+@pytest.mark.parametrize("family, head", HEADS_ONLY)
+def test_a_head_is_seeded_like_its_base_model_and_initialised_like_upstream(family, head):
+    """At a fixed seed a head's base model equals our base model built alone (upstream builds it first, so the head
+    draws the same numbers as before), and the head's own tensors have upstream's init: the stock head's constants
+    exactly, its random weights at its scale (transformers' ``_init_weights``, not torch's default init)."""
+    cls = comet_class(family, head)
+    torch.manual_seed(0)
+    model = cls(tiny_config(family, head))
+    backbone = model.base_model
+    kwargs = {}
+    if family != "comet_gpt2":
+        kwargs["add_pooling_layer"] = backbone.pooler is not None
+    if family == "comet_vit":
+        kwargs["use_mask_token"] = backbone.embeddings.mask_token is not None
+    torch.manual_seed(0)
+    alone = type(backbone)(tiny_config(family, head), **kwargs)
+    assert backbone.state_dict().keys() == alone.state_dict().keys()
+    for key, value in alone.state_dict().items():
+        assert torch.equal(backbone.state_dict()[key], value), key
+
+    torch.manual_seed(0)
+    stock = upstream_class(cls)(stock_twin_config(tiny_config(family, head)))
+    prefix = f"{model.base_model_prefix}."
+    ours = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix)}
+    theirs = {k: v for k, v in stock.state_dict().items() if not k.startswith(prefix)}
+    assert ours and ours.keys() == theirs.keys()
+    for key, expected in theirs.items():
+        value = ours[key]
+        assert value.shape == expected.shape, key
+        if expected.min() == expected.max():  # zeros, ones
+            assert torch.equal(value, expected), key
+        else:
+            assert 0.5 < float(value.std() / expected.std()) < 2.0, key
+            assert abs(float(value.mean())) < 3 * float(expected.std()) / value.numel() ** 0.5 + 1e-3, key
+
+
+def test_upstream_init_refuses_an_upstream_that_does_not_build_the_named_base_model():
+    """A transformers release that stopped building the base model by name is refused before anything is built."""
+    model = modeling_gpt2.GPT2LMHeadModel.__new__(FAMILY_ADAPTERS["comet_gpt2"].model_classes["CometGPT2ForCausalLM"])
+    refused = r"GPT2LMHeadModel.__init__ of transformers .* does not build \[.GPT2Block.\] in its own body"
+    with pytest.raises(TypeError, match=refused):
+        upstream_init(model, modeling_gpt2.GPT2LMHeadModel, tiny_config("comet_gpt2"), GPT2Block=torch.nn.Module)
 
 
 # -- pipelines ----------------------------------------------------------------------------------------------------

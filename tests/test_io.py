@@ -378,7 +378,7 @@ def test_a_file_where_a_folder_goes_and_a_folder_where_a_file_goes_are_refused(t
         atomic_write_text(file / "README.md", "x")
     notes = tmp_path / "notes"
     write_tree(notes, {"todo.txt": b"mine"})
-    with pytest.raises(ValueError, match="holds no checkpoint"):
+    with pytest.raises(ValueError, match="holds files but no config.json, so it is not a checkpoint"):
         atomic_save_pretrained(model, notes)
     assert file.read_bytes() == b"user data" and snapshot(notes) == {"todo.txt": b"mine"}
     assert sorted(os.listdir(tmp_path)) == ["model.safetensors", "notes"]
@@ -392,7 +392,7 @@ def test_a_file_where_a_folder_goes_and_a_folder_where_a_file_goes_are_refused(t
 def test_recipe_outputs_are_checked_before_any_training(tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "comet").symlink_to(tmp_path / "real")
-    with pytest.raises(RecipeArgumentError, match="symbolic link"):
+    with pytest.raises(RecipeArgumentError, match="comet' is a symlink"):
         check_recipe_outputs("vit_digits", tmp_path, ["dense", "comet"])
     (tmp_path / "comet").unlink()
     (tmp_path / "metrics.json").mkdir()

@@ -74,6 +74,29 @@ def test_tp_plan_rules_name_modules(config_class):
     assert set(config_class.base_model_tp_plan) <= generic
 
 
+@pytest.mark.parametrize("family", list(FAMILY_HEADS))
+@pytest.mark.parametrize("moe_layers", [None, [0, 1], [1]])
+def test_every_rule_of_a_models_plan_names_a_module_or_parameter(family, moe_layers):
+    """transformers' ``test_tp_plan_matches_params``: no rule may match nothing, so the dense-FFN rules appear only
+    when a block is dense (every block is an MoE block for ``None`` and ``[0, 1]``)."""
+    model = tiny_model(family, FAMILY_HEADS[family], routing="topk", moe_layers=moe_layers)
+    names = [n for n, _ in model.named_modules()] + [n for n, _ in model.named_parameters()]
+    matched = {rule for rule in model.tp_plan for n in names if _get_parameter_plan(n, {rule: "x"}, is_weight=True)}
+    assert set(model.tp_plan) == matched
+    left_out = set(type(model.config).base_model_tp_plan) - set(model.config.base_model_tp_plan)
+    assert bool(left_out) == (family != "comet_gpt2" and moe_layers != [1])  # GPT-2's Conv1D FFNs have no rules
+
+
+def test_gpt2_plan_shards_the_input_embedding_with_its_tied_head():
+    """transformers' ``test_tp_plan_shards_input_embeddings`` and ``test_tied_weights_are_sharded_together``."""
+    for head in ("AutoModelForCausalLM", "CometGPT2DoubleHeadsModel", "AutoModel"):
+        model = tiny_model("comet_gpt2", head, routing="topk")
+        wte = next(name for name, module in model.named_modules() if module is model.get_input_embeddings())
+        assert _get_parameter_plan(f"{wte}.weight", model.tp_plan, is_weight=True) == "embedding_rowwise"
+        if head != "AutoModel":
+            assert model.tp_plan["lm_head"] == "colwise_gather_output"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -117,9 +140,12 @@ def test_tensor_parallel_two_processes_match_one(tmp_path):
         for name, result in results.items():
             sharded = result["sharded"]
             assert len([n for n in sharded if ".experts." in n]) == (6 if name.startswith("comet_gpt2") else 3), name
-            # GPT-2: its two MoE blocks' experts only (Conv1D stays replicated); ViT/BERT: 2 x 7 attention weights and
-            # biases (the rowwise output bias stays replicated), a dense FFN's 3 and a MoE block's 3
-            assert len(sharded) == (6 if name.startswith("comet_gpt2") else 20), (name, sharded)
+            # GPT-2: its two MoE blocks' experts and the token embedding on the vocabulary (Conv1D stays replicated;
+            # the tied lm_head is the same parameter); ViT/BERT: 2 x 7 attention weights and biases (the rowwise output
+            # bias stays replicated), a dense FFN's 3 and a MoE block's 3
+            assert len(sharded) == (7 if name.startswith("comet_gpt2") else 20), (name, sharded)
+            if name.startswith("comet_gpt2"):
+                assert sharded["transformer.wte.weight"] == [[32, 32], [64, 32]], name  # half the vocabulary
             for local, full in sharded.values():  # one dim halved, the others whole
                 pairs = list(zip(local, full, strict=True))
                 assert sum(a != b for a, b in pairs) == 1 and all(a in (b, b // 2) for a, b in pairs), (name, pairs)

@@ -6,6 +6,7 @@ The built-in recipes' fast runs are `test_cli_and_demo.py::test_recipes_fast_set
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -172,3 +173,82 @@ def test_recipe_settings_that_could_not_run_or_finish_are_refused_before_any_wor
     with pytest.raises(RecipeArgumentError, match=message):
         validate_recipe_arguments("vit_digits", True, None, None, settings)
     assert not (tmp_path / "out").exists()
+
+
+# -- TrainingArguments, per-variant overrides and telemetry through `hf-comet train` ----------------------------------
+def test_training_arguments_and_the_telemetry_level_reach_every_variant_s_trainer(toy_recipe, tmp_path, monkeypatch):
+    from hf_comet.training import CometTrainer
+    from hf_comet.training.recipes import base
+
+    seen = []
+
+    class Recording(CometTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append(self)
+
+    monkeypatch.setattr(base, "CometTrainer", Recording)
+    flags = ["--gradient_accumulation_steps", "2", "--weight_decay", "0.0", "--lr_scheduler_type", "linear",
+             "--learning_rate", "0.01", "--report_to", "none", "--routing-logging", "layers"]  # fmt: skip
+    argv = ["train", "toy_digits", "--fast", "--no-progress", "--variants", "dense,comet", *flags]
+    assert main([*argv, "--output-dir", str(tmp_path)]) == 0
+    assert len(seen) == 2
+    for trainer in seen:
+        args = trainer.args
+        assert args.gradient_accumulation_steps == 2 and args.weight_decay == 0.0 and args.learning_rate == 0.01
+        assert args.lr_scheduler_type == "linear" and args.report_to == [] and trainer.routing_logging == "layers"
+        assert args.max_steps == 2 and args.per_device_train_batch_size == 16  # the recipe's own, untouched
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["settings"]["learning_rate"] == 0.01  # --learning_rate is the recipe setting of that name
+    assert summary["training_args"] == {"gradient_accumulation_steps": 2, "weight_decay": 0.0,
+                                        "lr_scheduler_type": "linear", "report_to": "none"}  # fmt: skip
+    assert any("/layer_0/" in key for entry in seen[1].state.log_history for key in entry)
+
+
+def test_the_recipe_reports_nowhere_unless_asked_and_a_missing_reporter_is_refused_by_name(toy_recipe, monkeypatch):
+    from hf_comet.training.recipes import base
+
+    assert base._recipe_training_arguments(toy_recipe.fast, Path("w"), 0, False)["report_to"] == "none"
+    monkeypatch.setattr("transformers.integrations.integration_utils.get_available_reporting_integrations", lambda: [])
+    with pytest.raises(RecipeArgumentError, match=r"--report_to tensorboard: tensorboard is not installed \(pip"):
+        base.check_training_arguments({"report_to": ["tensorboard"]})
+    monkeypatch.setattr(
+        "transformers.integrations.integration_utils.get_available_reporting_integrations", lambda: ["tensorboard"]
+    )
+    assert base.check_training_arguments({"report_to": ["tensorboard"], "max_steps": 3}) == (
+        {"steps": 3},
+        {"report_to": ["tensorboard"]},
+    )
+
+
+def test_parse_training_arguments_returns_only_what_was_given():
+    from hf_comet.training.recipes.base import parse_training_arguments
+
+    assert parse_training_arguments([]) == {}
+    given = parse_training_arguments(["--report_to", "tensorboard", "--weight-decay", "0", "--no_remove_unused_columns"])
+    assert given == {"report_to": "tensorboard", "weight_decay": 0.0, "remove_unused_columns": False}
+
+
+def test_the_readme_s_per_variant_override_works_as_pasted(tmp_path):
+    """``--variants dense,block_comet,switch --set capacity_factor=1.25``: only switch reads capacity_factor."""
+    from hf_comet.training.recipes.base import prepare_recipe_run, variant_overrides
+
+    variants = ["dense", "block_comet", "switch"]
+    prepared = prepare_recipe_run("vit_digits", tmp_path / "out", fast=True, variants=variants,
+                                  overrides={"capacity_factor": 1.25})  # fmt: skip
+    assert prepared.variant_overrides == {"block_comet": {}, "switch": {"capacity_factor": 1.25}}
+    assert not (tmp_path / "out").exists()
+    given = {"router_aux_loss_coef": 0.1, "switch.router_aux_loss_coef": 0.2, "hidden_dropout_prob": 0.1}
+    assert variant_overrides("comet_vit", ["comet", "topk", "switch"], given) == {
+        "comet": {"hidden_dropout_prob": 0.1},  # comet reads no aux loss; a family field goes to every MoE variant
+        "topk": {"router_aux_loss_coef": 0.1, "hidden_dropout_prob": 0.1},
+        "switch": {"router_aux_loss_coef": 0.2, "hidden_dropout_prob": 0.1},  # the prefixed value wins
+    }
+
+
+def test_trainer_files_asked_for_are_kept_in_the_run_folder_and_none_otherwise(toy_recipe, tmp_path):
+    argv = ["train", "toy_digits", "--fast", "--no-progress", "--variants", "comet"]
+    assert main([*argv, "--output-dir", str(tmp_path / "plain")]) == 0
+    assert not (tmp_path / "plain" / "trainer").exists() and not any(p.name.startswith(".") for p in (tmp_path / "plain").iterdir())
+    assert main([*argv, "--save_strategy", "steps", "--save_steps", "2", "--output-dir", str(tmp_path / "kept")]) == 0
+    assert (tmp_path / "kept" / "trainer" / "comet" / "checkpoint-2" / "trainer_state.json").is_file()

@@ -119,15 +119,46 @@ def test_routing_telemetry_reaches_log_history_every_logging_step(routing, tmp_p
     trainer.train()
     logs = [e for e in trainer.state.log_history if "loss" in e]
     assert [e["step"] for e in logs] == [2, 4]
-    for entry in logs:
+    for entry in logs:  # the default level: model summaries only, however deep the model
         for key in ("max_load_share", "min_load_share", "dead_experts", "gate_entropy", "usage_entropy"):
-            assert f"routing/{key}" in entry and f"routing/layer_0/{key}" in entry and f"routing/layer_1/{key}" in entry
+            assert f"routing/{key}" in entry
+        assert not any("/layer_" in key for key in entry), entry
         assert "routing/mask_overlap" in entry and "routing/overlap_similarity_correlation" in entry
         assert ("router_aux_loss" in entry) == (routing == "topk")
     # each window holds exactly its two steps' real tokens (padding excluded, then reset)
     valid = sum(int(r["attention_mask"].sum()) for r in rows_of("comet_gpt2", 16)[:8])
     per_token = {"comet": 64, "topk": 2, "deep": 1}[routing]
     assert sum(trainer.routing_history[0]["tokens_per_expert"][0]) == pytest.approx(valid * per_token)
+
+
+@pytest.mark.parametrize("level", ["summary", "layers", "none"])
+def test_routing_logging_levels_choose_summaries_every_layer_or_nothing(level, tmp_path):
+    model = tiny_model("comet_gpt2", "AutoModelForCausalLM", routing="topk")
+    trainer = CometTrainer(
+        model=model,
+        args=args(tmp_path, max_steps=2, logging_steps=2, per_device_train_batch_size=4, learning_rate=1e-3),
+        train_dataset=ListDataset(rows_of("comet_gpt2", 8)),
+        routing_logging=level,
+    )
+    trainer.train()
+    (entry,) = [e for e in trainer.state.log_history if "loss" in e]
+    routing = {key for key in entry if key.startswith("routing/") or key == "router_aux_loss"}
+    layers = {key for key in routing if "/layer_" in key}
+    if level == "none":
+        assert routing == set() and trainer.routing_history == []
+        return
+    summaries = routing - layers
+    assert "router_aux_loss" in summaries and "routing/max_load_share" in summaries and len(summaries) <= 10
+    assert {key.split("/")[1] for key in layers} == ({"layer_0", "layer_1"} if level == "layers" else set())
+    assert layers >= ({"routing/layer_0/max_load_share", "routing/layer_1/dead_experts"} if level == "layers" else set())
+    assert set(trainer.routing_history[0]["tokens_per_expert"]) == {0, 1}  # the load heatmaps' data at both levels
+
+
+@pytest.mark.parametrize("level", ["all", "layer", "", None, True])
+def test_an_unknown_routing_logging_level_is_refused_before_any_work(level, tmp_path):
+    with pytest.raises(ValueError, match=f"routing_logging={level!r} is not a telemetry level; choose one of 'summary'"):
+        CometTrainer(model=tiny_model("comet_vit", "AutoModel"), args=args(tmp_path), routing_logging=level)
+    assert not (tmp_path / "out").exists()
 
 
 def test_label_smoothing_keeps_the_aux_loss(tmp_path):

@@ -1,6 +1,7 @@
 """Training state that survives: resume is bit-identical for every routing and option, a non-finite decision never
 enters running state, counters are exact beyond 2^24 tokens, and concurrent forwards lose no statistics."""
 
+import json
 import threading
 
 import pytest
@@ -114,3 +115,51 @@ def test_concurrent_forwards_from_threads_lose_no_statistics():
     for stats in model.routing_statistics().values():
         assert stats["tokens"] == 4 * 10 * 2 * 5
         assert sum(stats["tokens_per_expert"]) == 4 * 10 * 2 * 5 * 2
+
+
+def _edited(edit):
+    """A damage that parses the saved state, edits it, and writes it back as JSON."""
+
+    def damage(text):
+        state = json.loads(text)
+        edit(state)
+        return json.dumps(state)
+
+    return damage
+
+
+def _first(state):
+    return state[next(iter(state))]
+
+
+DAMAGED_STATES = [
+    ("truncated", lambda text: text[: len(text) // 2], "JSONDecodeError"),
+    ("empty-file", lambda text: "", "JSONDecodeError"),
+    ("not-an-object", lambda text: "[1, 2, 3]", "not an object"),
+    ("negative-draws", _edited(lambda s: _first(s).update(pair_draws=-3)), "pair_draws=-3"),
+    ("float-draws", _edited(lambda s: _first(s).update(pair_draws=1.5)), "pair_draws=1.5"),
+    ("short-counts", _edited(lambda s: _first(s)["selection_counts"].pop()), "selection_counts must be"),
+    ("negative-counts", _edited(lambda s: _first(s).update(selection_counts=[-1] * 4)), "selection_counts must be"),
+    ("missing-key", _edited(lambda s: _first(s).pop("pair_draws")), "expected pair_draws"),
+    ("unknown-layer", _edited(lambda s: s.update({"99": _first(s)})), "layer '99'"),
+]
+
+
+@pytest.mark.parametrize("name, damage, message", DAMAGED_STATES, ids=[case[0] for case in DAMAGED_STATES])
+def test_a_damaged_routing_state_is_refused_naming_the_file(tmp_path, name, damage, message):
+    fields = dict(routing="topk")
+    _train(tmp_path, fields, None, resume=False)
+    state = tmp_path / "out" / "checkpoint-2" / "routing_state_0.json"
+    state.write_text(damage(state.read_text()))
+    model = tiny_model(*VIT, **fields)
+    trainer = CometTrainer(
+        model=model,
+        args=args(tmp_path, max_steps=4, per_device_train_batch_size=4, save_strategy="no"),
+        train_dataset=ListDataset(rows_of("comet_vit", 16)),
+    )
+    counts = [block.selection_counts.clone() for block in model.moe_blocks()]
+    with pytest.raises(ValueError, match=message) as error:
+        trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert str(state) in str(error.value)
+    for block, before in zip(model.moe_blocks(), counts, strict=True):
+        assert torch.equal(block.selection_counts, before)  # nothing half-restored

@@ -28,6 +28,14 @@ class CometConversion(ConversionMethod):
             return copy_experts(ffn, num_experts)
         return slice_experts(ffn, torch.arange(ffn.width), num_experts)  # block-COMET blocks are consecutive units
 
+    sweep_label = "comet_keep_rate"
+
+    def default_sweep(self, num_experts: int) -> list[float | int]:
+        return [0.25, 0.5, 0.75, 1.0]
+
+    def sweep_problem(self, value: float, num_experts: int | None = None) -> str | None:
+        return None if 0 < value <= 1 else "a COMET keep rate is in (0, 1]"
+
     def sweep_fields(self, fields: dict[str, Any], value: float | int) -> dict[str, Any]:
         return {**fields, "comet_keep_rate": value}
 

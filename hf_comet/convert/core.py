@@ -17,10 +17,10 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, PreTrainedModel
 
 from ..modeling import FAMILY_ADAPTERS, FamilyAdapter
-from ..modeling.configuration_comet import CONVERSION_METHODS
+from ..modeling.configuration_comet import CONVERSION_METHODS, resolve_moe_aliases
 from ..modeling.configuration_comet import SPLIT_METHODS as CONFIG_SPLIT_METHODS
 from .comet import COMET
-from .companions import is_hub_id, read_conversion_source
+from .companions import is_hub_id, read_conversion_source, recorded_source
 from .method import ConversionError, ConversionMethod, hash_block
 from .split import DEFAULT_SPLIT_METHOD, SPLIT, SPLIT_METHODS
 from .upcycle import UPCYCLE
@@ -81,7 +81,7 @@ def _load_dense(source: PreTrainedModel | str | os.PathLike) -> tuple[PreTrained
         )
     family, head = _stock_head(architectures[0])
     if os.path.isdir(path):
-        path = os.path.abspath(path)  # a local source is recorded as an absolute path, never mistaken for a repo id
+        path = os.path.abspath(path)  # a local source is read as an absolute path, never mistaken for a repo id
     stock_class = family.stock_class(head)
     try:  # mismatched shapes are reported (and refused below) rather than raised with a pointer to a hidden report
         model, report = stock_class.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True)
@@ -139,6 +139,10 @@ def _moe_config(
     config_dict = dense.config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path"):
         config_dict.pop(key, None)
+    try:  # transformers' names (num_local_experts) as the config takes them; MoE-looking typos refused by name
+        fields = resolve_moe_aliases(fields, family.config_class)
+    except ValueError as error:
+        raise ConversionError(str(error)) from error
     routing = method.resolve_routing(fields.pop("routing", None))
     if method.expert_width is not None and "moe_intermediate_size" in fields:
         raise ConversionError(
@@ -195,7 +199,7 @@ def convert_to_moe(
     model, source = _load_dense(dense)
     family, head = _stock_head(type(model).__name__)
     provenance = {
-        "converted_from": source,
+        "converted_from": recorded_source(source),  # a Hub id or ./<folder name>, never an absolute path
         "conversion_method": method,
         "split_method": split_method if conversion.takes_split_method else None,
         "conversion_seed": seed,

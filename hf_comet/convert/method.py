@@ -7,12 +7,14 @@ from typing import Any
 
 import torch
 
+from ..io import UserError
 from ..modeling.configuration_comet import LEARNED_ROUTINGS, ROUTER_CLASSES
 from ..modeling.family_adapter import DenseFFN
 
 
-class ConversionError(ValueError):
-    """The source or the options cannot be converted; raised before anything is built or written."""
+class ConversionError(UserError):
+    """The source or the options cannot be converted; raised before anything is built or written (a
+    `~hf_comet.io.UserError`, so a ``ValueError``)."""
 
 
 def hash_block(name: str) -> int:
@@ -85,6 +87,21 @@ class ConversionMethod:
 
     def init_routers(self, moe: torch.nn.Module, mapped: dict[str, torch.Tensor]) -> None:
         """Set router weights from the mapped experts once they are loaded (routers keep their init by default)."""
+
+    sweep_label: str = "experts per token"
+    """What `deviation_report`'s sweep varies, in words (a report's column header)."""
+
+    def default_sweep(self, num_experts: int) -> list[float | int]:
+        """The sweep a report runs when none is given: 1, 2, half and all of the experts per token."""
+        return sorted({1, 2, max(1, num_experts // 2), num_experts})
+
+    def sweep_problem(self, value: float, num_experts: int | None = None) -> str | None:
+        """Why ``value`` cannot be a sweep setting (``None`` when it can); ``num_experts`` once the model is known."""
+        if value < 1 or value != int(value):
+            return f"with method {self.name} the sweep is of experts per token, >= 1"
+        if num_experts is not None and value > num_experts:
+            return f"more experts per token than the {num_experts} experts"
+        return None
 
     def sweep_fields(self, fields: dict[str, Any], value: float | int) -> dict[str, Any]:
         """``fields`` with one setting of `deviation_report`'s sweep: experts per token (``num_experts_per_tok``, or

@@ -6,8 +6,10 @@ library, ``transformers`` and sibling modules.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from huggingface_hub.dataclasses import strict
@@ -18,7 +20,7 @@ from .routing_names import LEARNED_ROUTINGS, MIXTURE_ROUTINGS, ROUTER_CLASSES, R
 _NO_GATE = "the sample-similarity regulariser needs gate probabilities, which routing='comet' does not have; leave it at 0"
 FIELD_HINTS = {
     "mixture_top_k": "use num_experts_per_tok for the other learned routers",
-    "num_experts_per_tok": "switch always sends a token to one expert; attentive and deep use mixture_top_k",
+    "num_experts_per_tok": "attentive and deep use mixture_top_k",
     "similarity_beta_s": _NO_GATE,
     "similarity_beta_d": _NO_GATE,
 }
@@ -138,6 +140,97 @@ MOE_FIELD_RULES: dict[str, FieldRule] = {
 """Type and range of every MoE field (checked at construction, at loading and on assignment); the cross-field rules
 are in `CometMoEConfigMixin.validate_moe_config` and each router's ``validate_config``."""
 
+MOE_FIELD_ALIASES: dict[str, str] = {"num_local_experts": "num_experts"}
+"""transformers' names for MoE fields of ours that mean exactly the same: Mixtral's (and GraniteMoe's, PhiMoE's)
+``num_local_experts`` is our ``num_experts``, the experts of one MoE layer. An alias is accepted wherever the field
+is (construction, ``from_pretrained`` overrides, ``config.json``, assignment, `update_moe`) and read back
+(``config.num_local_experts``); it is serialised under our name only, and an alias given beside its field with a
+different value is refused. Names transformers shares with us already (``num_experts_per_tok``, ``norm_topk_prob``,
+``moe_intermediate_size``, ``router_aux_loss_coef``, ``router_z_loss_coef``, ``router_jitter_noise``,
+``output_router_logits``) need no alias. Names that look alike but mean something else are not aliases: Qwen3-MoE's
+``mlp_only_layers`` (the complement of ``moe_layers``), ``decoder_sparse_step``, Switch Transformers'
+``expert_capacity`` (a token count, not our ``capacity_factor``) and ``router_bias``; they are refused as unknown MoE
+names (`check_unknown_moe_names`)."""
+
+MOE_NAME_WORDS = ("expert", "router", "routing", "moe", "comet", "topk", "top_k", "gate", "gating", "capacity")
+"""Words that make an unknown keyword argument look like an MoE field (`check_unknown_moe_names`)."""
+
+LOOKALIKE_NAMES = {
+    "mlp_only_layers": "Qwen3-MoE's mlp_only_layers lists the dense blocks; set moe_layers to the MoE blocks instead",
+    "decoder_sparse_step": "set moe_layers to the MoE blocks (e.g. every second one) instead",
+    "expert_capacity": "Switch Transformers' token count; routing='switch' takes capacity_factor (a multiple of "
+    "tokens / num_experts)",
+    "router_bias": "our gates have no bias",
+}
+"""Other MoE implementations' names that mean something different from every field of ours: refused with advice."""
+
+UPSTREAM_MOE_KWARGS = frozenset({"experts_implementation"})
+"""Keyword arguments with an MoE word that transformers' own ``PreTrainedConfig`` consumes."""
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions) between ``a`` and ``b``."""
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, 1):
+        current = [i]
+        for j, char_b in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
+
+
+def _is_typo_of(name: str, field: str) -> bool:
+    """Whether ``name`` is one edit from ``field`` (two for fields of 12 characters or more)."""
+    return _edit_distance(name, field) <= (1 if len(field) < 12 else 2)
+
+
+def check_unknown_moe_names(config_class: type, names: Iterable[str]) -> None:
+    """Refuse, by name, every name in ``names`` that is not a field of ``config_class`` but looks like an MoE field.
+
+    ``PreTrainedConfig`` stores any unknown keyword argument as a plain attribute, so a typo such as
+    ``num_experts_per_token=2`` would otherwise pass silently and change nothing. The rule (our choice,
+    docs/decisions.md): a name that is not a field of the class (upstream or ours), not an alias of one
+    (`MOE_FIELD_ALIASES`, the class's ``attribute_map``), not private (``_...``) and not one transformers consumes
+    (`UPSTREAM_MOE_KWARGS`) is refused with ``ValueError`` when it contains an MoE word (`MOE_NAME_WORDS`), is
+    a typo of an MoE field (one edit away, two for names of 12 characters or more; the message names the field) or is another library's look-alike (`LOOKALIKE_NAMES`, with advice). Any other unknown name keeps transformers' behaviour (stored as an attribute), so
+    transformers' own config tests and arbitrary user metadata still work. Assigning such a name after
+    construction only warns (transformers' tests set arbitrary attributes on a built config).
+    """
+    known = set(config_class.__dataclass_fields__) | set(config_class.attribute_map) | set(MOE_FIELD_ALIASES)
+    for name in names:
+        if not isinstance(name, str) or name in known or name.startswith("_") or name in UPSTREAM_MOE_KWARGS:
+            continue
+        what = f"{name!r} is not a {config_class.model_type} config field"
+        if name in LOOKALIKE_NAMES:
+            raise ValueError(f"{what}: {LOOKALIKE_NAMES[name]}.")
+        close = [field for field in (*MOE_FIELD_RULES, *MOE_FIELD_ALIASES) if _is_typo_of(name, field)]
+        if not close and not any(word in name.lower() for word in MOE_NAME_WORDS):
+            continue
+        if close:
+            raise ValueError(f"{what}; did you mean {close[0]!r}?")
+        aliases = ", ".join(f"{alias} for {field}" for alias, field in MOE_FIELD_ALIASES.items())
+        raise ValueError(f"{what}; the MoE fields are {', '.join(MOE_FIELD_RULES)} (aliases: {aliases}).")
+
+
+def resolve_moe_aliases(fields: dict, config_class: type) -> dict:
+    """``fields`` with every `MOE_FIELD_ALIASES` name replaced by our field name, after `check_unknown_moe_names`.
+
+    Raises ``ValueError`` when an alias and its field are both given with different values."""
+    check_unknown_moe_names(config_class, fields)
+    resolved = dict(fields)
+    for alias, field in MOE_FIELD_ALIASES.items():
+        if alias not in resolved:
+            continue
+        value = resolved.pop(alias)
+        if field in resolved and resolved[field] != value:
+            raise ValueError(
+                f"{alias}={value!r} and {field}={resolved[field]!r} disagree: {alias} is transformers' name for "
+                f"{field}; give one of them."
+            )
+        resolved[field] = value
+    return resolved
+
+
 CROSS_FIELDS = frozenset(
     {"n_layer", "num_hidden_layers", "n_inner", "n_embd", "intermediate_size", "chunk_size_feed_forward"}
 )
@@ -163,8 +256,13 @@ class CometMoEConfigMixin:
             ``hf-comet info`` lists them). ``"comet"`` is a frozen random projection that keeps ``comet_keep_rate``
             of the FFN units per token (no trainable gate, no aux loss); learned routings gate ``num_experts``
             experts.
-        num_experts: experts per MoE layer for learned routers.
-        num_experts_per_tok: experts each token is sent to by ``topk`` and ``noisy_topk``.
+        num_experts: experts per MoE layer for learned routers (transformers' ``num_local_experts`` is accepted as an
+            alias, `MOE_FIELD_ALIASES`).
+        num_experts_per_tok: experts each token is sent to: set by ``topk`` and ``noisy_topk``; ``switch`` fixes it at
+            1 (the config reports 1; 1 and the default are accepted, anything else refused). ``attentive`` and
+            ``deep`` choose with ``mixture_top_k`` instead; COMET has no experts in this sense (it keeps
+            ``comet_keep_rate`` of the FFN units or blocks per token): both leave this field at its default, unread,
+            and their cards do not list it.
         norm_topk_prob: ``topk``: renormalise the kept probabilities to sum to 1 (Mixtral); needed for exact
             upcycling.
         moe_intermediate_size: width of one expert. ``None`` splits the dense FFN width evenly over
@@ -221,7 +319,8 @@ class CometMoEConfigMixin:
         router_scale: ``topk``/``noisy_topk``: the kept gate weights are multiplied by this (LLaMA-MoE's score scale).
             ``split`` conversion sets it to ``num_experts_per_tok`` with renormalised weights, so a uniform gate gives
             each selected slice weight 1 and every-expert routing is exactly the dense FFN.
-        converted_from: provenance, set by `hf_comet.convert_to_moe`: the dense checkpoint's path or repo id.
+        converted_from: provenance, set by `hf_comet.convert_to_moe`: the dense checkpoint's Hub repo id, or
+            ``./<folder name>`` for a local folder (never an absolute path; a Hub-cache snapshot is its repo id).
         conversion_method: provenance, set by conversion: one of `CONVERSION_METHODS` (``"comet"``, ``"upcycle"``,
             ``"split"``), or ``None``; other values are refused.
         split_method: provenance of ``split`` conversion: one of `SPLIT_METHODS` (``"contiguous"``, ``"random"``,
@@ -282,6 +381,7 @@ class CometMoEConfigMixin:
     # -- validation ----------------------------------------------------------------------------------------------
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        self._store_fixed_fields()
         self.validate_moe_config()
         self.__dict__["_moe_checked"] = True  # from now on every assignment of an MoE field is checked
 
@@ -304,8 +404,26 @@ class CometMoEConfigMixin:
         self._refuse_fields_the_routing_ignores(router_class)
         router_class.validate_config(self)
 
+    def _store_fixed_fields(self) -> None:
+        """A field the routing fixes (``Router.fixed_fields``; Switch's ``num_experts_per_tok = 1``) still at its
+        default (unset, or a checkpoint that recorded the default) takes the routing's value, so the config reports
+        the truth; any other value is refused by `validate_moe_config`."""
+        router_class = ROUTER_CLASSES.get(self.routing) if isinstance(self.routing, str) else None  # checked later
+        for name, value in getattr(router_class, "fixed_fields", {}).items():
+            if getattr(self, name) == MOE_FIELD_DEFAULTS[name]:
+                self.__dict__[name] = value
+
     def _refuse_fields_the_routing_ignores(self, router_class) -> None:
+        for name, fixed in getattr(router_class, "fixed_fields", {}).items():
+            value = getattr(self, name)
+            if value != fixed:
+                raise ValueError(
+                    f"{name}={value!r} is not allowed under routing={self.routing!r}, which fixes it at {fixed!r}; "
+                    f"set {name}={fixed!r} or leave it unset."
+                )
         for name, rule in MOE_FIELD_RULES.items():
+            if name in getattr(router_class, "fixed_fields", {}):
+                continue
             if rule.common or name in router_class.config_fields:
                 continue
             value, default = getattr(self, name), MOE_FIELD_DEFAULTS[name]
@@ -323,6 +441,15 @@ class CometMoEConfigMixin:
 
     # -- checked assignment ----------------------------------------------------------------------------------------
     def __setattr__(self, name, value):
+        name = MOE_FIELD_ALIASES.get(name, name)
+        if self.__dict__.get("_moe_checked") and name not in self.__dict__ and not hasattr(type(self), name):
+            # a new attribute that looks like a mistyped MoE field: a warning, not an error, because transformers'
+            # own tests and tools set arbitrary attributes after construction (``mlp_only_layers`` in
+            # ``test_tp_plan_matches_params``); construction, loading and `update_moe` refuse it
+            try:
+                check_unknown_moe_names(type(self), [name])
+            except ValueError as error:
+                warnings.warn(f"{error} It is stored as a plain attribute and changes nothing.", stacklevel=2)
         if not self.__dict__.get("_moe_checked") or (name not in MOE_FIELD_RULES and name not in CROSS_FIELDS):
             super().__setattr__(name, value)  # construction, loading internals, upstream-only fields
             return
@@ -332,7 +459,9 @@ class CometMoEConfigMixin:
 
     def update_moe(self, **fields) -> None:
         """Assign several fields at once, then validate once: a change that needs two fields together (e.g. the
-        routing and a field only the new routing reads). On a ``ValueError`` every field keeps its old value."""
+        routing and a field only the new routing reads). On a ``ValueError`` every field keeps its old value.
+        Aliases (`MOE_FIELD_ALIASES`) are accepted; unknown MoE-looking names are refused (`check_unknown_moe_names`)."""
+        fields = resolve_moe_aliases(fields, type(self))
         for name, value in fields.items():
             if name in MOE_FIELD_RULES:
                 MOE_FIELD_RULES[name].check(name, value, self)
@@ -344,13 +473,15 @@ class CometMoEConfigMixin:
 
     def _assign_and_validate(self, fields: dict) -> None:
         missing = object()
-        old = {name: getattr(self, name, missing) for name in fields}
+        fixed = {name for router_class in ROUTER_CLASSES.values() for name in getattr(router_class, "fixed_fields", {})}
+        old = {name: getattr(self, name, missing) for name in (*fields, *fixed)}
         checked = self.__dict__.get("_moe_checked", False)
         self.__dict__["_moe_checked"] = False  # plain stores while the batch is assigned
         try:
             for name, value in fields.items():
                 setattr(self, name, value)
             if checked:
+                self._store_fixed_fields()
                 self.validate_moe_config()
         except BaseException:
             for name, value in old.items():
@@ -365,9 +496,13 @@ class CometMoEConfigMixin:
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
         """Upstream ``from_dict``, with MoE overrides (``from_pretrained(path, routing=..., ...)``) merged into the
-        loaded fields before the config is built, so they are validated together like a new config."""
-        overrides = {name: kwargs.pop(name) for name in list(kwargs) if name in MOE_FIELD_RULES}
-        return super().from_dict({**config_dict, **overrides}, **kwargs)
+        loaded fields before the config is built, so they are validated together like a new config. An override wins
+        over the file's value, under our name or its alias (`MOE_FIELD_ALIASES`); an unknown MoE-looking override is
+        refused by name (`check_unknown_moe_names`) instead of being dropped silently."""
+        check_unknown_moe_names(cls, [name for name in kwargs if name not in config_dict])
+        moe_names = (*MOE_FIELD_RULES, *MOE_FIELD_ALIASES)
+        overrides = resolve_moe_aliases({name: kwargs.pop(name) for name in list(kwargs) if name in moe_names}, cls)
+        return super().from_dict({**resolve_moe_aliases(dict(config_dict), cls), **overrides}, **kwargs)
 
     def _remove_keys_not_serialized(self, d: dict) -> None:
         super()._remove_keys_not_serialized(d)
@@ -377,6 +512,21 @@ class CometMoEConfigMixin:
 MOE_FIELD_DEFAULTS = {name: CometMoEConfigMixin.__dataclass_fields__[name].default for name in MOE_FIELD_RULES}
 """The default of every MoE field: a default value is never refused (checkpoints serialise every field)."""
 assert set(MOE_FIELD_RULES) == set(CometMoEConfigMixin.__dataclass_fields__), "every MoE field needs a rule"
+
+
+def accept_transformers_names(config_class: type) -> type:
+    """Class decorator (outside ``@strict``): the constructor maps `MOE_FIELD_ALIASES` to our fields and refuses
+    unknown MoE-looking keyword arguments (`resolve_moe_aliases`) before any field is set; the class reads aliases
+    back through its ``attribute_map``."""
+    config_class.attribute_map = {**config_class.attribute_map, **MOE_FIELD_ALIASES}
+    init = config_class.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **resolve_moe_aliases(kwargs, type(self)))
+
+    config_class.__init__ = __init__
+    return config_class
 
 
 def experts_tp_plan(block: str) -> dict[str, str]:
@@ -395,19 +545,45 @@ def experts_tp_plan(block: str) -> dict[str, str]:
     }
 
 
+class TensorParallelPlan:
+    """A config's ``base_model_tp_plan``: every rule on the class, the rules for modules that exist on an instance.
+
+    Read on the class (``CometBertConfig.base_model_tp_plan``) it is the whole plan, for a model with dense and MoE
+    blocks. Read on a config (what transformers does when it builds a model) the dense-FFN rules are left out when
+    every block is an MoE block (``moe_layers`` is ``None`` or lists them all): transformers' rule is that every entry
+    of a plan names a module of the model (``test_tp_plan_matches_params``), and those modules then do not exist.
+    """
+
+    def __init__(self, shared: dict[str, str], dense_ffn: dict[str, str]):
+        self.shared, self.dense_ffn = shared, dense_ffn
+
+    def __get__(self, config, owner=None) -> dict[str, str]:
+        if config is None or self._has_dense_block(config):
+            return {**self.shared, **self.dense_ffn}
+        return dict(self.shared)
+
+    @staticmethod
+    def _has_dense_block(config) -> bool:
+        layers = getattr(config, "moe_layers", None)
+        return layers is not None and len(set(layers)) < config.num_hidden_layers
+
+
 INFERENCE_IGNORED_KEYS = ["cache", "past_key_values", "router_logits", "aux_loss", "router_aux_loss", "router_losses"]
 """Output fields Trainer's evaluation and prediction drop, so metrics receive plain logits: the KV cache (``cache`` in
 transformers 5, Trainer's own default; ``past_key_values`` before) and every routing field."""
 
 
+@accept_transformers_names
 @strict
 class CometGPT2Config(CometMoEConfigMixin, GPT2Config):
     """GPT-2 config with MoE feed-forward blocks (model type ``comet_gpt2``); see `CometMoEConfigMixin`."""
 
     model_type = "comet_gpt2"
     # GPT-2's attention and dense FFNs are Conv1D (weight (in, out)), which transformers' colwise/rowwise styles do
-    # not shard (they need nn.Linear's `out_features` / `in_features`): only the experts are sharded.
-    base_model_tp_plan = experts_tp_plan("h.*.mlp")
+    # not shard (they need nn.Linear's `out_features` / `in_features`): the experts are sharded, and the token
+    # embedding on the vocabulary (transformers' rule for any plan that shards more than the head; the tied `lm_head`
+    # is `colwise_gather_output` in the LM heads' `_tp_plan`).
+    base_model_tp_plan = TensorParallelPlan({"wte": "embedding_rowwise", **experts_tp_plan("h.*.mlp")}, {})
     keys_to_ignore_at_inference = INFERENCE_IGNORED_KEYS
     _ffn_width_field = "n_inner"
 
@@ -416,37 +592,44 @@ class CometGPT2Config(CometMoEConfigMixin, GPT2Config):
         return self.n_inner if self.n_inner is not None else 4 * self.n_embd
 
 
+@accept_transformers_names
 @strict
 class CometViTConfig(CometMoEConfigMixin, ViTConfig):
     """ViT config with MoE feed-forward blocks (model type ``comet_vit``); see `CometMoEConfigMixin`."""
 
     model_type = "comet_vit"
-    base_model_tp_plan = {
-        "layers.*.attention.q_proj": "colwise",
-        "layers.*.attention.k_proj": "colwise",
-        "layers.*.attention.v_proj": "colwise",
-        "layers.*.attention.o_proj": "rowwise",
-        "layers.*.mlp.fc1": "colwise",  # dense blocks (not in moe_layers)
-        "layers.*.mlp.fc2": "rowwise",
-        **experts_tp_plan("layers.*.mlp"),
-    }
+    # ViT's input embedding is a patch convolution, not a token embedding: replicated
+    base_model_tp_plan = TensorParallelPlan(
+        {
+            "layers.*.attention.q_proj": "colwise",
+            "layers.*.attention.k_proj": "colwise",
+            "layers.*.attention.v_proj": "colwise",
+            "layers.*.attention.o_proj": "rowwise",
+            **experts_tp_plan("layers.*.mlp"),
+        },
+        {"layers.*.mlp.fc1": "colwise", "layers.*.mlp.fc2": "rowwise"},  # dense blocks (not in moe_layers)
+    )
     keys_to_ignore_at_inference = INFERENCE_IGNORED_KEYS
 
 
+@accept_transformers_names
 @strict
 class CometBertConfig(CometMoEConfigMixin, BertConfig):
     """BERT config with MoE feed-forward blocks (model type ``comet_bert``); see `CometMoEConfigMixin`."""
 
     model_type = "comet_bert"
-    base_model_tp_plan = {
-        "encoder.layer.*.attention.self.query": "colwise",
-        "encoder.layer.*.attention.self.key": "colwise",
-        "encoder.layer.*.attention.self.value": "colwise",
-        "encoder.layer.*.attention.output.dense": "rowwise",
-        "encoder.layer.*.intermediate.dense": "colwise",  # dense blocks (not in moe_layers)
-        "encoder.layer.*.output.dense": "rowwise",
-        **experts_tp_plan("encoder.layer.*.intermediate"),
-    }
+    # embeddings stay replicated: the MLM decoder tied to the word embedding has a bias tied to another parameter
+    # (`cls.predictions.bias`), which no transformers style shards with it
+    base_model_tp_plan = TensorParallelPlan(
+        {
+            "encoder.layer.*.attention.self.query": "colwise",
+            "encoder.layer.*.attention.self.key": "colwise",
+            "encoder.layer.*.attention.self.value": "colwise",
+            "encoder.layer.*.attention.output.dense": "rowwise",
+            **experts_tp_plan("encoder.layer.*.intermediate"),
+        },
+        {"encoder.layer.*.intermediate.dense": "colwise", "encoder.layer.*.output.dense": "rowwise"},  # dense blocks
+    )
     keys_to_ignore_at_inference = INFERENCE_IGNORED_KEYS
 
     def validate_moe_config(self) -> None:
@@ -472,4 +655,5 @@ __all__ = [
     "CometViTConfig",
     "comet_num_active",
     "experts_tp_plan",
+    "TensorParallelPlan",
 ]

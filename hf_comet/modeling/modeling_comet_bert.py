@@ -3,8 +3,9 @@
 Only the FFN differs from upstream. BERT splits its FFN over two modules; for every block in
 ``config.moe_layers``, ``layer.intermediate`` becomes a `MoEBlock` (both projections) and ``layer.output``
 becomes `CometBertOutput`, which keeps upstream's dropout and post-LN ``LayerNorm(h + input)`` under the same
-names and drops the dense projection. Embeddings, attention, pooler and heads are upstream modules, and forward
-passes are upstream's, wrapped to add routing outputs and the aux loss.
+names and drops the dense projection. Embeddings, attention, pooler and heads are upstream modules; each head is
+built by upstream's own constructor around a `CometBertModel` (`upstream_init`), and forward passes are upstream's,
+wrapped to add routing outputs and the aux loss.
 """
 
 from __future__ import annotations
@@ -37,19 +38,13 @@ from transformers.models.bert.modeling_bert import (
     BertForTokenClassification,
     BertLMHeadModel,
     BertModel,
-    BertOnlyMLMHead,
-    BertOnlyNSPHead,
     BertPreTrainedModel,
-    BertPreTrainingHeads,
 )
-from transformers.utils import logging
 
 from .configuration_comet import CometBertConfig
 from .family_adapter import FamilyAdapter
-from .modeling_comet_common import CometPreTrainedMixin, MoEOutputFields, register_family, routed_forward
+from .modeling_comet_common import CometPreTrainedMixin, MoEOutputFields, register_family, routed_forward, upstream_init
 from .moe_block import MoEBlock
-
-logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -140,10 +135,7 @@ class CometBertForMaskedLM(CometBertPreTrainedModel, BertForMaskedLM):
     accepts_loss_kwargs = False
 
     def __init__(self, config: CometBertConfig):
-        BertPreTrainedModel.__init__(self, config)
-        self.bert = CometBertModel(config, add_pooling_layer=False)
-        self.cls = BertOnlyMLMHead(config)
-        self.post_init()
+        upstream_init(self, BertForMaskedLM, config, BertModel=CometBertModel)
 
     forward = routed_forward(BertForMaskedLM.forward, CometBertMaskedLMOutput)
 
@@ -154,13 +146,7 @@ class CometBertForSequenceClassification(CometBertPreTrainedModel, BertForSequen
     accepts_loss_kwargs = False
 
     def __init__(self, config: CometBertConfig):
-        BertPreTrainedModel.__init__(self, config)
-        self.num_labels = config.num_labels
-        self.bert = CometBertModel(config)
-        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
+        upstream_init(self, BertForSequenceClassification, config, BertModel=CometBertModel)
 
     forward = routed_forward(BertForSequenceClassification.forward, CometBertSequenceClassifierOutput)
 
@@ -171,13 +157,7 @@ class CometBertForTokenClassification(CometBertPreTrainedModel, BertForTokenClas
     accepts_loss_kwargs = False
 
     def __init__(self, config: CometBertConfig):
-        BertPreTrainedModel.__init__(self, config)
-        self.num_labels = config.num_labels
-        self.bert = CometBertModel(config, add_pooling_layer=False)
-        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
+        upstream_init(self, BertForTokenClassification, config, BertModel=CometBertModel)
 
     forward = routed_forward(BertForTokenClassification.forward, CometBertTokenClassifierOutput)
 
@@ -188,10 +168,7 @@ class CometBertForPreTraining(CometBertPreTrainedModel, BertForPreTraining):
     accepts_loss_kwargs = False
 
     def __init__(self, config: CometBertConfig):
-        BertPreTrainedModel.__init__(self, config)
-        self.bert = CometBertModel(config)
-        self.cls = BertPreTrainingHeads(config)
-        self.post_init()
+        upstream_init(self, BertForPreTraining, config, BertModel=CometBertModel)
 
     forward = routed_forward(BertForPreTraining.forward, CometBertForPreTrainingOutput)
 
@@ -201,12 +178,7 @@ class CometBertForCausalLM(CometBertPreTrainedModel, BertLMHeadModel):
     ``num_items_in_batch`` like GPT-2's, so the aux loss is weighted by the micro-batch's share of the tokens."""
 
     def __init__(self, config: CometBertConfig):
-        BertPreTrainedModel.__init__(self, config)
-        if not config.is_decoder:  # upstream's warning, word for word
-            logger.warning("If you want to use `BertLMHeadModel` as a standalone, add `is_decoder=True.`")
-        self.bert = CometBertModel(config, add_pooling_layer=False)
-        self.cls = BertOnlyMLMHead(config)
-        self.post_init()
+        upstream_init(self, BertLMHeadModel, config, BertModel=CometBertModel)
 
     forward = routed_forward(BertLMHeadModel.forward, CometBertCausalLMOutput)
 
@@ -217,10 +189,7 @@ class CometBertForNextSentencePrediction(CometBertPreTrainedModel, BertForNextSe
     accepts_loss_kwargs = False
 
     def __init__(self, config: CometBertConfig):
-        BertPreTrainedModel.__init__(self, config)
-        self.bert = CometBertModel(config)
-        self.cls = BertOnlyNSPHead(config)
-        self.post_init()
+        upstream_init(self, BertForNextSentencePrediction, config, BertModel=CometBertModel)
 
     forward = routed_forward(BertForNextSentencePrediction.forward, CometBertNextSentencePredictorOutput)
 
@@ -232,12 +201,7 @@ class CometBertForMultipleChoice(CometBertPreTrainedModel, BertForMultipleChoice
     accepts_loss_kwargs = False
 
     def __init__(self, config: CometBertConfig):
-        BertPreTrainedModel.__init__(self, config)
-        self.bert = CometBertModel(config)
-        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(config.hidden_size, 1)
-        self.post_init()
+        upstream_init(self, BertForMultipleChoice, config, BertModel=CometBertModel)
 
     forward = routed_forward(BertForMultipleChoice.forward, CometBertMultipleChoiceOutput)
 
@@ -248,11 +212,7 @@ class CometBertForQuestionAnswering(CometBertPreTrainedModel, BertForQuestionAns
     accepts_loss_kwargs = False
 
     def __init__(self, config: CometBertConfig):
-        BertPreTrainedModel.__init__(self, config)
-        self.num_labels = config.num_labels
-        self.bert = CometBertModel(config, add_pooling_layer=False)
-        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
+        upstream_init(self, BertForQuestionAnswering, config, BertModel=CometBertModel)
 
     forward = routed_forward(BertForQuestionAnswering.forward, CometBertQuestionAnsweringOutput)
 

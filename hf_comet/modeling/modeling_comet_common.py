@@ -7,10 +7,13 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import sys
+import types
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from transformers import __version__ as transformers_version
 from transformers import initialization as init
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import logging
@@ -181,6 +184,45 @@ def _save_with_code(model, upstream_save, save_directory, is_main_process: bool 
         if push:
             model.push_to_hub(hub.pop("repo_id", str(save_directory).rstrip("/").split("/")[-1]), **hub)
     return result
+
+
+def upstream_init(model: torch.nn.Module, upstream: type, *args: Any, **base_models: type) -> None:
+    """Run ``upstream.__init__`` on ``model`` with each name in ``base_models`` resolved to our class.
+
+    A stock head builds its base model by name (``self.transformer = GPT2Model(config)``). This runs upstream's own
+    ``__init__`` body (its attributes, head modules, checks, warnings and ``post_init``, in upstream's order) with
+    that name bound to ours (``GPT2Model=CometGPT2Model``): the runtime counterpart of what transformers' modular
+    converter writes for a model that inherits a head from another family. No stock base model is built, not even on
+    the meta device, and construction draws the same random numbers in the same order as upstream, so a seeded head
+    is initialised as the upstream head would be around our base model. Nothing global is patched (transformers' own
+    ``apply_patches`` rebinds module attributes process-wide, and transformers 5.0 lacks it), so it is thread-safe.
+    The names are looked up afresh in upstream's module at each call, so anything patched there is honoured.
+
+    Args:
+        model: the instance being built (``self`` of our head's ``__init__``).
+        upstream: the stock head class whose ``__init__`` runs (``GPT2LMHeadModel``).
+        *args: upstream ``__init__``'s arguments (``config``).
+        **base_models: stock class name -> our class to build in its place.
+
+    Raises:
+        TypeError: upstream's ``__init__`` does not itself build one of ``base_models`` by that name (a release that
+            changed how the head is built, or wrapped its ``__init__``): hf_comet refuses to run a constructor it has
+            not seen rather than build a stock base model or skip a wrapper.
+    """
+    function = upstream.__init__
+    unknown = sorted(name for name in base_models if name not in function.__code__.co_names)
+    if unknown:
+        raise TypeError(
+            f"{upstream.__name__}.__init__ of transformers {transformers_version} does not build {unknown} in its own "
+            f"body, so {type(model).__name__} cannot build its base model in their place; this hf_comet version "
+            "does not support that transformers version."
+        )
+    namespace = {**vars(sys.modules[function.__module__]), **base_models}
+    rebound = types.FunctionType(
+        function.__code__, namespace, function.__name__, function.__defaults__, function.__closure__
+    )
+    rebound.__kwdefaults__ = function.__kwdefaults__
+    rebound(model, *args)
 
 
 def routed_forward(upstream_forward, output_class):
@@ -380,6 +422,7 @@ __all__ = [
     "loss_item_share",
     "register_family",
     "routed_forward",
+    "upstream_init",
 ]
 
 if __name__ == "hf_comet.modeling.modeling_comet_common":  # the installed package; remote code runs without it

@@ -2,7 +2,8 @@
 
 Only the FFN differs from upstream: ``transformer.h[i].mlp`` becomes a `MoEBlock` (router × experts, plus
 GPT-2's output dropout) for every block in ``config.moe_layers``; attention, embeddings and heads are the upstream
-modules, and the heads' forward passes are upstream's, wrapped to add routing outputs and the aux loss.
+modules. Each head is built by upstream's own constructor around a `CometGPT2Model` (`upstream_init`), and its
+forward pass is upstream's, wrapped to add routing outputs and the aux loss.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from torch import nn
 from transformers import GenerationMixin, GPT2Config
 from transformers.modeling_outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
@@ -30,12 +30,11 @@ from transformers.models.gpt2.modeling_gpt2 import (
     GPT2LMHeadModel,
     GPT2Model,
     GPT2PreTrainedModel,
-    GPT2SequenceSummary,
 )
 
 from .configuration_comet import CometGPT2Config
 from .family_adapter import FamilyAdapter
-from .modeling_comet_common import CometPreTrainedMixin, MoEOutputFields, register_family, routed_forward
+from .modeling_comet_common import CometPreTrainedMixin, MoEOutputFields, register_family, routed_forward, upstream_init
 from .moe_block import MoEBlock
 
 
@@ -98,11 +97,10 @@ class CometGPT2Model(CometGPT2PreTrainedModel, GPT2Model):
 class CometGPT2ForCausalLM(CometGPT2PreTrainedModel, GPT2LMHeadModel, GenerationMixin):
     """`GPT2LMHeadModel` on a `CometGPT2Model`; ``loss`` includes the router aux loss in training mode."""
 
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # tied to the vocabulary-sharded `wte` (the config's plan)
+
     def __init__(self, config: CometGPT2Config):
-        GPT2PreTrainedModel.__init__(self, config)
-        self.transformer = CometGPT2Model(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.post_init()
+        upstream_init(self, GPT2LMHeadModel, config, GPT2Model=CometGPT2Model)
 
     forward = routed_forward(GPT2LMHeadModel.forward, CometGPT2CausalLMOutput)
 
@@ -117,11 +115,7 @@ class CometGPT2ForSequenceClassification(CometGPT2PreTrainedModel, GPT2ForSequen
     accepts_loss_kwargs = False
 
     def __init__(self, config: CometGPT2Config):
-        GPT2PreTrainedModel.__init__(self, config)
-        self.num_labels = config.num_labels
-        self.transformer = CometGPT2Model(config)
-        self.score = nn.Linear(config.n_embd, self.num_labels, bias=False)
-        self.post_init()
+        upstream_init(self, GPT2ForSequenceClassification, config, GPT2Model=CometGPT2Model)
 
     forward = routed_forward(GPT2ForSequenceClassification.forward, CometGPT2SequenceClassifierOutput)
 
@@ -132,15 +126,7 @@ class CometGPT2ForTokenClassification(CometGPT2PreTrainedModel, GPT2ForTokenClas
     accepts_loss_kwargs = False
 
     def __init__(self, config: CometGPT2Config):
-        GPT2PreTrainedModel.__init__(self, config)
-        self.num_labels = config.num_labels
-        self.transformer = CometGPT2Model(config)
-        dropout = getattr(config, "classifier_dropout", None)
-        if dropout is None:
-            dropout = getattr(config, "hidden_dropout", None)
-        self.dropout = nn.Dropout(0.1 if dropout is None else dropout)  # upstream's rule
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
+        upstream_init(self, GPT2ForTokenClassification, config, GPT2Model=CometGPT2Model)
 
     forward = routed_forward(GPT2ForTokenClassification.forward, CometGPT2TokenClassifierOutput)
 
@@ -151,11 +137,7 @@ class CometGPT2ForQuestionAnswering(CometGPT2PreTrainedModel, GPT2ForQuestionAns
     accepts_loss_kwargs = False
 
     def __init__(self, config: CometGPT2Config):
-        GPT2PreTrainedModel.__init__(self, config)
-        self.num_labels = config.num_labels
-        self.transformer = CometGPT2Model(config)
-        self.qa_outputs = nn.Linear(config.hidden_size, 2)
-        self.post_init()
+        upstream_init(self, GPT2ForQuestionAnswering, config, GPT2Model=CometGPT2Model)
 
     forward = routed_forward(GPT2ForQuestionAnswering.forward, CometGPT2QuestionAnsweringOutput)
 
@@ -170,14 +152,10 @@ class CometGPT2DoubleHeadsModel(CometGPT2PreTrainedModel, GPT2DoubleHeadsModel):
 
     accepts_loss_kwargs = False
     aux_loss_fields = ("loss", "mc_loss")
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # tied to the vocabulary-sharded `wte` (the config's plan)
 
     def __init__(self, config: CometGPT2Config):
-        GPT2PreTrainedModel.__init__(self, config)
-        config.num_labels = 1  # upstream: the multiple-choice summary scores one logit per choice
-        self.transformer = CometGPT2Model(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.multiple_choice_head = GPT2SequenceSummary(config)
-        self.post_init()
+        upstream_init(self, GPT2DoubleHeadsModel, config, GPT2Model=CometGPT2Model)
 
     forward = routed_forward(GPT2DoubleHeadsModel.forward, CometGPT2DoubleHeadsModelOutput)
 

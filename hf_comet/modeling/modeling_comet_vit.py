@@ -2,14 +2,14 @@
 
 Only the FFN differs from upstream: ``vit.layers[i].mlp`` becomes a `MoEBlock` for every block in
 ``config.moe_layers`` (``ViTLayer`` keeps its own dropout and residual); patch embeddings, attention and the
-classifier are the upstream modules, and forward passes are upstream's, wrapped to add routing outputs.
+classifier are the upstream modules. Each head is built by upstream's own constructor around a `CometViTModel`
+(`upstream_init`), and forward passes are upstream's, wrapped to add routing outputs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
 from transformers import ViTConfig
 from transformers.modeling_outputs import (
     BaseModelOutputWithPooling,
@@ -26,7 +26,7 @@ from transformers.models.vit.modeling_vit import (
 
 from .configuration_comet import CometViTConfig
 from .family_adapter import FamilyAdapter
-from .modeling_comet_common import CometPreTrainedMixin, MoEOutputFields, register_family, routed_forward
+from .modeling_comet_common import CometPreTrainedMixin, MoEOutputFields, register_family, routed_forward, upstream_init
 from .moe_block import MoEBlock
 
 
@@ -74,11 +74,7 @@ class CometViTForImageClassification(CometViTPreTrainedModel, ViTForImageClassif
     accepts_loss_kwargs = False
 
     def __init__(self, config: CometViTConfig):
-        ViTPreTrainedModel.__init__(self, config)
-        self.num_labels = config.num_labels
-        self.vit = CometViTModel(config, add_pooling_layer=False)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
-        self.post_init()
+        upstream_init(self, ViTForImageClassification, config, ViTModel=CometViTModel)
 
     forward = routed_forward(ViTForImageClassification.forward, CometViTImageClassifierOutput)
 
@@ -93,13 +89,7 @@ class CometViTForMaskedImageModeling(CometViTPreTrainedModel, ViTForMaskedImageM
     accepts_loss_kwargs = False
 
     def __init__(self, config: CometViTConfig):
-        ViTPreTrainedModel.__init__(self, config)
-        self.vit = CometViTModel(config, add_pooling_layer=False, use_mask_token=True)
-        self.decoder = nn.Sequential(
-            nn.Conv2d(config.hidden_size, config.encoder_stride**2 * config.num_channels, kernel_size=1),
-            nn.PixelShuffle(config.encoder_stride),
-        )
-        self.post_init()
+        upstream_init(self, ViTForMaskedImageModeling, config, ViTModel=CometViTModel)
 
     forward = routed_forward(ViTForMaskedImageModeling.forward, CometViTMaskedImageModelingOutput)
 

@@ -271,6 +271,9 @@ class Router(nn.Module):
     config_fields: ClassVar[tuple[str, ...]] = ()
     """Routing-specific config fields this router reads; any other routing-specific field (`MOE_FIELD_RULES`) is
     refused at a non-default value under this routing. Learned routers list `LEARNED_FIELDS` too."""
+    fixed_fields: ClassVar[dict[str, object]] = {}
+    """Config fields whose value this routing fixes (Switch: ``num_experts_per_tok`` is 1): the config stores and
+    reports that value, accepts it and the field's default (read as unset) and refuses any other."""
     citation: ClassVar[str] = ""
     """What a model card cites for this routing."""
     gate_logits: ClassVar[bool] = True
@@ -729,6 +732,7 @@ class SwitchRouter(Router):
     """
 
     routing = "switch"
+    fixed_fields = {"num_experts_per_tok": 1}  # top-1: the config reports it, as transformers' MoE configs do
     native_aux_loss = True
     citation = "Fedus, W., Zoph, B., Shazeer, N. *Switch Transformers.* JMLR 2022."
     config_fields = (

@@ -25,6 +25,8 @@ from .statistics import statistics_paused
 
 SUMMARY_KEYS = ("max_load_share", "min_load_share", "dead_experts", "gate_entropy", "usage_entropy")
 SUMMARY_KEYS += ("dropped_tokens", "non_finite_decisions", "mask_overlap", "overlap_similarity_correlation")
+ROUTING_LOGGING = ("summary", "layers", "none")
+"""The telemetry levels of `CometTrainer` (``routing_logging``), in `hf_comet.names` too (``hf-comet train``)."""
 ROUTING_STATE_FILE = "routing_state_{rank}.json"
 """Per process in every Trainer checkpoint: what resuming needs beyond the weights and Trainer's own RNG states."""
 
@@ -68,13 +70,53 @@ def flatten_routing_statistics(statistics: dict[int, dict[str, Any]], prefix: st
     return logs
 
 
+def _read_routing_state(path: str, model) -> dict[int, tuple[int, torch.Tensor]]:
+    """The routing state saved in ``path``, checked whole before anything is restored: per MoE layer the pair
+    sampler's position (an integer >= 0) and the selection counts (integers >= 0, one per expert of that layer).
+    A truncated, malformed or mismatched file is refused naming it, rather than resuming with wrong counts."""
+
+    def damaged(reason: str) -> ValueError:
+        return ValueError(
+            f"the routing state {path!r} is damaged ({reason}); restore it from a good checkpoint, or delete it to "
+            "resume with fresh routing counters (expert merging then ranks by counts from the resume on)."
+        )
+
+    try:
+        state = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise damaged(f"{type(error).__name__}: {error}") from None
+    if not isinstance(state, dict):
+        raise damaged(f"a JSON {type(state).__name__}, not an object of layers")
+    blocks = {str(block.layer_idx): block for block in model.moe_blocks()}
+    restored = {}
+    for layer, saved in state.items():
+        block = blocks.get(layer)
+        if block is None:
+            raise damaged(f"layer {layer!r} is not an MoE layer of this model ({', '.join(blocks)})")
+        if not isinstance(saved, dict) or set(saved) != {"pair_draws", "selection_counts"}:
+            raise damaged(f"layer {layer}: expected pair_draws and selection_counts")
+        draws, counts = saved["pair_draws"], saved["selection_counts"]
+        if isinstance(draws, bool) or not isinstance(draws, int) or draws < 0:
+            raise damaged(f"layer {layer}: pair_draws={draws!r} is not an integer >= 0")
+        expected = block.selection_counts.numel()
+        if (
+            not isinstance(counts, list)
+            or len(counts) != expected
+            or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
+        ):
+            shown = f"{len(counts)} values" if isinstance(counts, list) else repr(counts)[:40]
+            raise damaged(f"layer {layer}: selection_counts must be {expected} integers >= 0, got {shown}")
+        restored[block.layer_idx] = (draws, torch.tensor(counts, dtype=torch.long).view_as(block.selection_counts))
+    return restored
+
+
 class CometTrainer(Trainer):
     """`Trainer` that logs the routers' telemetry every ``logging_steps``.
 
     Each training log line gains ``router_aux_loss`` (the weighted aux loss's part of the logged ``loss``: what was
     trained, per optimizer step, averaged over the window like ``loss``) and, from the MoE
-    blocks' statistics over the window (summed over ranks under DDP): per layer and as model summaries the max/min
-    load share, dead experts, gate entropy H_s and usage entropy H_u (bits), dropped tokens, and the mask overlap
+    blocks' statistics over the window (summed over ranks under DDP): as model summaries (and per layer with
+    ``routing_logging="layers"``) the max/min load share, dead experts, gate entropy H_s and usage entropy H_u (bits), dropped tokens, and the mask overlap
     between token pairs with its correlation to their input similarity (COMET's claim). The window then restarts.
     ``routing_history`` keeps, per logging step, each layer's tokens per expert (for load heatmaps). Evaluation does
     not count into the training window.
@@ -86,13 +128,22 @@ class CometTrainer(Trainer):
     one of several (``torchrun``, ``accelerate launch``) but Accelerate formed a single process.
 
     Args:
-        routing_telemetry: set ``False`` to log like a plain Trainer.
+        routing_logging: how much telemetry each log line gains: ``"summary"`` (default: ``router_aux_loss`` and
+            the model summaries ``routing/{key}``, a handful of keys whatever the depth), ``"layers"`` (also every
+            layer's ``routing/layer_{i}/{key}``: about ten keys per MoE layer) or ``"none"`` (log like a plain
+            Trainer; ``routing_history`` stays empty). ``routing_history`` keeps the per-layer tokens per expert at
+            ``"summary"`` and ``"layers"`` alike.
     """
 
-    def __init__(self, *args, routing_telemetry: bool = True, **kwargs):
+    def __init__(self, *args, routing_logging: str = "summary", **kwargs):
+        if routing_logging not in ROUTING_LOGGING:
+            raise ValueError(
+                f"routing_logging={routing_logging!r} is not a telemetry level; choose one of "
+                f"{', '.join(map(repr, ROUTING_LOGGING))} (summaries, summaries and every layer, nothing)."
+            )
         super().__init__(*args, **kwargs)
         warn_if_launch_collapsed(self.accelerator.num_processes)
-        self.routing_telemetry = routing_telemetry
+        self.routing_logging = routing_logging
         self.routing_history: list[dict[str, Any]] = []
         self._aux_sum: torch.Tensor | None = None  # the aux loss's part of the reported loss, summed over the window
         self._aux_window_start = 0
@@ -188,17 +239,15 @@ class CometTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         if not os.path.isfile(path) or not hasattr(model, "moe_blocks"):
             return
-        state = json.loads(Path(path).read_text())
+        restored = _read_routing_state(path, model)
         for block in model.moe_blocks():
-            saved = state.get(str(block.layer_idx))
-            if saved is None:
-                continue
-            block.pair_draws = saved["pair_draws"]
-            block.selection_counts.copy_(torch.tensor(saved["selection_counts"], dtype=torch.long))
+            if block.layer_idx in restored:
+                block.pair_draws, counts = restored[block.layer_idx]
+                block.selection_counts.copy_(counts)
 
     # -- telemetry -----------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self.routing_telemetry and "loss" in logs:
+        if self.routing_logging != "none" and "loss" in logs:
             logs.update(self.routing_logs())
         super().log(logs, start_time)
 
@@ -218,7 +267,8 @@ class CometTrainer(Trainer):
             return logs
         reduce_routing_statistics(model)
         statistics = model.routing_statistics(reset=True)
-        logs.update(flatten_routing_statistics(statistics))
+        flat = flatten_routing_statistics(statistics)
+        logs.update(flat if self.routing_logging == "layers" else {k: v for k, v in flat.items() if "/layer_" not in k})
         self.routing_history.append(
             {
                 "step": self.state.global_step,
@@ -245,4 +295,4 @@ class CometTrainer(Trainer):
             return super().predict(*args, **kwargs)
 
 
-__all__ = ["CometTrainer", "flatten_routing_statistics", "reduce_routing_statistics"]
+__all__ = ["ROUTING_LOGGING", "CometTrainer", "flatten_routing_statistics", "reduce_routing_statistics"]

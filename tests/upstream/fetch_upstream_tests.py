@@ -11,7 +11,7 @@ The adapters need two kinds of files from transformers' ``tests/`` folder:
 
 Usual use (exact match for the installed transformers)::
 
-    git clone --depth 1 --branch v5.24.0 https://github.com/huggingface/transformers /tmp/transformers
+    git clone --depth 1 --branch v5.25.0 https://github.com/huggingface/transformers /tmp/transformers
     python tests/upstream/fetch_upstream_tests.py --checkout /tmp/transformers
 
     HF_COMET_UPSTREAM_TESTS=.upstream_tests/tests python -m pytest tests/upstream -q

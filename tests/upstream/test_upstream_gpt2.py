@@ -48,6 +48,10 @@ SKEW = {
         "test_assisted_decoding_sample",
     )
 }
+SKEW["test_eager_padding_matches_padding_free_with_position_ids"] = (
+    "the older checkout's generation/test_utils.py reads model_class._is_stateful, which transformers 5.25 removed "
+    "(AttributeError; the dense GPT2LMHeadModel has no such attribute either)"
+)
 
 
 def _make(variant: str):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -23,17 +24,19 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ...cards import write_model_card
 from ...io import (
+    UserError,
     atomic_save_pretrained,
     atomic_write_bytes,
     atomic_write_text,
-    check_destination,
     recover_folder,
+    run_folder,
     scratch_directory,
 )
 from ...modeling import FAMILY_ADAPTERS, configuration_comet
+from ...names import PROVENANCE_FIELDS
 from ..callbacks import DeepConstraintCallback
 from ..plots import plot_expert_load, plot_loss_curves, plot_overlap_vs_similarity
-from ..trainer import CometTrainer
+from ..trainer import ROUTING_LOGGING, CometTrainer
 
 
 @dataclass
@@ -178,8 +181,9 @@ def register_recipe(recipe: Recipe, *, replace: bool = False) -> Recipe:
     return recipe
 
 
-class RecipeArgumentError(ValueError):
-    """A recipe argument is out of range; raised before any training starts."""
+class RecipeArgumentError(UserError):
+    """A recipe argument is out of range; raised before any training starts (a `~hf_comet.io.UserError`, so a
+    ``ValueError``)."""
 
 
 def _moe_config(family: str, variant: str, shared: dict, overrides: dict):
@@ -206,8 +210,8 @@ def validate_recipe_arguments(
     """Check every argument of `run_recipe` (and build each MoE config at the recipe's real sizes, with the config
     fields ``data`` decides) before any work.
 
-    Returns the variants, the chosen `Settings` and the overrides. Raises `RecipeArgumentError` naming the bad value
-    and what is allowed.
+    Returns the variants, the chosen `Settings` and each MoE variant's overrides (`variant_overrides`). Raises
+    `RecipeArgumentError` naming the bad value and what is allowed.
     """
     if name not in RECIPES:
         raise RecipeArgumentError(f"recipe {name!r} does not exist; choose one of {', '.join(RECIPES)}.")
@@ -239,21 +243,91 @@ def validate_recipe_arguments(
         raise RecipeArgumentError(f"setting learning_rate={chosen.learning_rate} must be > 0.")
     if recipe.check_settings is not None:
         recipe.check_settings(chosen)
-    overrides = dict(overrides or {})
-    family = recipe.family
-    config_fields = {f.name for f in dataclasses.fields(AutoConfig.for_model(family).__class__)}
-    unknown = sorted(set(overrides) - config_fields)
-    if unknown:
-        raise RecipeArgumentError(f"{unknown} are not {family} config fields (misspelt?); e.g. comet_keep_rate.")
+    per_variant = variant_overrides(recipe.family, variants, overrides or {})
     shared = shared_config(recipe, chosen, data)
-    for variant in variants:
-        if variant == "dense":
-            continue
+    for variant, fields in per_variant.items():
         try:
-            _moe_config(family, variant, shared, overrides)
+            _moe_config(recipe.family, variant, shared, fields)
         except (ValueError, TypeError, StrictDataclassError) as error:  # typed-config errors of huggingface_hub
             raise RecipeArgumentError(f"variant {variant!r}: {error}") from error
-    return variants, chosen, overrides
+    return variants, chosen, per_variant
+
+
+def _routing(variant: str) -> str:
+    return "comet" if variant == "block_comet" else variant
+
+
+def variant_overrides(family: str, variants: list[str], overrides: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The config overrides of each MoE variant in ``variants``, from ``overrides`` as ``hf-comet train --set`` gives
+    them: ``"switch.capacity_factor"`` applies to the ``switch`` variant only (refused when ``switch`` is not in
+    ``variants``); an unprefixed MoE field (``"capacity_factor"``) applies to every variant whose routing reads it
+    (refused when none does); any other config field of ``family`` (e.g. ``"hidden_dropout_prob"``) to every MoE
+    variant. A prefixed value wins over an unprefixed one. ``routing`` (a variant's name is its routing) and the
+    conversion provenance fields are refused; so are names that are not fields of ``family``'s config.
+    Raises `RecipeArgumentError` naming the key and what is allowed."""
+    moe = [v for v in variants if v != "dense"]
+    per_variant: dict[str, dict[str, Any]] = {v: {} for v in moe}
+    fields = {f.name for f in dataclasses.fields(AutoConfig.for_model(family).__class__)}
+    rules = configuration_comet.MOE_FIELD_RULES
+    prefixed = []
+    for key, value in overrides.items():
+        prefix, _, name = key.rpartition(".")
+        if name == "routing":
+            raise RecipeArgumentError(
+                f"override {key}={value!r}: a variant's name is its routing (block_comet is comet over blocks of "
+                "units), so the routing is not a field to set; choose it with the variants, e.g. --variants topk."
+            )
+        if name in PROVENANCE_FIELDS:
+            raise RecipeArgumentError(
+                f"override {key}={value!r}: {name} is conversion provenance, recorded by hf-comet convert."
+            )
+        if name not in fields:
+            raise RecipeArgumentError(f"override {key!r}: {name!r} is not a {family} config field (misspelt?); "
+                                      "e.g. comet_keep_rate.")  # fmt: skip
+        if prefix:
+            if prefix not in variants:
+                known = "" if prefix in variant_names() else f"{prefix!r} is not a variant ({', '.join(variant_names())}); "
+                raise RecipeArgumentError(
+                    f"override {key}={value!r}: {known}the variants of this run are {', '.join(variants)}; "
+                    f"prefix a field with one of them (e.g. {moe[0] if moe else 'comet'}.{name}) or add {prefix} to "
+                    "the variants."
+                )
+            if prefix == "dense":
+                raise RecipeArgumentError(
+                    f"override {key}={value!r}: the dense variant is the upstream model built from the recipe's "
+                    "settings; overrides change the MoE variants only."
+                )
+            prefixed.append((prefix, name, value))
+            continue
+        readers = [v for v in moe if name not in rules or _routing(v) in configuration_comet.routings_reading(name)]
+        if not readers:
+            reading = ", ".join(configuration_comet.routings_reading(name)) if name in rules else "MoE variants"
+            raise RecipeArgumentError(
+                f"override {key}={value!r}: no variant of this run ({', '.join(variants)}) reads {name}; it is read "
+                f"by {reading}."
+            )
+        for variant in readers:
+            per_variant[variant][name] = value
+    for variant, name, value in prefixed:
+        per_variant[variant][name] = value
+    return per_variant
+
+
+def check_models_build(
+    recipe: Recipe, variants: list[str], settings: Settings, overrides: Mapping[str, dict], data=None
+) -> None:
+    """Build every variant's model on the meta device (no memory, no weights): sizes that build a config but not a
+    model (e.g. ``hidden_size=33`` with 4 heads) are refused here, not after the run has started.
+    ``overrides`` are per variant (`variant_overrides`)."""
+    shared = shared_config(recipe, settings, data)
+    for variant in variants:
+        try:
+            with torch.random.fork_rng(devices=[]), torch.device("meta"):
+                build_model(recipe.family, "AutoModel", variant, shared, overrides.get(variant, {}), seed=0)
+        except (ValueError, TypeError, ArithmeticError, RuntimeError) as error:
+            raise RecipeArgumentError(
+                f"recipe {recipe.name}: the {variant} model cannot be built with these settings and overrides: {error}"
+            ) from error
 
 
 def shared_config(recipe: Recipe, settings: Settings, data: RecipeData | None = None) -> dict[str, Any]:
@@ -323,23 +397,27 @@ class _StepProgress(ProgressCallback):
             self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
 
 
-def train_model(
-    model,
-    train: torch.utils.data.Dataset,
-    evaluation: torch.utils.data.Dataset,
-    settings: Settings,
-    workdir: Path,
-    *,
-    seed: int,
-    progress: bool,
-    compute_metrics: Callable | None = None,
-    data_collator: Callable | None = None,
-    preprocess_logits: Callable | None = None,
-) -> tuple[CometTrainer, dict[str, float], float]:
-    """Train ``model`` for ``settings.steps`` with `CometTrainer` on CPU (cosine schedule, evaluation every
-    ``settings.eval_steps``), then evaluate. Returns the trainer, the evaluation metrics and the training seconds."""
+RECIPE_TRAINING_ARGUMENTS = {
+    "output_dir": "the run's folder is --output-dir (output_dir of run_recipe); each variant trains in a scratch "
+    "folder inside it",
+    "seed": "give --seed (seed of run_recipe): it seeds the models, the data split and the Trainer alike",
+    "remove_unused_columns": "the recipes' collators read every column they prepare",
+}
+"""TrainingArguments fields a recipe decides itself, refused by name with what to use instead."""
+SETTING_TRAINING_ARGUMENTS = {
+    "max_steps": "steps",
+    "per_device_train_batch_size": "batch_size",
+    "learning_rate": "learning_rate",
+    "logging_steps": "logging_steps",
+    "eval_steps": "eval_steps",
+}
+"""TrainingArguments fields that are recipe `Settings` fields: given as a training argument, the value is the setting
+(recorded in ``metrics.json``; also giving the setting is refused)."""
+
+
+def _recipe_training_arguments(settings: Settings, workdir: Path, seed: int, progress: bool) -> dict[str, Any]:
     steps = settings.steps
-    args = TrainingArguments(
+    return dict(
         output_dir=str(workdir),
         max_steps=steps,
         per_device_train_batch_size=settings.batch_size,
@@ -360,6 +438,113 @@ def train_model(
         remove_unused_columns=False,
         dataloader_num_workers=0,
     )
+
+
+def trainer_writes(training_args: Mapping[str, Any]) -> bool:
+    """Whether ``training_args`` ask the Trainer for files worth keeping (a reporter's logs such as TensorBoard's
+    event files, Trainer checkpoints, a Hub push): then each variant's Trainer writes into ``OUTPUT/trainer/VARIANT``,
+    kept; otherwise into a scratch folder removed after the variant."""
+    report_to = training_args.get("report_to", "none")
+    reporters = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    strategy = training_args.get("save_strategy", "no")
+    saves = getattr(strategy, "value", strategy) != "no"
+    return any(r != "none" for r in reporters) or saves or bool(training_args.get("push_to_hub"))
+
+
+def check_training_arguments(training_args: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a recipe run's ``training_args`` (TrainingArguments fields, as ``hf-comet train --learning_rate ...``
+    gives them) into recipe settings (`SETTING_TRAINING_ARGUMENTS`) and the rest, which override the recipe's own
+    TrainingArguments. Refuses (`RecipeArgumentError`, naming the field and what is allowed) a name that is not a
+    TrainingArguments field, one the recipe decides (`RECIPE_TRAINING_ARGUMENTS`), a non-finite number, and a
+    reporter (``report_to``) transformers does not know or that is not installed."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    settings, rest = {}, {}
+    for name, value in (training_args or {}).items():
+        if name not in known:
+            raise RecipeArgumentError(
+                f"--{name} is not a TrainingArguments field; list them with: python -c \"from transformers import "
+                "HfArgumentParser, TrainingArguments; HfArgumentParser(TrainingArguments).print_help()\"."
+            )
+        if name in RECIPE_TRAINING_ARGUMENTS:
+            raise RecipeArgumentError(f"--{name} is decided by the recipe: {RECIPE_TRAINING_ARGUMENTS[name]}.")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RecipeArgumentError(f"--{name} {value!r} is not finite; give a finite number.")
+        if name in SETTING_TRAINING_ARGUMENTS:
+            settings[SETTING_TRAINING_ARGUMENTS[name]] = value
+        else:
+            rest[name] = value
+    if "report_to" in rest:
+        report_to = rest["report_to"]
+        names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+        installed = get_available_reporting_integrations()
+        for name in names:
+            if name in ("none", "all"):
+                continue
+            if name not in INTEGRATION_TO_CALLBACK:
+                raise RecipeArgumentError(
+                    f"--report_to {name!r} is not a reporter transformers knows; choose from "
+                    f"{', '.join(INTEGRATION_TO_CALLBACK)}, all or none."
+                )
+            if name not in installed:
+                raise RecipeArgumentError(
+                    f"--report_to {name}: {name} is not installed (pip install {name}); installed reporters: "
+                    f"{', '.join(installed) or 'none'}."
+                )
+    return settings, rest
+
+
+def parse_training_arguments(argv: list[str]) -> dict[str, Any]:
+    """The TrainingArguments fields given in ``argv`` (``["--report_to", "tensorboard", "--learning_rate", "1e-3"]``),
+    typed by transformers' `HfArgumentParser`; only the fields given (a default is never mistaken for a choice).
+    Raises `RecipeArgumentError` naming an unknown flag or a bad value; `check_training_arguments` checks the rest."""
+    import argparse
+
+    from transformers import HfArgumentParser
+
+    unset = object()
+    parser = HfArgumentParser(TrainingArguments, prog="hf-comet train", allow_abbrev=False)
+
+    def refuse(message: str):
+        raise RecipeArgumentError(
+            f"{message} (TrainingArguments flags; list them with: python -c \"from transformers import "
+            "HfArgumentParser, TrainingArguments; HfArgumentParser(TrainingArguments).print_help()\")"
+        )
+
+    parser.error = refuse
+    for action in parser._actions:
+        if action.dest != argparse.SUPPRESS and action.default is not argparse.SUPPRESS:
+            action.default = unset
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        refuse(f"unrecognized arguments: {' '.join(unknown)}")
+    return {name: value for name, value in vars(namespace).items() if value is not unset}
+
+
+def train_model(
+    model,
+    train: torch.utils.data.Dataset,
+    evaluation: torch.utils.data.Dataset,
+    settings: Settings,
+    workdir: Path,
+    *,
+    seed: int,
+    progress: bool,
+    compute_metrics: Callable | None = None,
+    data_collator: Callable | None = None,
+    preprocess_logits: Callable | None = None,
+    training_args: Mapping[str, Any] | None = None,
+    routing_logging: str = "summary",
+) -> tuple[CometTrainer, dict[str, float], float]:
+    """Train ``model`` for ``settings.steps`` with `CometTrainer` (``routing_logging``: its telemetry level) on CPU
+    (cosine schedule, evaluation every ``settings.eval_steps``, no reporter), then evaluate. ``training_args``
+    (checked by `check_training_arguments`) override those TrainingArguments, e.g. ``{"report_to": "tensorboard",
+    "gradient_accumulation_steps": 4}``. Returns the trainer, the evaluation metrics and the training seconds."""
+    args = TrainingArguments(**{**_recipe_training_arguments(settings, workdir, seed, progress), **(training_args or {})})
     callbacks = [DeepConstraintCallback()] if getattr(model.config, "routing", None) == "deep" else []
     trainer = CometTrainer(
         model=model,
@@ -370,6 +555,7 @@ def train_model(
         data_collator=data_collator,
         preprocess_logits_for_metrics=preprocess_logits,
         callbacks=callbacks,
+        routing_logging=routing_logging,
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -392,10 +578,15 @@ class VariantJob:
     overrides: dict[str, Any]
     seed: int
     workdir: Path
-    """A scratch folder for this variant (removed after the runner returns)."""
+    """The Trainer's folder for this variant: a scratch folder removed after the runner returns, or
+    ``OUTPUT/trainer/VARIANT``, kept, when the training arguments ask for files (`trainer_writes`)."""
     progress: bool
     data: RecipeData | None = None
     """A user's data (``--dataset``) to train on instead of the recipe's own."""
+    training_args: dict[str, Any] = field(default_factory=dict)
+    """TrainingArguments that override the recipe's (`check_training_arguments`)."""
+    routing_logging: str = "summary"
+    """`CometTrainer`'s telemetry level."""
 
     def build_model(self, head: str):
         """The variant's model under the Auto class ``head`` (e.g. ``"AutoModelForCausalLM"``), seeded."""
@@ -403,11 +594,12 @@ class VariantJob:
         return build_model(self.recipe.family, head, self.variant, shared, self.overrides, self.seed)
 
     def train(self, model, train, evaluation, *, settings: Settings | None = None, workdir: Path | None = None, **kw):
-        """`train_model` with this job's settings (or ``settings``), scratch folder (or ``workdir``), seed and
-        progress; ``kw`` are `train_model`'s ``compute_metrics``, ``data_collator``, ``preprocess_logits``."""
+        """`train_model` with this job's settings (or ``settings``), scratch folder (or ``workdir``), seed, progress,
+        training arguments and telemetry level; ``kw`` are `train_model`'s ``compute_metrics``, ``data_collator``, ``preprocess_logits``."""
         settings = settings or self.settings
         workdir = workdir or self.workdir
-        return train_model(model, train, evaluation, settings, workdir, seed=self.seed, progress=self.progress, **kw)
+        return train_model(model, train, evaluation, settings, workdir, seed=self.seed, progress=self.progress,
+                           training_args=self.training_args, routing_logging=self.routing_logging, **kw)  # fmt: skip
 
 
 # -- running a recipe ----------------------------------------------------------------------------------------------
@@ -422,6 +614,74 @@ class VariantResult:
     routing_history: list[dict[str, Any]] = field(default_factory=list)
 
 
+@dataclass
+class PreparedRun:
+    """A recipe run whose every argument is checked (`prepare_recipe_run`); `run_prepared` runs it."""
+
+    recipe: Recipe
+    output: Path
+    fast: bool
+    variants: list[str]
+    settings: Settings
+    overrides: dict[str, Any]
+    """The overrides as given (``metrics.json`` records them)."""
+    variant_overrides: dict[str, dict[str, Any]]
+    seed: int
+    data: RecipeData | None
+    training_args: dict[str, Any]
+    routing_logging: str
+
+
+def prepare_recipe_run(
+    name: str,
+    output_dir: str | os.PathLike,
+    *,
+    fast: bool = False,
+    variants: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
+    seed: int = 0,
+    dataset: DatasetSource | RecipeData | None = None,
+    training_args: Mapping[str, Any] | None = None,
+    routing_logging: str = "summary",
+    what: str = "output folder",
+) -> PreparedRun:
+    """Check every argument of `run_recipe` once, before any training: the recipe, the training arguments, the
+    settings, the variants and their overrides (each MoE config built at the recipe's real sizes and every model on
+    the meta device), the user's data (read here when a `DatasetSource`) and the output folder (``what`` names it in
+    errors). Raises `RecipeArgumentError` or `~hf_comet.io.UserError` naming the bad value and what is allowed."""
+    if name not in RECIPES:
+        raise RecipeArgumentError(f"recipe {name!r} does not exist; choose one of {', '.join(RECIPES)}.")
+    if routing_logging not in ROUTING_LOGGING:
+        raise RecipeArgumentError(
+            f"routing_logging {routing_logging!r} is not a telemetry level; choose one of {', '.join(ROUTING_LOGGING)}."
+        )
+    from_training, training_args = check_training_arguments(training_args)
+    settings = dict(settings or {})
+    for key, value in from_training.items():
+        if key in settings:
+            flag = next(k for k, v in SETTING_TRAINING_ARGUMENTS.items() if v == key)
+            raise RecipeArgumentError(
+                f"--{flag} {value!r} and setting {key}={settings[key]!r} both set {key}; give one."
+            )
+        settings[key] = value
+    data = load_recipe_data(name, dataset, seed) if isinstance(dataset, DatasetSource) else dataset
+    try:
+        variants, chosen, per_variant = validate_recipe_arguments(name, fast, variants, overrides, settings, data)
+        check_models_build(RECIPES[name], variants, chosen, per_variant, data)
+    except StrictDataclassError as error:  # huggingface_hub's typed config fields
+        raise RecipeArgumentError(f"an override is refused by the config: {error}") from error
+    try:  # the TrainingArguments the recipe will build, once, so a bad combination is refused now
+        TrainingArguments(**{**_recipe_training_arguments(chosen, Path(output_dir), seed, False), **training_args})
+    except (ValueError, TypeError) as error:
+        raise RecipeArgumentError(f"the training arguments are refused by TrainingArguments: {error}") from error
+    output = check_recipe_outputs(name, output_dir, variants, what=what)
+    if trainer_writes(training_args):
+        run_folder(output / "trainer", what, folders=[], files=[])
+    return PreparedRun(RECIPES[name], output, fast, variants, chosen, dict(overrides or {}), per_variant, seed, data,
+                       training_args, routing_logging)  # fmt: skip
+
+
 def run_recipe(
     name: str,
     output_dir: str | os.PathLike,
@@ -434,6 +694,8 @@ def run_recipe(
     progress: bool = True,
     log: Callable[[str], None] = print,
     dataset: DatasetSource | RecipeData | None = None,
+    training_args: Mapping[str, Any] | None = None,
+    routing_logging: str = "summary",
 ) -> dict[str, Any]:
     """Train the recipe's variants side by side and write metrics, plots, checkpoints and model cards.
 
@@ -442,26 +704,45 @@ def run_recipe(
         output_dir: folder for the run (created; files in it are replaced).
         fast: the seconds-long preset used by the tests instead of the full one.
         variants: ``"dense"`` and/or routing names (``"comet"``, ``"topk"``, ... and ``"block_comet"``).
-        overrides: MoE config fields for every MoE variant (validated by the config, e.g. ``comet_keep_rate``).
+        overrides: config fields of the MoE variants (validated by the config, e.g. ``comet_keep_rate``); a key
+            ``"VARIANT.FIELD"`` sets one variant's, a bare field every variant whose routing reads it
+            (`variant_overrides`).
         settings: `Settings` fields to change (e.g. ``{"steps": 100}``).
         dataset: the user's data to train on instead of the recipe's own: a `DatasetSource` (read here with
             `load_recipe_data`) or `RecipeData` already read.
+        training_args: TrainingArguments fields over the recipe's (`check_training_arguments`; e.g.
+            ``{"report_to": "tensorboard"}``; the recipe reports nowhere by default). A reporter's logs and Trainer
+            checkpoints go to ``OUTPUT/trainer/VARIANT`` (`trainer_writes`).
+        routing_logging: `CometTrainer`'s telemetry level, ``"summary"``, ``"layers"`` or ``"none"``.
 
-    Returns the content of ``metrics.json``. All arguments are checked before any training starts.
+    Returns the content of ``metrics.json``. All arguments are checked before any training starts
+    (`prepare_recipe_run`).
     """
-    data = load_recipe_data(name, dataset, seed) if isinstance(dataset, DatasetSource) else dataset
-    variants, chosen, overrides = validate_recipe_arguments(name, fast, variants, overrides, settings, data)
-    recipe = RECIPES[name]
-    output = check_recipe_outputs(name, output_dir, variants)
+    prepared = prepare_recipe_run(
+        name, output_dir, fast=fast, variants=variants, overrides=overrides, settings=settings, seed=seed,
+        dataset=dataset, training_args=training_args, routing_logging=routing_logging,
+    )  # fmt: skip
+    return run_prepared(prepared, progress=progress, log=log)
+
+
+def run_prepared(prepared: PreparedRun, *, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run a checked recipe run (`prepare_recipe_run`); see `run_recipe`."""
+    recipe, output, chosen, data = prepared.recipe, prepared.output, prepared.settings, prepared.data
     output.mkdir(parents=True, exist_ok=True)
     recover_folder(output)  # what an interrupted earlier run left (each repair is logged as a warning)
     results: dict[str, VariantResult] = {}
     samples = {}
     models = {}
-    for variant in variants:
-        log(f"[{name}] training {variant} ({chosen.steps} steps)")
-        with scratch_directory(output / f"{variant}.trainer") as workdir:
-            job = VariantJob(recipe, chosen, variant, overrides, seed, Path(workdir), progress, data)
+    for variant in prepared.variants:
+        log(f"[{recipe.name}] training {variant} ({chosen.steps} steps)")
+        kept = output / "trainer" / variant
+        trainer_folder = scratch_directory(output / f"{variant}.trainer")
+        if trainer_writes(prepared.training_args):  # a reporter's logs or Trainer checkpoints: kept
+            kept.mkdir(parents=True, exist_ok=True)
+            trainer_folder = contextlib.nullcontext(kept)
+        with trainer_folder as workdir:
+            job = VariantJob(recipe, chosen, variant, prepared.variant_overrides.get(variant, {}), prepared.seed,
+                             Path(workdir), progress, data, prepared.training_args, prepared.routing_logging)  # fmt: skip
             trainer, metrics, seconds, sample = recipe.run(job)
         model = trainer.model
         checkpoint = atomic_save_pretrained(model, output / variant)
@@ -476,7 +757,10 @@ def run_recipe(
         )
         samples[variant], models[variant] = sample, model
     _write_plots_and_cards(recipe, output, results, models, samples, data)
-    summary = _summary(recipe, fast, chosen, overrides, seed, results, data)
+    summary = _summary(recipe, prepared.fast, chosen, prepared.overrides, prepared.seed, results, data)
+    if prepared.training_args:  # as given (an enum or object as its text)
+        summary["training_args"] = {k: v if isinstance(v, (bool, int, float, str, list, type(None))) else str(v)
+                                     for k, v in prepared.training_args.items()}  # fmt: skip
     atomic_write_text(output / "metrics.json", json.dumps(summary, indent=2))
     return summary
 
@@ -489,25 +773,21 @@ def recipe_outputs(name: str, variants: list[str]) -> tuple[list[str], list[str]
     return list(variants), files
 
 
-def check_recipe_outputs(name: str, output_dir: str | os.PathLike, variants: list[str] | None = None) -> Path:
-    """Raise `RecipeArgumentError` if `run_recipe` could not write its outputs in ``output_dir`` (a file there, a
-    symbolic link or a file where a checkpoint folder goes, a non-checkpoint folder it would replace, a folder where
-    a file goes); run before any training. Returns the output folder (a symbolic link to a folder is fine: the run
-    writes into it). Every output is written atomically (`hf_comet.io`)."""
+def check_recipe_outputs(
+    name: str, output_dir: str | os.PathLike, variants: list[str] | None = None, *, what: str = "output folder"
+) -> Path:
+    """Raise `RecipeArgumentError` if `run_recipe` could not write its outputs in ``output_dir``
+    (`hf_comet.io.run_folder`, the same check as every run folder: a file or a symbolic link there, a symbolic link,
+    a file or a folder that is not a checkpoint folder where a checkpoint folder goes, a folder where a file goes, no
+    write permission); run before any training. Returns the output folder. Every output is written atomically
+    (`hf_comet.io`)."""
     if name not in RECIPES:
         raise RecipeArgumentError(f"recipe {name!r} does not exist; choose one of {', '.join(RECIPES)}.")
-    output = Path(output_dir)
-    if output.exists() and not output.is_dir():
-        raise RecipeArgumentError(f"output folder {output} is a file; choose a folder (new or existing).")
     folders, files = recipe_outputs(name, list(variants or RECIPES[name].default_variants))
     try:
-        for folder in folders:
-            check_destination(output / folder, directory=True, checkpoint=True)
-        for file in files:
-            check_destination(output / file, directory=False)
-    except ValueError as error:
-        raise RecipeArgumentError(f"output folder {output}: {error}") from error
-    return output
+        return run_folder(output_dir, what, folders=folders, files=files)
+    except UserError as error:  # raised as the recipes' error, like every other recipe argument
+        raise RecipeArgumentError(str(error)) from error
 
 
 def _write_plots_and_cards(

@@ -16,6 +16,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow
 
 from .base import RecipeArgumentError
 
@@ -42,15 +43,28 @@ def read_splits(path: str | Path, seed: int) -> tuple[datasets.Dataset, datasets
             raise RecipeArgumentError(
                 f"--dataset {str(path)!r} is a folder not saved by save_to_disk ({error}); give {ALLOWED}."
             ) from None
+        except (OSError, ValueError, TypeError, KeyError, pyarrow.ArrowException) as error:
+            raise RecipeArgumentError(
+                f"--dataset {str(path)!r} is a damaged save_to_disk folder ({type(error).__name__}: {error}); save it "
+                "again with save_to_disk."
+            ) from None
+        _check_tables(loaded, path)
     else:
         builder = FILE_BUILDERS.get(location.suffix.lower())
         if builder is None:
             raise RecipeArgumentError(
                 f"--dataset {str(path)!r}: files ending in {location.suffix or '(no suffix)'!r} are not read; give {ALLOWED}."
             )
+        if location.stat().st_size == 0:
+            raise RecipeArgumentError(f"--dataset {str(path)!r} is empty; a train and a test row at least.")
         try:
             loaded = datasets.load_dataset(builder, data_files=str(location))
-        except (ValueError, TypeError, OSError, datasets.exceptions.DatasetGenerationError) as error:
+        except StopIteration:  # datasets' json builder on a file with no rows
+            raise RecipeArgumentError(f"--dataset {str(path)!r} has no rows; a train and a test row at least.") from None
+        except (
+            ValueError, TypeError, OSError, RecursionError, pyarrow.ArrowException,
+            datasets.exceptions.DatasetGenerationError,
+        ) as error:  # fmt: skip
             cause = error.__cause__ or error
             raise RecipeArgumentError(f"--dataset {str(path)!r} is not a readable {builder} file: {cause}") from None
     if isinstance(loaded, datasets.DatasetDict):
@@ -70,6 +84,19 @@ def read_splits(path: str | Path, seed: int) -> tuple[datasets.Dataset, datasets
     order = np.random.default_rng(seed).permutation(len(loaded)).tolist()
     n_test = math.ceil(TEST_FRACTION * len(loaded))
     return loaded.select(order[n_test:], keep_in_memory=True), loaded.select(order[:n_test], keep_in_memory=True)
+
+
+def _check_tables(loaded: datasets.Dataset | datasets.DatasetDict, path) -> None:
+    """Read every column chunk of a folder loaded from disk once (Arrow memory-maps it and would otherwise fail only
+    mid-training on a truncated or damaged ``.arrow`` file)."""
+    splits = loaded.values() if isinstance(loaded, datasets.DatasetDict) else [loaded]
+    for split in splits:
+        try:
+            split.data.table.validate(full=True)
+        except (OSError, ValueError, pyarrow.ArrowException) as error:
+            raise RecipeArgumentError(
+                f"--dataset {str(path)!r} holds a damaged Arrow file ({error}); save it again with save_to_disk."
+            ) from None
 
 
 def _non_empty(dataset: datasets.Dataset, path, split: str) -> datasets.Dataset:
@@ -94,7 +121,8 @@ def encode_labels(
     train: datasets.Dataset, test: datasets.Dataset, column: str, path: str
 ) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
     """Add a ``labels`` column of class ids from ``column``: a `datasets.ClassLabel` keeps its names; whole numbers
-    ``0..K-1`` are their own ids (names ``"0"``..); strings are numbered in sorted order. Returns the splits and the
+    ``0..K-1`` are their own ids (names ``"0"``..), and every one of them must occur in the data (so a stray large id
+    cannot build a head of a million classes); strings are numbered in sorted order. Returns the splits and the
     label names."""
     feature = train.features[column]
     if isinstance(feature, datasets.ClassLabel):
@@ -106,6 +134,14 @@ def encode_labels(
             if min(values) < 0:
                 raise RecipeArgumentError(
                     f"--dataset {path!r}: label column {column!r} holds {min(values)}; labels are 0, 1, ..."
+                )
+            present = set(values)
+            if len(present) != max(values) + 1:
+                missing = max(values) + 1 - len(present)
+                raise RecipeArgumentError(
+                    f"--dataset {path!r}: label column {column!r} holds ids up to {max(values)} but {missing} of the "
+                    f"ids 0..{max(values)} never occur; integer labels are 0..K-1 with every class present (or give "
+                    "the labels as strings)."
                 )
             names = [str(i) for i in range(max(values) + 1)]
             index = None
