@@ -4,7 +4,7 @@ Importing the package registers every config and model with the Auto classes, so
 ``AutoModel*.from_config``, ``AutoModel*.from_pretrained`` and pipelines work with the ``comet_*`` model types.
 
 ``import hf_comet`` is about as fast as ``import torch, transformers``: it imports the configs and registers the
-models lazily (`hf_comet.modeling.auto_registration`); every other public name (models, routers, conversion, merging,
+models lazily (`hf_comet.auto_registration`); every other public name (models, routers, conversion, merging,
 distillation) loads on first use (PEP 562 ``__getattr__``). Model cards and ``push_to_hub`` are attached to the models
 when their code loads (`hf_comet.hub`). Tooling (``hf_comet.training``, ``hf_comet.reproduce``, ``hf_comet.bench``,
 the CLI) is never imported here.
@@ -14,14 +14,25 @@ the CLI) is never imported here.
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
 from typing import TYPE_CHECKING
 
-from ._lazy import lazy_exports
-from .modeling.auto_registration import register_auto_classes
+from ._lazy import after_import, lazy_exports
+from .auto_registration import register_auto_classes
 
 __version__ = "0.1.0"
 
 register_auto_classes()
+
+
+def _attach_sharing(module: ModuleType) -> None:
+    """Model cards at save time and ``push_to_hub`` with them (`hf_comet.hub`), plugged into the models as soon as
+    their common module loads: never missing, however a model is imported, and no Hub code at ``import hf_comet``."""
+    module.CometPreTrainedMixin.sharing = importlib.import_module(f"{__name__}.hub").Sharing()
+
+
+after_import(f"{__name__}.modeling.modeling_comet_common", _attach_sharing)
 
 _NAMES: dict[str, tuple[str, ...]] = {
     "convert": ("convert_to_moe",),

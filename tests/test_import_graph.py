@@ -19,15 +19,16 @@ import transformers
 from test_pipeline_ready import word_tokenizer
 
 import hf_comet
-from hf_comet.modeling import FAMILY_ADAPTERS, auto_registration
-from hf_comet.modeling.auto_registration import AUTO_CLASSES, LazyClass, LazyClassDict, register_auto_classes
+from hf_comet import auto_registration
+from hf_comet.auto_registration import AUTO_CLASSES, LazyClass, LazyClassDict, register_auto_classes
+from hf_comet.modeling import FAMILY_ADAPTERS
 
 ROOT = Path(__file__).resolve().parents[1]
 LIGHT = {
     "hf_comet",
     "hf_comet._lazy",
     "hf_comet.modeling",
-    "hf_comet.modeling.auto_registration",
+    "hf_comet.auto_registration",
     "hf_comet.modeling.configuration_comet",
     "hf_comet.modeling.routing_names",
 }

@@ -1,8 +1,8 @@
 """The part of hf_comet that travels with saved checkpoints: a flat folder of sibling modules (see design.md).
 
 Every public name loads on first use (PEP 562): ``import hf_comet`` imports only the configs (``configuration_comet``,
-``routing_names``) and the Auto registration table (``auto_registration``); the models, routers and experts (torch
-modules and ``transformers.modeling_utils``) load when one of their names is first read.
+``routing_names``) from here; the models, routers and experts (torch modules and ``transformers.modeling_utils``) load
+when one of their names is first read. Like every file here, this one imports no hf_comet module outside ``modeling/``.
 """
 
 # ruff: noqa: F401  (the TYPE_CHECKING imports below only name what __getattr__ exports)
@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
-
-from .._lazy import lazy_exports
 
 _NAMES: dict[str, tuple[str, ...]] = {
     "configuration_comet": ("CometBertConfig", "CometGPT2Config", "CometMoEConfigMixin", "CometViTConfig"),
@@ -60,7 +58,7 @@ _NAMES: dict[str, tuple[str, ...]] = {
     ),
 }
 _FAMILY_MODULES = ("modeling_comet_gpt2", "modeling_comet_vit", "modeling_comet_bert")
-_getattr, _dir, _exports = lazy_exports(__name__, _NAMES)
+_MODULE_OF = {name: module for module, names in _NAMES.items() for name in names}
 
 
 def __getattr__(name: str) -> Any:
@@ -70,8 +68,10 @@ def __getattr__(name: str) -> Any:
     elif name == "FAMILIES":
         adapters = globals().get("FAMILY_ADAPTERS") or __getattr__("FAMILY_ADAPTERS")
         value = {t: (family.config_class, family.auto_classes) for t, family in adapters.items()}
+    elif name in _MODULE_OF:
+        value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
     else:
-        return _getattr(name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     # Stored once, so every reader holds the same dict (a family added to it reaches conversion).
     return globals().setdefault(name, value)
 
@@ -83,11 +83,11 @@ def __dir__() -> list[str]:
 FAMILY_ADAPTERS: dict[str, Any]
 """model type -> the family's facts (`FamilyAdapter`: FFN layout, stock classes, LoRA targets, display name). The one
 list of families, read from each family module's ``FAMILY`` (`_FAMILY_MODULES`): a new family is one more module
-there and one more entry in `auto_registration.AUTO_CLASSES`."""
+there and one more entry in `hf_comet.auto_registration.AUTO_CLASSES`."""
 
 FAMILIES: dict[str, tuple[type, dict[str, type]]]
 """model type -> (config class, {Auto class name: model class}), derived from `FAMILY_ADAPTERS` (what ``import
-hf_comet`` registers with the Auto classes, lazily: `auto_registration`)."""
+hf_comet`` registers with the Auto classes, lazily: `hf_comet.auto_registration`)."""
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time `__getattr__` loads these
     from .configuration_comet import CometBertConfig, CometGPT2Config, CometMoEConfigMixin, CometViTConfig
@@ -134,4 +134,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time `__getattr__` loads
     )
     from .routing_names import LEARNED_ROUTINGS, MIXTURE_ROUTINGS, ROUTER_CLASSES, ROUTINGS, register_router
 
-__all__ = sorted([*_exports, "FAMILIES", "FAMILY_ADAPTERS"])
+__all__ = sorted([*_MODULE_OF, "FAMILIES", "FAMILY_ADAPTERS"])

@@ -5,7 +5,6 @@ and the complete ``auto_map`` written at save time. Travels with checkpoints (to
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import sys
 import types
@@ -66,9 +65,9 @@ class CometPreTrainedMixin:
     aux_loss_fields: ClassVar[tuple[str, ...]] = ("loss",)
     """Output fields the aux loss may join in training, first present wins (a head with two losses names both)."""
     sharing: ClassVar[Any] = None
-    """Set when this module loads as part of the installed package (`hf_comet.hub.Sharing`, see the end of this file):
-    writes the model card when saving and pushes it to the Hub. ``None`` where a checkpoint runs as remote code
-    without the package: upstream behaviour."""
+    """Set by the hf_comet package as soon as this module loads (`hf_comet.hub.Sharing`, plugged in from outside, so
+    this file never imports hf_comet): writes the model card when saving and pushes it to the Hub. ``None`` where a
+    checkpoint runs as remote code without the package: upstream behaviour."""
 
     @torch.no_grad()
     def _init_weights(self, module: torch.nn.Module) -> None:
@@ -424,8 +423,3 @@ __all__ = [
     "routed_forward",
     "upstream_init",
 ]
-
-if __name__ == "hf_comet.modeling.modeling_comet_common":  # the installed package; remote code runs without it
-    # Model cards at save time and push_to_hub with them, plugged in as soon as any model class exists (so never
-    # missing, however the model was imported) and without ``import hf_comet`` importing the Hub code.
-    CometPreTrainedMixin.sharing = importlib.import_module("hf_comet.hub").Sharing()

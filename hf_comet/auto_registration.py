@@ -12,6 +12,7 @@ with ``register``; reading only keys (``in``) imports nothing.
 Where a mapping does not look like that (another transformers, or someone else replaced ``_extra_content``), the
 model classes are imported and registered with the public ``register``: slower, never broken.
 
+This module is the package's, not the checkpoints' (``modeling/`` travels as remote code and imports no hf_comet).
 `AUTO_CLASSES` is the light table this reads: per model type, the config class and each Auto class's model class as
 (module, class name). ``tests/test_import_graph.py`` checks it against ``FAMILY_ADAPTERS`` (the families' facts).
 """
@@ -25,7 +26,7 @@ from typing import Any, NamedTuple
 import transformers
 from transformers import AutoConfig
 
-from . import configuration_comet
+from .modeling import configuration_comet
 
 
 class FamilyClasses(NamedTuple):
@@ -36,7 +37,7 @@ class FamilyClasses(NamedTuple):
 
 
 def _heads(module: str, **auto_classes: str) -> dict[str, tuple[str, str]]:
-    return {auto_name: (f"{__package__}.{module}", class_name) for auto_name, class_name in auto_classes.items()}
+    return {auto_name: (f"hf_comet.modeling.{module}", class_name) for auto_name, class_name in auto_classes.items()}
 
 
 AUTO_CLASSES: dict[str, FamilyClasses] = {
