@@ -15,7 +15,7 @@ import torch
 from transformers import initialization as init
 
 from .modeling.configuration_comet import MOE_FIELD_DEFAULTS
-from .modeling.moe_routers import AttentiveRouter, DeepRouter
+from .modeling.moe_routers import AttentiveRouter, DeepMoEGate
 
 
 def attentive_to_softmax_gates(model: torch.nn.Module, top_k: int | None = None) -> list[str]:
@@ -51,7 +51,7 @@ def attentive_to_softmax_gates(model: torch.nn.Module, top_k: int | None = None)
         old = block.router
         if not isinstance(old, AttentiveRouter):
             continue
-        new = DeepRouter(config, block.layer_idx, block.hidden_size)
+        new = DeepMoEGate(config, block.layer_idx, block.hidden_size)
         reference = old.gate_proj.weight
         new.to(device=reference.device, dtype=reference.dtype)
         with torch.no_grad():

@@ -1,8 +1,9 @@
 """Sharing hf_comet models: the model card written at save time and ``push_to_hub`` uploading it.
 
 This lives outside ``modeling/`` (which travels with checkpoints and must not import hf_comet): ``import hf_comet``
-sets ``CometPreTrainedMixin.sharing = Sharing()``, and the models' ``save_pretrained`` / ``push_to_hub`` delegate to
-it. A checkpoint loaded as remote code without the package behaves like upstream (no hf_comet card).
+registers a post-import hook that sets ``CometPreTrainedMixin.sharing = Sharing()`` as soon as
+``hf_comet.modeling.modeling_comet_common`` loads (the first time any model class is needed), and the models'
+``save_pretrained`` / ``push_to_hub`` delegate to it. ``import hf_comet`` itself does not import this module. A checkpoint loaded as remote code without the package behaves like upstream (no hf_comet card).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ CODE_FILES = {
     "moe_experts.py",
     "moe_kernels.py",
     "moe_routers.py",
+    "routing_names.py",
 }
 
 

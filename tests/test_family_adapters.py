@@ -16,7 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 from hf_comet.convert import convert_to_moe, stock_to_ours
 from hf_comet.lora import lora_targets
-from hf_comet.modeling import FAMILIES, FAMILY_ADAPTERS, CometMoEBlock, CometMoEConfigMixin, FamilyAdapter
+from hf_comet.modeling import FAMILIES, FAMILY_ADAPTERS, CometMoEConfigMixin, FamilyAdapter, MoEBlock
 from hf_comet.modeling.modeling_comet_bert import CometBertModelOutput, CometBertOutput
 from hf_comet.modeling.modeling_comet_common import CometPreTrainedMixin, routed_forward
 
@@ -70,7 +70,7 @@ def test_each_ffn_pattern_finds_exactly_the_ffn_weights_of_a_stock_model(stock_n
     assert ffn_width != hidden  # so the shapes below pin the (out, in) layout
     moe = family.head_class(auto_name)(family.config_class(**TINY[family.model_type], num_labels=3))
     (block, ffn), *others = ffns.items()
-    assert not others and ffn.layer == 1 and isinstance(moe.get_submodule(block), CometMoEBlock)
+    assert not others and ffn.layer == 1 and isinstance(moe.get_submodule(block), MoEBlock)
     assert family.ffn_width(moe.config) == moe.config.ffn_width == ffn_width  # stock and our configs agree
     assert ffn.up_weight.shape == (ffn_width, hidden) and ffn.up_bias.shape == (ffn_width,)
     assert ffn.down_weight.shape == (hidden, ffn_width) and ffn.down_bias.shape == (hidden,)
@@ -98,7 +98,7 @@ class ToyRobertaModel(ToyRobertaPreTrainedModel, RobertaModel):
         super().__init__(config, add_pooling_layer=add_pooling_layer)
         for layer_idx, layer in enumerate(self.encoder.layer):
             if config.is_moe_layer(layer_idx):
-                layer.intermediate = CometMoEBlock(config, layer_idx, config.hidden_size, config.hidden_act)
+                layer.intermediate = MoEBlock(config, layer_idx, config.hidden_size, config.hidden_act)
                 layer.output = CometBertOutput(config)
         self.post_init()
 

@@ -8,7 +8,7 @@ from transformers.models.bert.modeling_bert import BertIntermediate, BertOutput
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 from transformers.models.vit.modeling_vit import ViTMLP
 
-from hf_comet import CometMoEBlock
+from hf_comet import MoEBlock
 from hf_comet.modeling import collect_routing
 
 HEAD_CLASS = {
@@ -77,7 +77,7 @@ def test_moe_layers_selects_which_ffns_become_moe(family, dense_ffn):
     blocks = {"comet_gpt2": lambda m: [b.mlp for b in m.h], "comet_vit": lambda m: [b.mlp for b in m.layers]}
     blocks["comet_bert"] = lambda m: [b.intermediate for b in m.encoder.layer]
     ffns = blocks[family](model)
-    assert isinstance(ffns[0], CometMoEBlock) and type(ffns[1]) is dense_ffn
+    assert isinstance(ffns[0], MoEBlock) and type(ffns[1]) is dense_ffn
     if family == "comet_bert":
         assert type(model.encoder.layer[1].output) is BertOutput
         assert type(model.encoder.layer[0].output).__name__ == "CometBertOutput"

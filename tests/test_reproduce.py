@@ -19,6 +19,7 @@ from hf_comet.reproduce import (
     mlp,
     models,
     reproduce,
+    time_to_quality,
     transformer_claims,
 )
 from hf_comet.reproduce.stats import area_under_curve, holm, mean_interval, paired_test, steps_to_reach
@@ -60,7 +61,7 @@ def test_the_quick_run_writes_every_claim_s_section_and_plot_and_reruns_reuse_ev
     monkeypatch.setattr(finetune, "finetune_one", no_more_training)
     monkeypatch.setattr(merging, "train_sequence", no_more_training)
     monkeypatch.setattr(models, "train_one", no_more_training)
-    monkeypatch.setattr(transformer_claims, "step_times", no_more_training)
+    monkeypatch.setattr(time_to_quality, "step_times", no_more_training)
     again = reproduce(["comet_regression"], quick=True, cache_dir="cache")  # one claim: the others stay on the page
     assert [r.name for r in again] == ["comet_regression"] and again[0].verdict == results[list(CLAIMS).index("comet_regression")].verdict
     assert all(f"## {claim.title}" in page.read_text() for claim in CLAIMS.values())

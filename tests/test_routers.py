@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import EVERY_HEAD, dense_twin, main_output, tiny_config, tiny_inputs, tiny_model
 
-from hf_comet import AttentiveRouter, CometMoEBlock, NoisyTopKRouter, RoutingDecision, SwitchRouter
+from hf_comet import AttentiveRouter, MoEBlock, NoisyTopKRouter, RoutingDecision, SwitchRouter
 from hf_comet.modeling.moe_block import collect_routing
 from hf_comet.modeling.moe_experts import choose_execution
 from hf_comet.modeling.moe_routers import cv_squared, load_balancing_loss, noisy_top_k_load, sample_similarity_loss
@@ -17,9 +17,9 @@ def phi(z: float) -> float:
     return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
 
 
-def filled_block(config, seed: int = 0) -> CometMoEBlock:
+def filled_block(config, seed: int = 0) -> MoEBlock:
     """A block of ``config`` with every parameter drawn from a seeded normal (no model init involved)."""
-    block = CometMoEBlock(config, layer_idx=0, hidden_size=config.hidden_size, activation="gelu")
+    block = MoEBlock(config, layer_idx=0, hidden_size=config.hidden_size, activation="gelu")
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in block.parameters():

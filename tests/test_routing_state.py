@@ -9,8 +9,8 @@ import transformers
 from conftest import LEARNED, ROUTING_NAMES, tiny_config, tiny_inputs, tiny_model
 
 from hf_comet import (
-    CometMoEBlock,
-    DeepRouter,
+    DeepMoEGate,
+    MoEBlock,
     RoutingDecision,
     attentive_to_softmax_gates,
     distill_attentive_gates,
@@ -102,7 +102,7 @@ def test_activation_checkpointing_gives_the_same_gradients_and_state(routing):
 
 # -- routing statistics ----------------------------------------------------------------------------------------
 def test_statistics_match_a_hand_computation_and_skip_padding():
-    block = CometMoEBlock(tiny_config("comet_vit", routing="topk"), 0, 32, "gelu")
+    block = MoEBlock(tiny_config("comet_vit", routing="topk"), 0, 32, "gelu")
     probs = torch.tensor([[0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 0.0, 1.0]])
     decision = RoutingDecision(
         router_logits=probs.log(),
@@ -128,7 +128,7 @@ def test_statistics_match_a_hand_computation_and_skip_padding():
 
 
 def test_mask_overlap_is_one_for_identical_selections_and_correlation_needs_variation():
-    block = CometMoEBlock(tiny_config("comet_vit", routing="topk"), 0, 32, "gelu")
+    block = MoEBlock(tiny_config("comet_vit", routing="topk"), 0, 32, "gelu")
     decision = RoutingDecision(
         router_logits=torch.zeros(10, 4),
         top_k_index=torch.tensor([[1, 2]] * 10),
@@ -271,7 +271,7 @@ def test_distillation_swaps_in_sparse_softmax_gates_trains_only_them_and_reloads
     assert model.config.routing == "deep" and model.config.mixture_top_k == 1
     assert model.config.deep_constraint_steps == 0
     for block in model.moe_blocks():
-        assert isinstance(block.router, DeepRouter)
+        assert isinstance(block.router, DeepMoEGate)
         assert block.router(torch.randn(2, block.hidden_size)).top_k_index.shape == (2, 1)  # sparse, no keys
     assert not torch.equal(model.moe_blocks()[0].router.gate_proj.weight, trunk)  # the gate trained ...
     for name, param in model.named_parameters():  # ... and nothing else did

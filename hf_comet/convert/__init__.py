@@ -14,26 +14,38 @@ stock classes we accept: `hf_comet.modeling.FamilyAdapter`, on every model as ``
 * ``split`` (`split.py`): the FFN units are partitioned into ``num_experts`` slices (`SPLIT_METHODS`).
 
 `deviation_report` (`report.py`) measures how far a conversion is from the dense model before training.
+
+`import hf_comet.convert` imports none of these modules; each name loads on first use (PEP 562).
 """
 
-from .core import METHODS, conversion_method, convert_to_moe, family_of_model_type, map_dense_state_dict, stock_to_ours
-from .method import ConversionError, ConversionMethod, hash_block
-from .report import deviation_report, probe_inputs
-from .split import DEFAULT_SPLIT_METHOD, SPLIT_METHODS, balanced_kmeans
+# ruff: noqa: F401  (the TYPE_CHECKING imports below only name what __getattr__ exports)
 
-__all__ = [
-    "DEFAULT_SPLIT_METHOD",
-    "METHODS",
-    "SPLIT_METHODS",
-    "ConversionError",
-    "ConversionMethod",
-    "balanced_kmeans",
-    "conversion_method",
-    "convert_to_moe",
-    "deviation_report",
-    "family_of_model_type",
-    "hash_block",
-    "map_dense_state_dict",
-    "probe_inputs",
-    "stock_to_ours",
-]
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "core": ("METHODS", "conversion_method", "convert_to_moe", "family_of_model_type", "map_dense_state_dict",
+                 "stock_to_ours"),
+        "method": ("ConversionError", "ConversionMethod", "hash_block"),
+        "report": ("deviation_report", "probe_inputs"),
+        "split": ("DEFAULT_SPLIT_METHOD", "SPLIT_METHODS", "balanced_kmeans"),
+    },
+)  # fmt: skip
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time `__getattr__` loads these
+    from .core import (
+        METHODS,
+        conversion_method,
+        convert_to_moe,
+        family_of_model_type,
+        map_dense_state_dict,
+        stock_to_ours,
+    )
+    from .method import ConversionError, ConversionMethod, hash_block
+    from .report import deviation_report, probe_inputs
+    from .split import DEFAULT_SPLIT_METHOD, SPLIT_METHODS, balanced_kmeans

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from huggingface_hub.dataclasses import strict
 from transformers import BertConfig, GPT2Config, ViTConfig
 
-from .moe_routers import LEARNED_ROUTINGS, MIXTURE_ROUTINGS, ROUTER_CLASSES, ROUTINGS, comet_num_active
+from .routing_names import LEARNED_ROUTINGS, MIXTURE_ROUTINGS, ROUTER_CLASSES, ROUTINGS, comet_num_active
 
 _NO_GATE = "the sample-similarity regulariser needs gate probabilities, which routing='comet' does not have; leave it at 0"
 FIELD_HINTS = {

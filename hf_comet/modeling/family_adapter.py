@@ -73,6 +73,8 @@ class FamilyAdapter:
         stock_config_class: the upstream config class (``GPT2Config``); its ``model_type`` is the upstream one.
         auto_classes: Auto class name -> our model class. Each of our classes extends one stock class (e.g.
             ``CometGPT2ForCausalLM`` extends ``GPT2LMHeadModel``): `stock_heads` is derived from those bases.
+            ``import hf_comet`` registers them without importing them, from the light table
+            ``hf_comet.auto_registration.AUTO_CLASSES`` (module and class names), which must list the same classes (tested).
         other_classes: our heads whose stock class has no Auto class (GPT-2's ``GPT2DoubleHeadsModel``): loaded by
             class, converted and saved like the others; in `stock_heads` their key is our class name.
         ffn_key_pattern: regex over a dense state-dict key, fully matched, with four groups: the prefix of the block

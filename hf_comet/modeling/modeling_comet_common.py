@@ -65,8 +65,9 @@ class CometPreTrainedMixin:
     aux_loss_fields: ClassVar[tuple[str, ...]] = ("loss",)
     """Output fields the aux loss may join in training, first present wins (a head with two losses names both)."""
     sharing: ClassVar[Any] = None
-    """Set by ``import hf_comet`` (`hf_comet.hub.Sharing`): writes the model card when saving and pushes it to the
-    Hub. ``None`` where a checkpoint runs as remote code without the package: upstream behaviour."""
+    """Set by the hf_comet package as soon as this module loads (`hf_comet.hub.Sharing`, plugged in from outside, so
+    this file never imports hf_comet): writes the model card when saving and pushes it to the Hub. ``None`` where a
+    checkpoint runs as remote code without the package: upstream behaviour."""
 
     @torch.no_grad()
     def _init_weights(self, module: torch.nn.Module) -> None:

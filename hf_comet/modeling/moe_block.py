@@ -273,8 +273,6 @@ class MoEBlock(nn.Module):
         return tensors
 
 
-CometMoEBlock = MoEBlock  # the first release's name
-
 RECORD_FIELDS = (
     "routing",
     "num_experts",
@@ -475,7 +473,6 @@ def collect_routing(attention_mask: torch.Tensor | None = None) -> Iterator[Rout
 
 __all__ = [
     "RECORD_FIELDS",
-    "CometMoEBlock",
     "MoEBlock",
     "RoutingCollector",
     "active_collector",

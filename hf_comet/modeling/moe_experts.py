@@ -264,10 +264,6 @@ class PackedExperts(ExpertKernels):
         return output + weights @ self.down_proj_bias.to(weights.dtype)
 
 
-EXECUTIONS = ("masked_dense", "mixture", "kernels")
-"""How `run_experts` can run a decision (what `choose_execution` returns)."""
-
-
 def choose_execution(experts: PackedExperts, decision: RoutingDecision) -> str:
     """The one place that picks how a decision runs (``hf-comet bench`` justifies the choice):
 
@@ -412,13 +408,9 @@ if MoeExpertsParallel is not None:
     ALL_PARALLEL_STYLES.register(TP_EXPERTS_STYLE, CometExpertsTensorParallel())
 
 
-CometExperts = PackedExperts  # the first release's name
-
 __all__ = [
     "BUCKETED",
     "DENSE_BLOCK_FRACTION",
-    "EXECUTIONS",
-    "CometExperts",
     "ExpertKernels",
     "TP_EXPERTS_STYLE",
     "PackedExperts",

@@ -3,7 +3,8 @@
 A router is one class that knows everything about its routing (the peft-style "one method, one class" contract):
 
 * ``routing``: its name in ``config.routing``; `register_router` adds it to ``ROUTER_CLASSES``, from which the
-  config's allowed values and the learned / mixture sets are derived.
+  config's allowed values and the learned / mixture sets are derived (all three live in the torch-free
+  ``routing_names``, which the config imports; they stay importable from here).
 * class-level facts read from a config, before any model exists: ``expert_layout(config) -> (num_experts,
   expert_width)`` (how the FFN units are grouped into packed experts), ``num_choices(config)`` (what its statistics
   count), ``shares_output_bias(config)`` (experts that are slices of one FFN add its second bias once),
@@ -30,7 +31,6 @@ No router knows which model family hosts it. This file travels with saved checkp
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -40,16 +40,18 @@ from torch import nn
 from transformers import initialization as init
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func as mixtral_load_balancing_loss
 
-if TYPE_CHECKING:  # configuration_comet imports this module: a runtime import would be circular
+from .routing_names import (
+    LEARNED_ROUTINGS,
+    MIXTURE_ROUTINGS,
+    ROUTER_CLASSES,
+    ROUTINGS,
+    RoutingNames,
+    comet_num_active,
+    register_router,
+)
+
+if TYPE_CHECKING:
     from .configuration_comet import CometMoEConfigMixin
-
-
-def comet_num_active(keep_rate: float, num_units: int) -> int:
-    """Units kept per token by COMET: ``k = max(1, floor(keep_rate * num_units))`` (Shaier et al., official code).
-
-    A relative tolerance of 1e-9 guards the floor against binary rounding (``0.29 * 100 = 28.999...``).
-    """
-    return max(1, math.floor(keep_rate * num_units * (1 + 1e-9)))
 
 
 def mix_seed(seed: int, layer_idx: int, offset: int = 0) -> int:
@@ -345,57 +347,6 @@ class Router(nn.Module):
         return {}
 
 
-ROUTER_CLASSES: dict[str, type[Router]] = {}
-"""``config.routing`` value -> router class (filled by `register_router`)."""
-
-
-def register_router(router_class: type[Router]) -> type[Router]:
-    """Add ``router_class`` to ``ROUTER_CLASSES`` under its ``routing`` name (usable as a class decorator)."""
-    if not router_class.routing:
-        raise ValueError(f"{router_class.__name__} has no `routing` name.")
-    ROUTER_CLASSES[router_class.routing] = router_class
-    return router_class
-
-
-class RoutingNames(Sequence):
-    """A live, read-only view of the registered routing names (optionally filtered), usable like a tuple."""
-
-    def __init__(self, keep=lambda router_class: True):
-        self._keep = keep
-
-    def _names(self) -> tuple[str, ...]:
-        return tuple(name for name, cls in ROUTER_CLASSES.items() if self._keep(cls))
-
-    def __getitem__(self, index):
-        return self._names()[index]
-
-    def __len__(self) -> int:
-        return len(self._names())
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names())
-
-    def __contains__(self, name) -> bool:
-        return name in self._names()
-
-    def __eq__(self, other) -> bool:
-        return tuple(self) == tuple(other)
-
-    def __hash__(self) -> int:
-        return hash(self._names())
-
-    def __repr__(self) -> str:
-        return repr(self._names())
-
-
-ROUTINGS = RoutingNames()
-"""Values accepted by ``config.routing``."""
-LEARNED_ROUTINGS = RoutingNames(lambda cls: cls.has_trainable_gate)
-"""Routings with a trainable gate over ``num_experts`` packed experts (everything except COMET)."""
-MIXTURE_ROUTINGS = RoutingNames(lambda cls: "mixture_top_k" in cls.config_fields)
-"""Routings that mix every expert by default (dense soft mixture); ``mixture_top_k`` makes them top-k."""
-
-
 def _layers(config: CometMoEConfigMixin) -> str:
     return "every block" if config.moe_layers is None else f"blocks {config.moe_layers}"
 
@@ -500,13 +451,6 @@ class CometRouter(Router):
         projection_in = torch.empty(rank, hidden_size).uniform_(-(hidden_size**-0.5), hidden_size**-0.5, generator=generator)
         projection = torch.empty(num_units, rank).uniform_(-(rank**-0.5), rank**-0.5, generator=generator)
         return projection, projection_in
-
-    def reset_projection(self, seed: int) -> torch.Tensor:
-        """V for another ``seed`` (kept for callers of the first release; the full router's only)."""
-        if self.structured:
-            raise ValueError("reset_projection draws the full router's V; this router is comet_router='structured'")
-        self.seed = seed
-        return self.draw_projection()
 
     def init_weights(self, config: CometMoEConfigMixin) -> None:
         self.seed = config.routing_seed
@@ -1082,8 +1026,6 @@ class DeepMoEGate(MixtureRouter):
         self.constraint_steps_done += on.long()
 
 
-DeepRouter = DeepMoEGate  # the first release's name
-
 __all__ = [
     "LEARNED_ROUTINGS",
     "MIXTURE_ROUTINGS",
@@ -1092,10 +1034,10 @@ __all__ = [
     "ROUTER_CLASSES",
     "LEARNED_FIELDS",
     "ROUTINGS",
+    "RoutingNames",
     "AttentiveRouter",
     "CometRouter",
     "DeepMoEGate",
-    "DeepRouter",
     "NoisyTopKRouter",
     "Router",
     "RoutingDecision",

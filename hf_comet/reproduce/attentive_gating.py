@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modeling.moe_routers import cv_squared, sample_similarity_loss
-from .core import ClaimResult, RunCache, code_version, plot_curves, run_all
+from .core import ClaimResult, RunCache, code_version, plot_curves, register_claim, run_all
 from .stats import SIGNIFICANCE, format_interval, holm, mean_interval, paired_test
 
 VARIANTS = ("single", "original", "original_importance", "original_ls", "attentive", "attentive_ls")
@@ -326,6 +326,11 @@ def _verdict_word(good: int, bad: int, n: int) -> str:
     return "contradicted" if bad > good else "not reproduced"
 
 
+@register_claim(
+    "attentive_gating",
+    "Attentive gating and the sample-similarity regulariser: decomposition entropy and error",
+    "Krishnamurthy, Watkins & Gärtner 2023 (methods.md §2.2–2.8)",
+)
 def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) -> ClaimResult:
     """Every variant over the seeds, the MNIST-style table with paired tests against the original gate (Holm over the
     rows), the paper's numbers beside ours, and the verdict on H_s and test error for L_s and the attentive gate."""

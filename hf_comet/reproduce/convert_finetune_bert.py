@@ -33,7 +33,7 @@ import torch
 import transformers
 
 from . import finetune
-from .core import ClaimResult, RunCache, code_version, plot_curves, run_all
+from .core import ClaimResult, RunCache, code_version, plot_curves, register_claim, run_all
 from .stats import SIGNIFICANCE, format_interval, mean_interval, paired_test
 
 VARIANTS = ("dense", "comet", "comet_schedule", "topk")
@@ -262,6 +262,11 @@ def _run(spec: dict, settings: BertSettings, folder: Path) -> dict:
         return finetune_one(spec["variant"], settings, spec["seed"], folder)
 
 
+@register_claim(
+    "convert_finetune_bert",
+    "Convert a dense BERT checkpoint, then fine-tune it on a topic task, without losing its accuracy",
+    "ours (issue 14 §6, BERT; keep-rate schedule after Zhu & Gupta 2017)",
+)
 def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) -> ClaimResult:
     """The section of the results page: each variant's test accuracy against the dense fine-tune's, and the verdict."""
     import sys

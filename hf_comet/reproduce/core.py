@@ -1,6 +1,7 @@
-"""The pieces every claim of ``hf-comet reproduce`` shares: the resumable run cache, running specs through it, a
-claim's result and the curve plot. A claim module imports these and defines ``claim(cache, plots, quick,
-cached_only) -> ClaimResult``."""
+"""The pieces every claim of ``hf-comet reproduce`` shares: the claim registry, the resumable run cache, running specs
+through it, a claim's result and the curve plot. A claim is one module that defines ``claim(cache, plots, quick,
+cached_only) -> ClaimResult`` and registers it with `register_claim`; ``hf_comet.reproduce`` imports the claim
+modules in page order."""
 
 from __future__ import annotations
 
@@ -11,6 +12,32 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Claim:
+    name: str
+    title: str
+    source: str
+    run: Callable[[Path, Path, bool, bool], ClaimResult]
+    """``run(cache folder, plots folder, quick, cached_only)``; ``cached_only`` raises `MissingRuns` rather than run."""
+
+
+CLAIMS: dict[str, Claim] = {}
+"""Claims ``hf-comet reproduce`` runs, in page order (the order their modules register)."""
+
+
+def register_claim(name: str, title: str, source: str) -> Callable[[Callable], Callable]:
+    """Decorator registering ``run`` (``run(cache, plots, quick, cached_only) -> ClaimResult``) as claim ``name`` with
+    its page title and source; a name is registered once."""
+
+    def register(run: Callable[[Path, Path, bool, bool], ClaimResult]) -> Callable:
+        if name in CLAIMS:
+            raise ValueError(f"claim {name!r} is already registered (by {CLAIMS[name].run.__module__}).")
+        CLAIMS[name] = Claim(name, title, source, run)
+        return run
+
+    return register
 
 
 class MissingRuns(Exception):
@@ -134,5 +161,5 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-__all__ = ["ClaimResult", "MissingRuns", "RunCache", "code_version", "one_thread", "plot_curves", "run_all",
-           "save_figure"]
+__all__ = ["CLAIMS", "Claim", "ClaimResult", "MissingRuns", "RunCache", "code_version", "one_thread", "plot_curves", "register_claim",
+           "run_all", "save_figure"]

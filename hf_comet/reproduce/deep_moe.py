@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import ClaimResult, RunCache, code_version, one_thread, run_all, save_figure
+from .core import ClaimResult, RunCache, code_version, one_thread, register_claim, run_all, save_figure
 from .stats import SIGNIFICANCE, format_interval, mean_interval, paired_test
 
 CANVAS = 12
@@ -395,6 +395,11 @@ def _dominant(counts: list[list[int]]) -> list[str]:
     return [str(int(np.argmax(row)) + 1) if sum(row) else "·" for row in counts]
 
 
+@register_claim(
+    "deep_moe",
+    "Deep MoE on jittered digits: position then class specialisation",
+    "Eigen, Ranzato & Sutskever 2013 (methods.md §4)",
+)
 def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) -> ClaimResult:
     """Run (or read from the cache) every variant and seed, and render the claim's section of the results page."""
     import sys

@@ -1,26 +1,40 @@
 """Training beside Trainer: routing telemetry, expert-merging, Deep-MoE constraint and keep-rate callbacks, recipes and
-plots."""
+plots.
 
-from .callbacks import (
-    DeepConstraintCallback,
-    ExpertMergingCallback,
-    KeepRateScheduleCallback,
-    lift_deep_constraint,
-    scheduled_keep_rate,
+``import hf_comet.training`` imports none of its modules (``Trainer``, callbacks, plots); each name loads on first
+use (PEP 562).
+"""
+
+# ruff: noqa: F401  (the TYPE_CHECKING imports below only name what __getattr__ exports)
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "callbacks": (
+            "DeepConstraintCallback",
+            "ExpertMergingCallback",
+            "KeepRateScheduleCallback",
+            "lift_deep_constraint",
+            "scheduled_keep_rate",
+        ),
+        "launch": ("SingleProcessLaunchWarning", "launch_collapse_message", "warn_if_launch_collapsed"),
+        "trainer": ("CometTrainer", "flatten_routing_statistics", "reduce_routing_statistics"),
+    },
 )
-from .launch import SingleProcessLaunchWarning, launch_collapse_message, warn_if_launch_collapsed
-from .trainer import CometTrainer, flatten_routing_statistics, reduce_routing_statistics
 
-__all__ = [
-    "CometTrainer",
-    "DeepConstraintCallback",
-    "ExpertMergingCallback",
-    "KeepRateScheduleCallback",
-    "SingleProcessLaunchWarning",
-    "flatten_routing_statistics",
-    "launch_collapse_message",
-    "lift_deep_constraint",
-    "reduce_routing_statistics",
-    "scheduled_keep_rate",
-    "warn_if_launch_collapsed",
-]
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time `__getattr__` loads these
+    from .callbacks import (
+        DeepConstraintCallback,
+        ExpertMergingCallback,
+        KeepRateScheduleCallback,
+        lift_deep_constraint,
+        scheduled_keep_rate,
+    )
+    from .launch import SingleProcessLaunchWarning, launch_collapse_message, warn_if_launch_collapsed
+    from .trainer import CometTrainer, flatten_routing_statistics, reduce_routing_statistics

@@ -55,15 +55,6 @@ from . import vit_digits, gpt2_text, bert_mlm_cls  # noqa: E402, F401
 # isort: on
 
 
-def __getattr__(name: str):
-    # `parse_overrides` and `format_table` moved to the CLI that uses them; kept importable from here.
-    if name in ("parse_overrides", "format_table"):
-        from ... import cli
-
-        return getattr(cli, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "MIN_SETTINGS",
     "RECIPES",
