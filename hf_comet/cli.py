@@ -20,8 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .io import UserError, non_finite
-from .limits import loads_json
+from .io import UserError, loads_json, non_finite
 
 from .names import BENCH_SECTIONS, CONVERSION_METHODS, DEFAULT_SPLIT_METHOD, DEMO_RECIPE, MOE_FIELD_KINDS  # isort: skip
 from .names import PROVENANCE_FIELDS, RECIPE_NAMES, ROUTING_LOGGING, SPLIT_METHODS, VARIANTS  # isort: skip

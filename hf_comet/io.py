@@ -27,7 +27,13 @@ The checks of what a user points at live here too, once for the CLI and the Pyth
 parses, the safetensors weights are present and whole; `loading` turns transformers' load errors into a message
 naming the path; `check_loaded` refuses a load report with missing, unexpected or mis-shaped tensors). They raise
 `UserError` (a ``ValueError``) before anything is written. A checkpoint folder is one that holds a ``config.json``
-file (`holds_checkpoint`); only such a folder, or an empty one, is ever replaced as a whole.
+file (`holds_checkpoint`); only such a folder, or an empty one, is ever replaced as a whole. A user's JSON is parsed
+only once its nesting depth is bounded (`loads_json`, `check_json_file_depth`).
+
+A run that writes a destination as a whole holds `destination_lock` on it, stages the result (`staged_path`, whose
+``expect`` refuses to swap out a destination that appeared or changed meanwhile) and turns a failed write into one
+`UserError` (`write_failures`). Names too long for the file system are refused before work (`check_name_length`);
+hidden siblings of long names carry a hash instead (`_stem`).
 """
 
 from __future__ import annotations
@@ -376,6 +382,54 @@ def _lstat(path: Path, what: str) -> os.stat_result | None:
         raise UserError(f"{what} {str(path)!r} cannot be examined ({error.strerror or error}).") from None
 
 
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of arrays and objects accepted in a user's JSON (config files, ``--set`` values, routing state):
+real configs nest fewer than 10 levels; Python's parser recurses once per level (1,000 levels: a ``RecursionError``,
+10,000: a crash)."""
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of ``[``/``{`` in JSON ``text`` (brackets inside strings do not count), without parsing."""
+    depth = deepest = 0
+    for bracket in _BRACKETS.findall(_STRING.sub("", text)):
+        if bracket in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def check_json_file_depth(path: str | os.PathLike, what: str) -> None:
+    """Refuse (`UserError`) a JSON or JSON Lines file nested deeper than `MAX_JSON_DEPTH`, read line by line (a JSON
+    string holds no raw newline, so lines split no string) before a parser sees it: Arrow's JSON reader crashes
+    the process (a segmentation fault) on 10,000 levels."""
+    depth = deepest = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            for bracket in _BRACKETS.findall(_STRING.sub("", line)):
+                depth += 1 if bracket in "[{" else -1
+                if depth > deepest:
+                    deepest = depth
+                    if deepest > MAX_JSON_DEPTH:
+                        raise UserError(
+                            f"{what} nests arrays/objects more than {MAX_JSON_DEPTH} levels deep; at most "
+                            f"{MAX_JSON_DEPTH} are accepted."
+                        )
+
+
+def loads_json(text: str, what: str) -> Any:
+    """``json.loads(text)``, refusing (`UserError` naming ``what`` and the limit) JSON nested deeper than
+    `MAX_JSON_DEPTH` before parsing it; a ``json.JSONDecodeError`` passes through for the caller to word."""
+    depth = json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise UserError(f"{what} nests arrays/objects {depth} levels deep; at most {MAX_JSON_DEPTH} are accepted.")
+    return json.loads(text)
+
+
 def given_path(path: str | os.PathLike, what: str) -> Path:
     """``path`` as a `Path`; an empty one is a `UserError`."""
     if not str(path).strip():
@@ -569,8 +623,6 @@ def _read_json(path: Path, what: str) -> Any:
         raise UserError(f"{what}: {str(path)!r} is not UTF-8 text (a damaged file?); re-save it.") from None
     except OSError as error:
         raise UserError(f"{what}: {str(path)!r} cannot be read ({error.strerror or error}).") from None
-    from .limits import loads_json
-
     try:
         return loads_json(text, f"{what}: {str(path)!r}")
     except json.JSONDecodeError as error:
@@ -614,8 +666,6 @@ def checkpoint_folder(path: str | os.PathLike, what: str) -> dict[str, Any]:
     field = non_finite(config)
     if field is not None:
         raise UserError(f"{what}: {str(config_path)!r} sets {field} to a non-finite number; give a finite one.")
-    from .limits import check_json_file_depth
-
     for companion in sorted(folder.glob("*.json")):  # generation/tokenizer configs transformers parses on load
         if companion.is_file() and not companion.is_symlink():
             check_json_file_depth(companion, f"{what}: {str(companion)!r}")
@@ -1125,15 +1175,19 @@ def atomic_save_pretrained(
 
 
 __all__ = [
+    "MAX_JSON_DEPTH",
     "NAME_MAX",
     "WRITE_ERRNOS",
     "DestinationChanged",
     "Recovery",
     "check_finite_weights",
+    "check_json_file_depth",
     "check_name_length",
     "non_finite_weight",
     "destination_lock",
     "identity",
+    "json_depth",
+    "loads_json",
     "name_max",
     "write_failures",
     "UserError",

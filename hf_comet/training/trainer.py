@@ -18,8 +18,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from ..io import atomic_write_text
-from ..limits import loads_json
+from ..io import atomic_write_text, loads_json
 from ..modeling.modeling_comet_common import aux_loss_share, loss_item_share
 from .launch import warn_if_launch_collapsed
 from .statistics import statistics_paused

@@ -18,8 +18,7 @@ import datasets
 import numpy as np
 import pyarrow
 
-from ...io import UserError
-from ...limits import check_json_file_depth
+from ...io import UserError, check_json_file_depth
 from .base import RecipeArgumentError
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv"}
