@@ -302,6 +302,7 @@ SIZES = [
     (["train", "gpt2_text", "--fast", "--setting", "hidden_size=65536"], "train"),
     (["train", "gpt2_text", "--fast", "--setting", "num_train=2147483647"], "train"),
     (["train", "bert_mlm_cls", "--fast", "--setting", "num_eval=2147483647"], "train"),
+    (["train", "gpt2_text", "--fast", "--setting", "seq_len=4096", "--setting", "batch_size=4096"], "train"),
     (["train", "vit_digits", "--fast", "--setting", "batch_size=2147483647"], "train"),
     (["train", "vit_digits", "--fast", "--variants", "topk", "--set", "num_experts=100000", "--set",
       "moe_intermediate_size=256"], "train"),

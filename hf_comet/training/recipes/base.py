@@ -343,12 +343,14 @@ def check_models_build(
 def estimate_run_bytes(settings: Settings, parameters: Mapping[str, int]) -> int:
     """A recipe run's peak memory, estimated before anything is allocated: float32 weights of every variant (a run
     keeps each trained model for its plots and card), gradients and Adam's two moments of the largest, activations
-    of one batch (``batch_size x seq_len x hidden_size x num_layers``, ~32 floats per entry) and the token windows
+    of one batch (``batch_size x seq_len x hidden_size x num_layers``, ~32 floats per entry, and three attention
+    maps of ``seq_len x seq_len`` per head and layer) and the token windows
     of ``num_train`` and of the ``4 x num_eval`` held-out candidates (three int64 columns of ``seq_len``). A
     deliberate over-estimate of the order of magnitude: it refuses runs that cannot fit (``hidden_size=65536``,
     ``num_train=2**31-1``), not runs that barely fit."""
     weights = 4 * (sum(parameters.values()) + 3 * max(parameters.values(), default=0))
     activations = 4 * 32 * settings.batch_size * settings.seq_len * settings.hidden_size * settings.num_layers
+    activations += 4 * 3 * settings.batch_size * settings.num_heads * settings.seq_len**2 * settings.num_layers
     windows = 3 * 8 * (settings.num_train + 4 * settings.num_eval) * settings.seq_len
     return weights + activations + windows
 
