@@ -1090,11 +1090,11 @@ def staged_path(
         else:
             _fsync(staging, directory=False)
         now = identity(target, contents=expect is not _ANY and expect is not None and len(expect) == 3)
-        if expect is not _ANY and now != expect:
-            found = "appeared" if expect is None else "was replaced" if now is None or now[:2] != expect[:2] else \
+        if expect is not _ANY and now is not None and now != expect:  # never swap out what appeared or changed
+            found = "appeared" if expect is None else "was replaced" if now[:2] != expect[:2] else \
                 "changed (files were added or removed in it)"
             raise _keep_result(staging, target, what, found)
-        if expect is None:
+        if expect is not _ANY and now is None:  # nothing there (any more): moved in, unless something appears now
             try:
                 _rename_new(staging, target)
             except FileExistsError:
