@@ -444,3 +444,21 @@ def test_a_keep_rate_schedule_made_again_on_a_mid_schedule_checkpoint_keeps_the_
     callback.on_train_end(args, TrainerState(global_step=8), TrainerControl(), model=reloaded)
     assert reloaded.config.comet_keep_rate == pytest.approx(0.25)
     assert not hasattr(reloaded.config, KeepRateScheduleCallback.TARGET_ATTRIBUTE)  # finished: nothing left to carry
+
+
+def test_leftovers_of_a_long_named_destination_carry_a_hash_and_are_recovered(tmp_path):
+    target = tmp_path / ("n" * 240)
+    target.mkdir()
+    stem = io._stem(target.name)
+    assert stem.startswith("~") and len(stem) == 17 and io._stem("short") == "short"
+    dead = 2**22 + 12345  # no such process
+    leftover = tmp_path / f".{stem}.tmp-{dead}-0-0123abcd"
+    leftover.mkdir()
+    backup = tmp_path / f".{stem}.old-{dead}-0-0123abce"
+    backup.mkdir()
+    assert io.recover_folder(tmp_path) and sorted(os.listdir(tmp_path)) == ["n" * 240]
+    target.rmdir()  # an interrupted swap: the destination moved aside, then the writer died
+    backup.mkdir()
+    (backup / "config.json").write_text("{}")
+    report = io.recover(target)
+    assert report.restored_from == backup and (target / "config.json").is_file()
