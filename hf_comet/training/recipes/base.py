@@ -22,7 +22,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from ...cards import write_model_card
+from ...cards import card_text, write_model_card
 from ...io import (
     UserError,
     atomic_save_pretrained,
@@ -815,7 +815,7 @@ def _write_plots_and_cards(
             result.checkpoint,
             results={k: v for k, v in result.metrics.items() if isinstance(v, float)},
             plots=["loss_curves.png", *plots],
-            datasets_text=data.description if data is not None else recipe.data_description,
+            datasets_text=card_text(data.description) if data is not None else recipe.data_description,
             dataset_name=data.description if data is not None else recipe.dataset_name,
         )
 
