@@ -3,8 +3,8 @@
 Importing the package registers every config and model with the Auto classes, so ``AutoConfig.for_model``,
 ``AutoModel*.from_config``, ``AutoModel*.from_pretrained`` and pipelines work with the ``comet_*`` model types.
 
-``import hf_comet`` is about as fast as ``import torch, transformers``: it imports the configs and registers the
-models lazily (`hf_comet.auto_registration`); every other public name (models, routers, conversion, merging,
+``import hf_comet`` imports neither torch nor transformers: the registration runs the moment transformers' Auto
+modules load (a post-import hook; the models register lazily, `hf_comet.auto_registration`); every other public name (models, routers, conversion, merging,
 distillation) loads on first use (PEP 562 ``__getattr__``). Model cards and ``push_to_hub`` are attached to the models
 when their code loads (`hf_comet.hub`). Tooling (``hf_comet.training``, ``hf_comet.reproduce``, ``hf_comet.bench``,
 the CLI) is never imported here.
@@ -19,11 +19,11 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from ._lazy import after_import, lazy_exports
-from .auto_registration import register_auto_classes
+from .auto_registration import install_auto_registration
 
 __version__ = "0.1.0"
 
-register_auto_classes()
+install_auto_registration()
 
 
 def _attach_sharing(module: ModuleType) -> None:

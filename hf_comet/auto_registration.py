@@ -1,7 +1,16 @@
 """Registering hf_comet's configs and models with transformers' Auto classes at ``import hf_comet``, cheaply.
 
-The configs are registered as classes (``AutoConfig.register``; the config module is light). The models are not
-imported: importing one pulls in ``transformers.modeling_utils`` (several seconds), and transformers' public
+``import hf_comet`` imports neither transformers nor torch (so ``hf-comet --help`` parses in a blink): it installs
+post-import hooks (`hf_comet._lazy.after_import`), and each entry is registered the moment the modules it joins have
+executed (at once for those already imported; `install_auto_registration`): the configs as lazy entries of
+``CONFIG_MAPPING`` when ``configuration_auto`` (``AutoConfig``) executes, and the models as lazy entries of every
+``AutoModel*`` mapping once both ``modeling_auto`` and our config module (the mappings' keys are config classes) have
+executed. Nothing can look up an Auto class before its module has executed, nor one of our models without one of
+our config classes, so this is as eager as an import-time registration. A hook imports no transformers module
+itself: one that fires inside transformers' own import chain (a config module's docstring decorator imports
+``modeling_auto``) would otherwise meet half-executed modules.
+
+The models are not imported: importing one pulls in ``transformers.modeling_utils`` (several seconds), and transformers' public
 ``AutoModel*.register(config_class, model_class)`` needs the class. So each Auto class's mapping gets a lazy entry
 instead: ``_LazyAutoMapping`` keeps registered entries in its ``_extra_content`` dict, which every lookup reads
 (``[]``, ``get``, ``in``, ``keys``/``values``/``items``; pipelines and processors also iterate its ``values()``). We
@@ -9,8 +18,11 @@ replace that dict by a `LazyClassDict`, a ``dict`` that may hold a `LazyClass` (
 class the first time the entry's value is read, then keeps the class. Anything that reads a value gets the class, as
 with ``register``; reading only keys (``in``) imports nothing.
 
+``CONFIG_MAPPING`` (``_LazyConfigMapping``) keeps registered configs in an ``_extra_content`` dict keyed by model type
+too, so the configs get the same lazy entries.
+
 Where a mapping does not look like that (another transformers, or someone else replaced ``_extra_content``), the
-model classes are imported and registered with the public ``register``: slower, never broken.
+classes are imported and registered with the public ``register``: slower, never broken.
 
 This module is the package's, not the checkpoints' (``modeling/`` travels as remote code and imports no hf_comet).
 `AUTO_CLASSES` is the light table this reads: per model type, the config class and each Auto class's model class as
@@ -20,13 +32,19 @@ This module is the package's, not the checkpoints' (``modeling/`` travels as rem
 from __future__ import annotations
 
 import importlib
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, NamedTuple
 
-import transformers
-from transformers import AutoConfig
+from ._lazy import after_import
 
-from .modeling import configuration_comet
+CONFIGURATION_AUTO = "transformers.models.auto.configuration_auto"
+MODELING_AUTO = "transformers.models.auto.modeling_auto"
+CONFIG_MODULE = "hf_comet.modeling.configuration_comet"
+"""transformers' modules defining ``AutoConfig`` and the ``AutoModel*`` classes, and ours defining the config classes:
+their execution triggers the registration."""
 
 
 class FamilyClasses(NamedTuple):
@@ -174,15 +192,10 @@ class LazyClassDict(dict):
         return f"{type(self).__name__}({dict.__repr__(self)})"
 
 
-def _lazy_extra_content(auto_class: type) -> LazyClassDict | None:
-    """The auto class's ``_model_mapping._extra_content`` as a `LazyClassDict` (swapped in once), or ``None`` when
-    the mapping is not the ``_LazyAutoMapping`` with a plain-dict ``_extra_content`` this was written against."""
-    try:
-        from transformers.models.auto.auto_factory import _LazyAutoMapping
-    except ImportError:
-        return None
-    mapping = getattr(auto_class, "_model_mapping", None)
-    if not isinstance(mapping, _LazyAutoMapping):
+def _lazy_dict(mapping: Any, expected: type) -> LazyClassDict | None:
+    """``mapping._extra_content`` as a `LazyClassDict` (swapped in once), or ``None`` when ``mapping`` is not the
+    ``expected`` transformers mapping class with a plain-dict ``_extra_content`` this was written against."""
+    if not isinstance(mapping, expected):
         return None
     extra = vars(mapping).get("_extra_content")
     if type(extra) is dict:
@@ -191,14 +204,46 @@ def _lazy_extra_content(auto_class: type) -> LazyClassDict | None:
     return extra if isinstance(extra, LazyClassDict) else None
 
 
-def register_auto_classes() -> None:
-    """Register every family's config with ``AutoConfig`` and its models with their Auto classes (idempotent):
-    lazily where the mapping allows it (see the module docstring), otherwise by importing the model classes."""
+def _lazy_extra_content(auto_class: type) -> LazyClassDict | None:
+    """The Auto model class's ``_model_mapping._extra_content`` as a `LazyClassDict` (see `_lazy_dict`)."""
+    try:
+        from transformers.models.auto.auto_factory import _LazyAutoMapping
+    except ImportError:
+        return None
+    return _lazy_dict(getattr(auto_class, "_model_mapping", None), _LazyAutoMapping)
+
+
+_EXECUTED: set[str] = set()
+"""The watched modules that have finished executing (the hooks run after a module's code, never inside it)."""
+
+
+def _config_class(family: FamilyClasses) -> type:
+    return getattr(importlib.import_module(CONFIG_MODULE), family.config_class)
+
+
+def register_configs(configuration_auto: ModuleType | None = None) -> None:
+    """Register every family's config with ``AutoConfig`` (idempotent): as the class once our config module has
+    executed, else as a lazy entry (the class is imported when the entry is read), else (a ``CONFIG_MAPPING`` of
+    another shape) by importing it."""
+    if configuration_auto is None:
+        configuration_auto = importlib.import_module(CONFIGURATION_AUTO)
+    extra = _lazy_dict(getattr(configuration_auto, "CONFIG_MAPPING", None), configuration_auto._LazyConfigMapping)
     for model_type, family in AUTO_CLASSES.items():
-        config_class = getattr(configuration_comet, family.config_class)
-        AutoConfig.register(model_type, config_class, exist_ok=True)
+        if CONFIG_MODULE not in _EXECUTED and extra is not None:
+            extra.set_lazy(model_type, CONFIG_MODULE, family.config_class)
+        else:
+            configuration_auto.AutoConfig.register(model_type, _config_class(family), exist_ok=True)
+
+
+def register_models(modeling_auto: ModuleType | None = None) -> None:
+    """Register every family's models with their Auto classes (idempotent): lazily where the mapping allows it (see
+    the module docstring), otherwise by importing the model classes."""
+    if modeling_auto is None:
+        modeling_auto = importlib.import_module(MODELING_AUTO)
+    for family in AUTO_CLASSES.values():
+        config_class = _config_class(family)
         for auto_name, (module, class_name) in family.models.items():
-            auto_class = getattr(transformers, auto_name)
+            auto_class = getattr(modeling_auto, auto_name)
             extra = _lazy_extra_content(auto_class)
             if extra is not None:
                 extra.set_lazy(config_class, module, class_name)
@@ -208,4 +253,40 @@ def register_auto_classes() -> None:
             auto_class.register(config_class, LazyClass(module, class_name).load(), exist_ok=True)
 
 
-__all__ = ["AUTO_CLASSES", "FamilyClasses", "LazyClass", "LazyClassDict", "register_auto_classes"]
+def register_auto_classes() -> None:
+    """Register every family's config and models now, importing what that needs (idempotent)."""
+    for name in (CONFIGURATION_AUTO, CONFIG_MODULE, MODELING_AUTO):
+        importlib.import_module(name)
+        _EXECUTED.add(name)
+    register_configs()
+    register_models()
+
+
+def _executed(name: str) -> Callable[[ModuleType], None]:
+    def hook(module: ModuleType) -> None:
+        _EXECUTED.add(name)
+        if name == CONFIGURATION_AUTO:
+            register_configs(module)
+        elif {CONFIG_MODULE, MODELING_AUTO} <= _EXECUTED:  # the model mappings and their keys both exist now
+            register_models(sys.modules[MODELING_AUTO])
+
+    return hook
+
+
+def install_auto_registration() -> None:
+    """What ``import hf_comet`` calls: hooks that register each entry once the modules it joins have executed (see
+    the module docstring), importing nothing of transformers."""
+    for name in (CONFIGURATION_AUTO, CONFIG_MODULE, MODELING_AUTO):
+        after_import(name, _executed(name))
+
+
+__all__ = [
+    "AUTO_CLASSES",
+    "FamilyClasses",
+    "LazyClass",
+    "LazyClassDict",
+    "install_auto_registration",
+    "register_auto_classes",
+    "register_configs",
+    "register_models",
+]

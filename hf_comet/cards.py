@@ -1,12 +1,18 @@
 """Model cards for hf_comet checkpoints, rendered with huggingface_hub's ``ModelCard``/``ModelCardData``.
 
 The card says in words how the model routes, shows results and plots when a run provides them, how to load it, and
-what to cite.
+what to cite. Every value that comes from outside the library (a source folder's name, a user's dataset file name, a
+repo id or base model, plot file names, tags) reaches the card only through `card_text` / `card_code` (control
+characters and newlines gone, HTML and markdown punctuation escaped, bounded length) or after validation; the front
+matter is serialised by ``ModelCardData`` from those values, never copied. ``datasets_text`` is the caller's own
+markdown (a recipe passes a user's data description through `card_text`).
 """
 
 from __future__ import annotations
 
+import html
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +36,33 @@ PIPELINE_TAGS = {
 }
 """Our class name's suffix -> the card's ``pipeline_tag``; any other head (a base model, multiple choice) is tagged
 ``feature-extraction``."""
+
+MAX_CARD_VALUE = 300
+"""The most characters of one outside value a card shows (longer ones are cut, with an ellipsis)."""
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]+")
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+!|~>-])")
+_PLOT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,120}\.png")
+
+
+def _one_line(value: Any) -> str:
+    text = _CONTROL.sub(" ", str(value)).strip()
+    return text if len(text) <= MAX_CARD_VALUE else text[: MAX_CARD_VALUE - 1] + "…"
+
+
+def card_text(value: Any) -> str:
+    """``value`` as inert markdown text: one line, HTML-escaped, markdown punctuation backslash-escaped."""
+    return _MARKDOWN.sub(r"\\\1", html.escape(_one_line(value), quote=False))
+
+
+def card_code(value: Any) -> str:
+    """``value`` for an inline code span: one line without backticks (a code span shows HTML as text)."""
+    return _one_line(value).replace("`", "'")
+
+
+def _repo_hint(repo_id: str | None) -> str:
+    """A repo id the loading snippet may quote in a Python string, else the placeholder."""
+    return repo_id if repo_id and is_hub_id(repo_id) and len(repo_id) <= 96 else "path/or/org-name"
 
 
 def describe_routing(config) -> str:
@@ -97,11 +130,14 @@ def render_model_card(
         base_model = inherited.base_model  # the Hub id converted from, or the base model the source's card names
     if base_model is None and source and is_hub_id(source):
         base_model = source  # converted from a Hub checkpoint (local sources are recorded as ./<folder name>)
+    if base_model is not None and not is_hub_id(str(base_model)):
+        base_model = None  # the card's base_model names a Hub repo; anything else stays out of the front matter
     # a conversion is a derived work: the source's license, or none stated when its card gives none
     license_ = inherited_card.get("license") if getattr(config, "conversion_method", None) else "apache-2.0"
     datasets = datasets if datasets is not None else inherited_card.get("datasets")
     tags = ["moe", "mixture-of-experts", "hf_comet", config.routing, config.model_type, "custom_code"]
-    tags += [t for t in (getattr(model, "model_tags", None) or []) if t not in tags]
+    tags += [t for t in (getattr(model, "model_tags", None) or []) if t not in tags and isinstance(t, str)
+             and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9:._-]{0,63}", t)]  # fmt: skip
     pipeline_tag = PIPELINE_TAGS.get(head, "feature-extraction")
     eval_results = None
     if results:
@@ -109,7 +145,7 @@ def render_model_card(
             EvalResult(
                 task_type=pipeline_tag,
                 dataset_type=(datasets or ["custom"])[0],
-                dataset_name=dataset_name or "evaluation set",
+                dataset_name=html.escape(_one_line(dataset_name or "evaluation set"), quote=False),
                 metric_type=key,
                 metric_value=value,
             )
@@ -125,7 +161,7 @@ def render_model_card(
         tags=tags,
         base_model=base_model,
         datasets=datasets,
-        model_name=repo_id or f"{type(model).__name__}-{config.routing}",
+        model_name=_repo_hint(repo_id) if repo_id else f"{type(model).__name__}-{config.routing}",
         eval_results=eval_results,
         **extra,
     )
@@ -133,8 +169,8 @@ def render_model_card(
     if getattr(config, "conversion_method", None):
         where = "the dense checkpoint" if source and is_hub_id(source) else "the dense checkpoint in the local folder"
         provenance = (
-            f"Converted from {where} `{source}`"
-            + (f" (base model `{base_model}`)" if base_model and base_model != source else "")
+            f"Converted from {where} `{card_code(source)}`"
+            + (f" (base model `{card_code(base_model)}`)" if base_model and base_model != source else "")
             + f" with method `{config.conversion_method}`"
             + (f" (unit partition `{config.split_method}`)" if config.split_method else "")
             + f", conversion seed {config.conversion_seed}."
@@ -163,10 +199,10 @@ def render_model_card(
         results=[(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in (results or {}).items()],
         statistics=statistics,
         statistics_tokens=statistics_tokens,
-        plots=plots or [],
+        plots=[plot for plot in plots or [] if _PLOT.fullmatch(plot)],
         auto_class=auto,
         module_name=type(model).__module__.rsplit(".", 1)[-1],
-        repo_hint=repo_id or "path/or/org-name",
+        repo_hint=_repo_hint(repo_id),
         citations=citations,
     )
 
@@ -177,4 +213,4 @@ def write_model_card(model, directory: str | Path, **kwargs) -> Path:
     return atomic_write_text(Path(directory) / "README.md", str(card))
 
 
-__all__ = ["describe_routing", "render_model_card", "write_model_card"]
+__all__ = ["card_code", "card_text", "describe_routing", "render_model_card", "write_model_card"]

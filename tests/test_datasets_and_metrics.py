@@ -122,12 +122,17 @@ def test_vit_digits_trains_on_a_json_file_and_its_config_follows_the_images(tmp_
         "vit_digits", tmp_path / "out", fast=True, variants=["comet"], settings=TINY, progress=False, log=_quiet,
         dataset=DatasetSource(str(path)),
     )  # fmt: skip
-    assert summary["dataset"].startswith(str(path)) and "64 train / 16 test images of 3×4×4" in summary["dataset"]
+    assert (
+        summary["dataset"].startswith(path.name)
+        and str(path.parent) not in summary["dataset"]
+        and "64 train / 16 test images of 3×4×4" in summary["dataset"]
+    )
     assert 0.0 <= summary["variants"]["comet"]["metrics"]["test_accuracy"] <= 1.0
     config = json.loads((tmp_path / "out" / "comet" / "config.json").read_text())
     assert (config["image_size"], config["num_channels"], config["patch_size"]) == (4, 3, 2)
     assert config["id2label"] == {str(i): str(i) for i in range(10)}
-    assert str(path) in (tmp_path / "out" / "comet" / "README.md").read_text()
+    card = (tmp_path / "out" / "comet" / "README.md").read_text()
+    assert "digits.jsonl" in card and str(path.parent) not in card  # the file's name, not the local path
 
 
 def test_gpt2_text_trains_on_a_csv_file_through_the_cli_with_a_named_text_column(tmp_path, capsys):

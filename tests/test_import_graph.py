@@ -1,5 +1,5 @@
-"""``import hf_comet`` stays light (issue 21): it registers the configs and, lazily, the models with the Auto classes
-and imports nothing else heavy. These tests guard the import graph (what is in ``sys.modules``), not a timing: a
+"""``import hf_comet`` stays light (issue 21): it imports neither torch nor transformers, yet the configs and models
+are registered with the Auto classes as soon as transformers' Auto modules load, whatever the import order. These tests guard the import graph (what is in ``sys.modules``), not a timing: a
 fresh interpreter imports hf_comet, and the Auto classes, ``from_pretrained``, pipelines and every public name still
 work from there. Also: the light registration table matches the families' facts, the lazy Auto entries behave like
 registered classes, and hf_comet's modules import each other without a cycle."""
@@ -24,16 +24,9 @@ from hf_comet.auto_registration import AUTO_CLASSES, LazyClass, LazyClassDict, r
 from hf_comet.modeling import FAMILY_ADAPTERS
 
 ROOT = Path(__file__).resolve().parents[1]
-LIGHT = {
-    "hf_comet",
-    "hf_comet._lazy",
-    "hf_comet.modeling",
-    "hf_comet.auto_registration",
-    "hf_comet.modeling.configuration_comet",
-    "hf_comet.modeling.routing_names",
-}
+LIGHT = {"hf_comet", "hf_comet._lazy", "hf_comet.auto_registration"}
 """The only hf_comet modules ``import hf_comet`` may import."""
-FORBIDDEN = ("transformers.modeling_utils", "matplotlib", "datasets", "evaluate", "peft", "sklearn")
+FORBIDDEN = ("torch", "transformers", "matplotlib", "datasets", "evaluate", "peft", "sklearn")
 
 FRESH = """
 import json, sys
@@ -85,9 +78,38 @@ def test_import_hf_comet_imports_only_the_configs_yet_auto_classes_from_pretrain
     assert result["one_family_registry"]  # a lazy name is computed once: a family added to it reaches conversion
 
 
-@pytest.mark.parametrize(
-    "package", ["hf_comet", "hf_comet.modeling", "hf_comet.convert", "hf_comet.training"]
-)
+ORDERS = {
+    "auto-config-first": "import hf_comet\nfrom transformers import AutoConfig, AutoModelForCausalLM",
+    "auto-model-first": "import hf_comet\nfrom transformers import AutoModelForCausalLM, AutoConfig",
+    "stock-config-first": "import hf_comet\nfrom transformers import BertConfig\nfrom transformers import AutoConfig, AutoModelForCausalLM",
+    "our-config-first": "from hf_comet import CometGPT2Config\nfrom transformers import AutoConfig, AutoModelForCausalLM",
+    "our-model-first": "from hf_comet import CometGPT2ForCausalLM\nfrom transformers import AutoConfig, AutoModelForCausalLM",
+    "transformers-before-hf_comet": "from transformers import AutoConfig, AutoModelForCausalLM\nimport hf_comet",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("order", list(ORDERS))
+def test_the_auto_classes_know_our_types_whatever_the_import_order(tmp_path, order):
+    """The registration hooks can fire inside transformers' own import chains (a config module's docstring decorator
+    imports ``modeling_auto``): every order of first imports ends registered, hf_comet imported before or after
+    transformers' Auto modules."""
+    script = ORDERS[order]
+    script += """
+config = AutoConfig.for_model("comet_bert", num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+                              intermediate_size=64, vocab_size=40)
+from transformers import AutoModel
+print(type(AutoModel.from_config(config)).__name__, type(AutoModelForCausalLM.from_config(
+    AutoConfig.for_model("comet_gpt2", n_layer=1, n_embd=32, n_head=2, vocab_size=40))).__name__)
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-2:] == ["CometBertModel", "CometGPT2ForCausalLM"]
+
+
+@pytest.mark.parametrize("package", ["hf_comet", "hf_comet.modeling", "hf_comet.convert", "hf_comet.training"])
 def test_every_public_name_of_a_lazy_package_loads_and_is_listed(package):
     module = __import__(package, fromlist=["_"])
     assert module.__all__ and set(module.__all__) <= set(dir(module))

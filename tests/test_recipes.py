@@ -252,3 +252,15 @@ def test_trainer_files_asked_for_are_kept_in_the_run_folder_and_none_otherwise(t
     assert not (tmp_path / "plain" / "trainer").exists() and not any(p.name.startswith(".") for p in (tmp_path / "plain").iterdir())
     assert main([*argv, "--save_strategy", "steps", "--save_steps", "2", "--output-dir", str(tmp_path / "kept")]) == 0
     assert (tmp_path / "kept" / "trainer" / "comet" / "checkpoint-2" / "trainer_state.json").is_file()
+
+
+def test_mixtral_s_field_names_reach_the_variants_as_ours_and_typos_are_refused():
+    from hf_comet.training.recipes.base import variant_overrides
+
+    assert variant_overrides("comet_vit", ["dense", "topk"], {"num_local_experts": 4}) == {"topk": {"num_experts": 4}}
+    assert variant_overrides("comet_vit", ["topk", "comet"], {"topk.num_local_experts": 2}) == {
+        "topk": {"num_experts": 2},
+        "comet": {},
+    }
+    with pytest.raises(RecipeArgumentError, match="'num_experts_per_token' is not a comet_vit config field"):
+        variant_overrides("comet_vit", ["topk"], {"num_experts_per_token": 2})

@@ -23,7 +23,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
 
-from ...cards import write_model_card
+from ...cards import card_text, write_model_card
 from ...io import (
     UserError,
     atomic_save_pretrained,
@@ -270,7 +270,8 @@ def variant_overrides(family: str, variants: list[str], overrides: Mapping[str, 
     ``variants``); an unprefixed MoE field (``"capacity_factor"``) applies to every variant whose routing reads it
     (refused when none does); any other config field of ``family`` (e.g. ``"hidden_dropout_prob"``) to every MoE
     variant. A prefixed value wins over an unprefixed one. ``routing`` (a variant's name is its routing) and the
-    conversion provenance fields are refused; so are names that are not fields of ``family``'s config.
+    conversion provenance fields are refused; so are names that are not fields of ``family``'s config. transformers'
+    names of our fields (`configuration_comet.MOE_FIELD_ALIASES`, e.g. ``num_local_experts``) are accepted as ours.
     Raises `RecipeArgumentError` naming the key and what is allowed."""
     moe = [v for v in variants if v != "dense"]
     per_variant: dict[str, dict[str, Any]] = {v: {} for v in moe}
@@ -279,6 +280,7 @@ def variant_overrides(family: str, variants: list[str], overrides: Mapping[str, 
     prefixed = []
     for key, value in overrides.items():
         prefix, _, name = key.rpartition(".")
+        name = configuration_comet.MOE_FIELD_ALIASES.get(name, name)  # Mixtral's num_local_experts is num_experts
         if name == "routing":
             raise RecipeArgumentError(
                 f"override {key}={value!r}: a variant's name is its routing (block_comet is comet over blocks of "
@@ -931,7 +933,7 @@ def _write_plots_and_cards(
             output / variant,
             results={k: v for k, v in result.metrics.items() if isinstance(v, float)},
             plots=["loss_curves.png", *plots],
-            datasets_text=data.description if data is not None else recipe.data_description,
+            datasets_text=card_text(data.description) if data is not None else recipe.data_description,
             dataset_name=data.description if data is not None else recipe.dataset_name,
         )
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import datasets
 import torch
 
@@ -99,5 +101,5 @@ def load_text_data(
     if text != TEXT_COLUMN:
         train, test = (split.rename_column(text, TEXT_COLUMN) for split in (train, test))
     classes = f", {len(names)} classes; label column {label!r}" if labelled else ""
-    description = f"{path} ({len(train)} train / {len(test)} test texts, UTF-8 bytes; text column {text!r}{classes})."
+    description = f"{Path(path).name} ({len(train)} train / {len(test)} test texts, UTF-8 bytes; text column {text!r}{classes})."
     return RecipeData(train, test, {}, names, description)

@@ -3,6 +3,8 @@ a user's images (``--dataset``)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import transformers
 
@@ -66,7 +68,7 @@ def load_data(source: DatasetSource, seed: int) -> RecipeData:
         id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
     )  # fmt: skip
     description = (
-        f"{path} ({len(train)} train / {len(test)} test images of {channels}×{side}×{side}, {len(names)} classes; "
+        f"{Path(path).name} ({len(train)} train / {len(test)} test images of {channels}×{side}×{side}, {len(names)} classes; "
         f"columns {image!r} and {label!r})."
     )
     return RecipeData(train, test, config, names, description)
