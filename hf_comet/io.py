@@ -545,12 +545,25 @@ def replaceable_folder(path: str | os.PathLike, what: str) -> None:
         )
 
 
+def _not_around_working_folder(path: Path, what: str) -> None:
+    """Refuse a destination that is the current folder or holds it: replacing it as a whole would pull the working
+    folder out from under the shell (and everything a user keeps beside the run)."""
+    here = Path.cwd().resolve()
+    there = path.resolve()
+    if there == here or there in here.parents:
+        raise UserError(
+            f"{what} {str(path)!r} is {'the current folder' if there == here else 'a folder holding the current one'}, "
+            "which a run replaces as a whole; choose a folder inside it (e.g. runs/NAME)."
+        )
+
+
 def destination_folder(path: str | os.PathLike, what: str, *, overwrite: bool) -> Path:
     """A folder that will be written as a whole (a checkpoint): refuses a symlink, a file, an existing folder
     without ``overwrite`` or that is not a checkpoint folder, and a place we may not write in. First repairs what an
     interrupted earlier write left there (`recover`, which says so)."""
     path = given_path(path, what)
     check_name_length(path, what)
+    _not_around_working_folder(path, what)
     if not path.is_symlink():
         recover(path)
     status = _lstat(path, what)
@@ -585,6 +598,7 @@ def run_folder(path: str | os.PathLike, what: str, *, folders: Sequence[str], fi
     each must be a checkpoint folder or empty, `replaceable_folder`) and ``files``."""
     path = given_path(path, what)
     check_name_length(path, what)
+    _not_around_working_folder(path, what)
     status = _lstat(path, what)
     if status is None:
         _writable_place(path, what)

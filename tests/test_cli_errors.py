@@ -253,6 +253,9 @@ CASES = [
     ("train-out-entry", ["train", "vit_digits", "--output-dir", "{r}/run_with_file"], "holds a file 'comet'"),
     ("train-out-foreign", ["train", "vit_digits", "--output-dir", "{r}/run_foreign"], "run_foreign/comet' holds"),
     ("train-out-link", ["train", "vit_digits", "--output-dir", "{r}/run_link"], "'{r}/run_link' is a symlink"),
+    ("train-out-here", ["train", "vit_digits", "--output-dir", ".", "--overwrite"], "'.' is the current folder"),
+    ("train-out-above", ["train", "vit_digits", "--output-dir", "..", "--overwrite"], "holding the current one"),
+    ("convert-dst-here", [*CONVERT, "{r}/gpt2", ".", "--overwrite"], "'.' is the current folder"),
     # -- train: TrainingArguments flags, per-variant overrides, telemetry level -----------------------------------
     ("train-logging-level", ["train", "vit_digits", "--routing-logging", "all"], "invalid choice: 'all'"),
     ("train-ta-unknown", ["train", "vit_digits", "--report-too", "wandb"], "unrecognized arguments: --report-too wandb"),
