@@ -203,3 +203,19 @@ def test_hf_comet_modules_import_each_other_without_a_cycle():
     for module in sorted(graph):
         if module not in state:
             walk(module, [])
+
+
+def test_building_one_of_our_configs_imports_no_model_code(tmp_path):
+    """A config (the router registry it validates against included) is as light as a stock one: no
+    ``transformers.modeling_utils`` (seconds of imports) until a model is built."""
+    script = (
+        "import sys, hf_comet\nfrom transformers import AutoConfig\n"
+        "AutoConfig.for_model('comet_gpt2', routing='switch', n_layer=1, n_embd=32, n_head=2)\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('transformers.modeling_utils', 'hf_comet.modeling.modeling'))))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

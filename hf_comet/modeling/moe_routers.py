@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func as mixtral_load_balancing_loss
 
 from .routing_names import (
     LEARNED_ROUTINGS,
@@ -49,6 +48,15 @@ from .routing_names import (
     comet_num_active,
     register_router,
 )
+
+
+def mixtral_load_balancing_loss(*args, **kwargs) -> torch.Tensor:
+    """transformers' ``load_balancing_loss_func`` (Mixtral's), imported on first use: its module pulls in
+    ``transformers.modeling_utils`` (seconds), which a config, which reads the router registry, must not pay."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    return load_balancing_loss_func(*args, **kwargs)
+
 
 if TYPE_CHECKING:
     from .configuration_comet import CometMoEConfigMixin
@@ -448,7 +456,9 @@ class CometRouter(Router):
         """The structured router's factors ``V = B A``: B (units, r) and A (r, d), U(-1/sqrt(fan-in), 1/sqrt(fan-in)),
         from the same seed stream as the full projection."""
         generator = torch.Generator(device="cpu").manual_seed(mix_seed(self.seed, self.layer_idx))
-        projection_in = torch.empty(rank, hidden_size).uniform_(-(hidden_size**-0.5), hidden_size**-0.5, generator=generator)
+        projection_in = torch.empty(rank, hidden_size).uniform_(
+            -(hidden_size**-0.5), hidden_size**-0.5, generator=generator
+        )
         projection = torch.empty(num_units, rank).uniform_(-(rank**-0.5), rank**-0.5, generator=generator)
         return projection, projection_in
 
