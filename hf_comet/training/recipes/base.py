@@ -295,7 +295,9 @@ def variant_overrides(family: str, variants: list[str], overrides: Mapping[str, 
                                       "e.g. comet_keep_rate.")  # fmt: skip
         if prefix:
             if prefix not in variants:
-                known = "" if prefix in variant_names() else f"{prefix!r} is not a variant ({', '.join(variant_names())}); "
+                known = (
+                    "" if prefix in variant_names() else f"{prefix!r} is not a variant ({', '.join(variant_names())}); "
+                )
                 raise RecipeArgumentError(
                     f"override {key}={value!r}: {known}the variants of this run are {', '.join(variants)}; "
                     f"prefix a field with one of them (e.g. {moe[0] if moe else 'comet'}.{name}) or add {prefix} to "
@@ -509,6 +511,29 @@ def trainer_writes(training_args: Mapping[str, Any]) -> bool:
     return any(r != "none" for r in reporters) or saves or bool(training_args.get("push_to_hub"))
 
 
+AT_LEAST_ONE_TRAINING_ARGUMENTS = frozenset(
+    {
+        "gradient_accumulation_steps",
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "eval_accumulation_steps",
+    }
+)
+"""TrainingArguments counts that are 1 or more when given (Trainer does not check them itself)."""
+
+
+def _check_training_number(name: str, value: Any, default: Any) -> None:
+    """Refuse a TrainingArguments count below 1 (`AT_LEAST_ONE_TRAINING_ARGUMENTS`) and a negative number where the
+    field's default is not negative (a learning rate, weight decay, step count...); a field whose default is a
+    negative sentinel (``max_steps=-1``: unset) keeps its meaning."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    if name in AT_LEAST_ONE_TRAINING_ARGUMENTS and value < 1:
+        raise RecipeArgumentError(f"--{name} {value!r} must be 1 or more.")
+    if value < 0 and not (isinstance(default, int | float) and default < 0):
+        raise RecipeArgumentError(f"--{name} {value!r} is negative; give 0 or more.")
+
+
 def check_training_arguments(training_args: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split a recipe run's ``training_args`` (TrainingArguments fields, as ``hf-comet train --learning_rate ...``
     gives them) into recipe settings (`SETTING_TRAINING_ARGUMENTS`) and the rest, which override the recipe's own
@@ -520,18 +545,20 @@ def check_training_arguments(training_args: Mapping[str, Any] | None) -> tuple[d
         get_available_reporting_integrations,
     )
 
-    known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+    known = set(fields)
     settings, rest = {}, {}
     for name, value in (training_args or {}).items():
         if name not in known:
             raise RecipeArgumentError(
-                f"--{name} is not a TrainingArguments field; list them with: python -c \"from transformers import "
-                "HfArgumentParser, TrainingArguments; HfArgumentParser(TrainingArguments).print_help()\"."
+                f'--{name} is not a TrainingArguments field; list them with: python -c "from transformers import '
+                'HfArgumentParser, TrainingArguments; HfArgumentParser(TrainingArguments).print_help()".'
             )
         if name in RECIPE_TRAINING_ARGUMENTS:
             raise RecipeArgumentError(f"--{name} is decided by the recipe: {RECIPE_TRAINING_ARGUMENTS[name]}.")
         if isinstance(value, float) and not math.isfinite(value):
             raise RecipeArgumentError(f"--{name} {value!r} is not finite; give a finite number.")
+        _check_training_number(name, value, fields[name].default)
         if name in SETTING_TRAINING_ARGUMENTS:
             settings[SETTING_TRAINING_ARGUMENTS[name]] = value
         else:
@@ -569,8 +596,8 @@ def parse_training_arguments(argv: list[str]) -> dict[str, Any]:
 
     def refuse(message: str):
         raise RecipeArgumentError(
-            f"{message} (TrainingArguments flags; list them with: python -c \"from transformers import "
-            "HfArgumentParser, TrainingArguments; HfArgumentParser(TrainingArguments).print_help()\")"
+            f'{message} (TrainingArguments flags; list them with: python -c "from transformers import '
+            'HfArgumentParser, TrainingArguments; HfArgumentParser(TrainingArguments).print_help()")'
         )
 
     parser.error = refuse
@@ -603,7 +630,9 @@ def train_model(
     the last step is reused, unless ``load_best_model_at_end`` loads another model). ``training_args``
     (checked by `check_training_arguments`) override those TrainingArguments, e.g. ``{"report_to": "tensorboard",
     "gradient_accumulation_steps": 4}``. Returns the trainer, the evaluation metrics and the training seconds."""
-    args = TrainingArguments(**{**_recipe_training_arguments(settings, workdir, seed, progress), **(training_args or {})})
+    args = TrainingArguments(
+        **{**_recipe_training_arguments(settings, workdir, seed, progress), **(training_args or {})}
+    )
     callbacks = [DeepConstraintCallback()] if getattr(model.config, "routing", None) == "deep" else []
     callbacks.append(StopOnNonFinite())
     trainer = CometTrainer(
