@@ -257,3 +257,42 @@ def quick_reproduction(tmp_path_factory):
     finally:
         os.chdir(before)
     return folder, results
+
+
+def _rank_main(rank: int, fn, world_size: int, folder: str, args: tuple) -> None:
+    """One spawned rank of `run_ranks`: join the gloo group, run ``fn``, write its JSON value to ``rank<r>.json``."""
+    import json
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=world_size)
+    try:
+        value = fn(rank, *args)
+    finally:
+        torch.distributed.destroy_process_group()
+    path = os.path.join(folder, f"rank{rank}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f)
+    os.replace(path + ".tmp", path)
+
+
+def run_ranks(fn, world_size: int, folder, *args, timeout: float = 300.0) -> list:
+    """``fn(rank, *args)`` in ``world_size`` spawned processes of one gloo group (a file store in ``folder``); each
+    rank's JSON-able return value, by rank.
+
+    No ``multiprocessing.Manager``: its server process is forked from this multi-threaded one, where a lock held by
+    another thread at the fork deadlocks it, and the test then hangs for good (CI, stop 24). A rank that raises fails
+    the test with its traceback; ranks still running after ``timeout`` seconds are killed and the test fails."""
+    import json
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(
+        _rank_main, args=(fn, world_size, str(folder), args), nprocs=world_size, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{getattr(fn, '__name__', fn)} on {world_size} processes did not finish in {timeout:g} s")
+    return [json.loads(open(os.path.join(str(folder), f"rank{r}.json")).read()) for r in range(world_size)]

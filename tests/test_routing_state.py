@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import transformers
-from conftest import LEARNED, ROUTING_NAMES, tiny_config, tiny_inputs, tiny_model
+from conftest import LEARNED, ROUTING_NAMES, run_ranks, tiny_config, tiny_inputs, tiny_model
 
 from hf_comet import (
     DeepMoEGate,
@@ -305,25 +305,18 @@ def test_deep_totals_stay_float64_in_a_half_precision_model():
     assert router.assignment_totals.sum().item() == pytest.approx(4e6 + 15, abs=1e-3)  # 15 tokens added exactly
 
 
-def _merge_on_rank(rank: int, world_size: int, init_file: str, results):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        model = tiny_model(*VIT, routing="topk")
-        block = model.moe_blocks()[0]
-        local = [[5.0, 0.0, 1.0, 4.0], [0.0, 6.0, 1.0, 1.0]][rank]  # locally rank 0 would pick (0, 3), rank 1 (1, 3)
-        block.selection_counts.copy_(torch.tensor(local))
-        model.moe_blocks()[1].selection_counts.copy_(torch.tensor([1.0, 1.0, 1.0, 1.0]))
-        merges = merge_most_used_into_least_used(model)
-        results[rank] = [(m.layer_idx, m.sources, m.into) for m in merges]
-    finally:
-        torch.distributed.destroy_process_group()
+def _merge_on_rank(rank: int) -> list:
+    """Merge on this rank of a 2-process gloo group (`run_ranks`) from counts that differ per rank."""
+    model = tiny_model(*VIT, routing="topk")
+    block = model.moe_blocks()[0]
+    local = [[5.0, 0.0, 1.0, 4.0], [0.0, 6.0, 1.0, 1.0]][rank]  # locally rank 0 would pick (0, 3), rank 1 (1, 3)
+    block.selection_counts.copy_(torch.tensor(local))
+    model.moe_blocks()[1].selection_counts.copy_(torch.tensor([1.0, 1.0, 1.0, 1.0]))
+    merges = merge_most_used_into_least_used(model)
+    return [[m.layer_idx, list(m.sources), m.into] for m in merges]
 
 
 def test_merging_under_distributed_training_sums_counts_so_every_rank_merges_the_same(tmp_path):
-    import torch.multiprocessing as mp
-
-    manager = mp.Manager()
-    results = manager.dict()
-    mp.spawn(_merge_on_rank, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
+    results = run_ranks(_merge_on_rank, 2, tmp_path)
     # global counts (5, 6, 2, 5): top two 1, then 0 (tie with 3 goes to the lower index); least used other: 2
-    assert results[0] == results[1] == [(0, (1, 0), 2), (1, (0, 1), 2)]
+    assert results[0] == results[1] == [[0, [1, 0], 2], [1, [0, 1], 2]]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import ROUTING_NAMES, tiny_inputs, tiny_model
+from conftest import ROUTING_NAMES, run_ranks, tiny_inputs, tiny_model
 from transformers import TrainingArguments
 
 from hf_comet.training import CometTrainer, DeepConstraintCallback, ExpertMergingCallback
@@ -295,30 +295,26 @@ def test_activation_checkpointing_in_trainer_gives_the_same_weights(tmp_path):
 
 
 # -- multi-process -------------------------------------------------------------------------------------------------
-def _ddp_steps(rank: int, world_size: int, init_file: str, routings: list[str], results):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        for routing in routings:
-            model = tiny_model("comet_gpt2", "AutoModelForCausalLM", routing=routing, moe_layers=[1])
-            ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
-            optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
-            for step in range(3):  # an unused parameter fails at the second step's reduction
-                out = ddp(**tiny_inputs("comet_gpt2", "AutoModelForCausalLM", seed=10 * rank + step))
-                optimizer.zero_grad()
-                out.loss.backward()
-                optimizer.step()
-            results[(rank, routing)] = float(sum(p.double().sum() for p in model.parameters()))
-    finally:
-        torch.distributed.destroy_process_group()
+def _ddp_steps(rank: int, routings: list[str]) -> dict[str, float]:
+    """Three DDP steps of every routing on this rank (gloo group set up by `run_ranks`); each model's parameter sum."""
+    sums = {}
+    for routing in routings:
+        model = tiny_model("comet_gpt2", "AutoModelForCausalLM", routing=routing, moe_layers=[1])
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        for step in range(3):  # an unused parameter fails at the second step's reduction
+            out = ddp(**tiny_inputs("comet_gpt2", "AutoModelForCausalLM", seed=10 * rank + step))
+            optimizer.zero_grad()
+            out.loss.backward()
+            optimizer.step()
+        sums[routing] = float(sum(p.double().sum() for p in model.parameters()))
+    return sums
 
 
 def test_ddp_without_unused_parameter_search_works_for_every_routing(tmp_path):
-    import torch.multiprocessing as mp
-
-    results = mp.Manager().dict()
-    mp.spawn(_ddp_steps, args=(2, str(tmp_path / "init"), ROUTING_NAMES, results), nprocs=2, join=True)
+    rank0, rank1 = run_ranks(_ddp_steps, 2, tmp_path, list(ROUTING_NAMES))
     for routing in ROUTING_NAMES:
-        assert results[(0, routing)] == results[(1, routing)], routing  # replicas stay identical
+        assert rank0[routing] == rank1[routing], routing  # replicas stay identical
 
 
 DDP_ROUTINGS = ("comet", "topk")
