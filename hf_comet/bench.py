@@ -14,7 +14,10 @@ Sections:
 * ``selection``: exact k-of-F selection alternatives for unit COMET;
 * ``training``: end-to-end training tokens/s of each family and routing vs the stock dense model;
 * ``generation``: GPT-2 ``generate`` tokens/s with the KV cache, batch 1 and 8, each routing vs stock GPT-2;
-* ``router``: how well the structured COMET router keeps the overlap-vs-similarity property of the full one.
+* ``router``: how well the structured COMET router keeps the overlap-vs-similarity property of the full one;
+* ``sparse``: converted models (block-COMET, split top-k) against their stock source at BERT-base, ViT-B/16 and
+  GPT-2 small sizes: encoder forward, decoding, a training step (`hf_comet.bench_sparse`);
+* ``execution``: the crossovers the execution choice uses; ``--calibrate`` saves them for every later process.
 
 ``--quick`` runs every section at toy sizes with one round (the tests run it; its numbers mean nothing).
 """
@@ -640,6 +643,10 @@ def markdown(report: dict) -> str:
         lines += [f"| {r['data']} | {r['router']} | {r['keep']:g} | {r['r']:.3f} ({r['r_min']:.3f}-{r['r_max']:.3f}) |"
                   for r in report["router"]]
         lines.append("")
+    from .bench_sparse import markdown_execution, markdown_sparse
+
+    lines += markdown_sparse(report.get("sparse", []))
+    lines += markdown_execution(report.get("execution"))
     if report.get("targets"):
         lines += ["**Targets of issue 12** (dense baseline as transformers ships it / with the fused activation; "
                   "the native-block and training targets do not depend on it)", "",
@@ -706,6 +713,14 @@ def run(sections: tuple[str, ...], quick: bool, rounds: int, threads: int, comma
         report["generation"] = section_generation(quick, rounds)
     if "router" in sections:
         report["router"] = section_router(quick)
+    if "sparse" in sections:
+        from .bench_sparse import section_sparse
+
+        report["sparse"] = section_sparse(quick, rounds)
+    if "execution" in sections:
+        from .bench_sparse import section_execution
+
+        report["execution"] = section_execution(quick, rounds)
     report["targets"] = evaluate_targets(report)
     return report
 
@@ -726,6 +741,10 @@ def run_from_args(args: argparse.Namespace, argv: list[str]) -> int:
     unknown = [name for name in args.sections if name not in SECTIONS]
     if unknown:
         raise ValueError(f"unknown bench section(s) {unknown}; the sections are {', '.join(SECTIONS)}")
+    if args.calibrate and args.sections and "execution" not in args.sections:
+        raise ValueError("--calibrate saves what the execution section measures: add the section `execution`")
+    if args.calibrate and args.quick:
+        raise ValueError("--calibrate with --quick would save toy-size thresholds; drop --quick")
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 7)
     if rounds < 1 or args.threads < 1:
         raise ValueError(f"--rounds and --threads must be at least 1 (got {rounds} and {args.threads})")
@@ -758,6 +777,15 @@ def run_from_args(args: argparse.Namespace, argv: list[str]) -> int:
     if args.json:
         with write_failures(args.json, "--json"):
             atomic_write_text(args.json, json.dumps(report, indent=1))
+    if args.calibrate:
+        from .modeling.execution import thresholds_path
+
+        path = thresholds_path()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with write_failures(path, "--calibrate"):
+            atomic_write_text(path, json.dumps({"thresholds": report["execution"]["thresholds"],
+                                                "measured": {"meta": report["meta"], **report["execution"]}}, indent=1))  # fmt: skip
+        print(f"execution thresholds saved to {path}", file=sys.stderr)
     if args.readme:
         with open(args.readme, encoding="utf-8") as handle:
             readme = handle.read()

@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     parser.add_argument("--readme", metavar="PATH", help="regenerate this README's speed section from the report")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="with the execution section: save the measured thresholds where every later process "
+                             "reads them (HF_COMET_EXECUTION, else $HF_HOME/hf_comet/execution.json)")  # fmt: skip
 
 
 __all__ = ["SECTIONS", "add_arguments"]

@@ -24,6 +24,7 @@ from .io import UserError, loads_json, non_finite
 
 from .names import BENCH_SECTIONS, CONVERSION_METHODS, DEFAULT_SPLIT_METHOD, DEMO_RECIPE, MOE_FIELD_KINDS  # isort: skip
 from .names import PROVENANCE_FIELDS, RECIPE_NAMES, ROUTING_LOGGING, SPLIT_METHODS, VARIANTS  # isort: skip
+from .names import SPARSIFY_CLUSTERS, SPARSIFY_ROUTERS  # isort: skip
 
 __all__ = ["UserError", "build_parser", "format_table", "main", "parse_overrides"]
 
@@ -260,6 +261,26 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sparsify(args: argparse.Namespace) -> int:
+    from hf_comet.convert.checkpoint import format_sparsified, sparsify_checkpoint
+
+    _quiet_transformers()
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE" and args.rounds:
+        print("note: OMP_WAIT_POLICY=PASSIVE is not set; spin-waiting threads can distort the timing "
+              "(run as `OMP_WAIT_POLICY=PASSIVE hf-comet sparsify ...`)", file=sys.stderr)  # fmt: skip
+    result = sparsify_checkpoint(
+        args.source, args.destination, keep_rate=args.keep_rate, block_size=args.block_size,
+        calibration=args.calibration, cluster=args.cluster, router=args.router, seed=args.seed,
+        overwrite=args.overwrite, rounds=args.rounds,
+    )  # fmt: skip
+    config = result.model.config
+    print(f"{type(result.model).__name__}: block-COMET, blocks of {config.comet_block_size} units, keep "
+          f"{config.comet_keep_rate:g}, {config.comet_router} router, {config.sparsify_cluster} blocks; saved to "
+          f"{result.destination}")  # fmt: skip
+    print(format_sparsified(result))
+    return 0
+
+
 def _card(args: argparse.Namespace) -> int:
     from hf_comet.cards import write_model_card
     from hf_comet.io import check_finite_weights, checkpoint_folder, destination_file, load_checked
@@ -327,7 +348,7 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "info": _info, "demo": _demo, "train": _train, "convert": _convert, "card": _card, "bench": _bench,
-    "reproduce": _reproduce,
+    "reproduce": _reproduce, "sparsify": _sparsify,
 }  # fmt: skip
 
 
@@ -435,6 +456,25 @@ def build_parser() -> argparse.ArgumentParser:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, dest=name)
         else:
             group.add_argument(flag, type=_MOE_TYPES[kind], dest=name, metavar="I,J,..." if kind == "list" else None)
+
+    sparsify = commands.add_parser(
+        "sparsify", help="turn a dense GPT-2/ViT/BERT checkpoint into a faster block-COMET one fitted to it; prints "
+        "its deviation before fine-tuning and the speedup measured here")  # fmt: skip
+    sparsify.add_argument("source", help="folder of a checkpoint saved by a stock transformers GPT-2/ViT/BERT class")
+    sparsify.add_argument("destination", help="folder for the sparsified checkpoint (written atomically)")
+    sparsify.add_argument("--keep-rate", type=finite_float, required=True, help="share of the blocks each token runs")
+    sparsify.add_argument("--block-size", type=int, default=None, help="units per block (default: FFN width / 8)")
+    sparsify.add_argument("--calibration", metavar="FILE", help="safetensors file of model inputs (input_ids and "
+                          "attention_mask, or pixel_values) the blocks and router are fitted on; every 4th row is "
+                          "held out for the deviation")  # fmt: skip
+    sparsify.add_argument("--cluster", choices=SPARSIFY_CLUSTERS, default=None,
+                          help="blocks of units that fire together (coactivation, default) or consecutive (none)")
+    sparsify.add_argument("--router", choices=SPARSIFY_ROUTERS, default=None,
+                          help="router fitted to the dense FFN's block importance (fitted, default) or COMET's "
+                          "frozen random projection (random)")  # fmt: skip
+    sparsify.add_argument("--seed", type=seed_int, default=0, help="seed of the clustering and the conversion")
+    sparsify.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (0: no timing)")
+    sparsify.add_argument("--overwrite", action="store_true", help="replace an existing destination")
 
     from .bench_arguments import add_arguments as add_bench_arguments
 

@@ -23,8 +23,13 @@ SPLIT_METHODS = ("contiguous", "random", "kmeans")
 DEFAULT_SPLIT_METHOD = "contiguous"
 """`hf_comet.convert.DEFAULT_SPLIT_METHOD`."""
 
-BENCH_SECTIONS = ("sgemm", "blocks", "selection", "training", "generation", "router")
+BENCH_SECTIONS = ("sgemm", "blocks", "selection", "training", "generation", "router", "sparse", "execution")
 """`hf_comet.bench.SECTIONS`."""
+
+SPARSIFY_CLUSTERS = ("none", "coactivation")
+"""`hf_comet.convert.sparsify.CLUSTERS`."""
+SPARSIFY_ROUTERS = ("random", "fitted")
+"""`hf_comet.convert.sparsify.ROUTERS`."""
 
 PROVENANCE_FIELDS = ("converted_from", "conversion_method", "split_method", "conversion_seed")
 """Config fields ``hf-comet convert`` records; nobody sets them by hand."""

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from hf_comet import bench, cli
+from hf_comet import bench, bench_sparse, cli
+from hf_comet.modeling.execution import ExecutionThresholds, thresholds
 
 
 @pytest.fixture
@@ -36,6 +37,12 @@ def test_quick_run_reports_every_section_and_regenerates_the_readme_section(chil
     assert [gen["batch"] for gen in report["generation"]] == [1, 8]
     assert {row["router"] for row in report["router"]} >= {"full", "structured, rank 64"}
     assert {row["name"] for row in report["selection"]} >= {"topk (sorted=False) + scatter: ours, exact"}
+    assert [case["workload"] for case in report["sparse"]] == list(bench_sparse.SPARSE_WORKLOADS)
+    for case in report["sparse"]:  # the stock source first (the baseline), then every conversion
+        assert [row["name"] for row in case["rows"]][1:] == list(bench_sparse.candidates(256))
+        assert case["rows"][0]["speedup"] == 1.0 and all(row["seconds"] > 0 for row in case["rows"])
+    thresholds = ExecutionThresholds(**report["execution"]["thresholds"])  # what --calibrate would save is valid
+    assert thresholds.slab_max_pairs_per_expert in {row["pairs_per_expert"] for row in report["execution"]["slabs"]} | {0}
     targets = {t["target"] for t in report["targets"]}
     assert any("unit COMET" in t for t in targets) and any("training" in t for t in targets)
     for target in report["targets"]:
@@ -72,3 +79,26 @@ def test_a_json_path_that_cannot_be_written_is_refused_before_the_run(child, tmp
     monkeypatch.chdir(tmp_path)
     assert cli.main(["bench", "--quick", "--json", where]) == 2
     assert "--json" in capsys.readouterr().err
+
+
+def test_calibrate_saves_the_measured_thresholds_that_later_choices_read(child, tmp_path, monkeypatch):
+    path = tmp_path / "cache" / "execution.json"
+    monkeypatch.setenv("HF_COMET_EXECUTION", str(path))
+    measured = {"thresholds": {"dense_block_fraction": 0.625, "slab_max_pairs_per_expert": 2.0}, "slabs": [],
+                "fractions": [], "shape": {"hidden": 768, "width": 3072}}  # fmt: skip
+    monkeypatch.setattr(bench_sparse, "section_execution", lambda quick, rounds: measured)
+    thresholds.cache_clear()
+    try:
+        assert cli.main(["bench", "execution", "--calibrate"]) == 0
+        assert thresholds() == ExecutionThresholds(dense_block_fraction=0.625, slab_max_pairs_per_expert=2.0)
+    finally:
+        thresholds.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["blocks", "--calibrate"], "add the section `execution`"), (["--quick", "--calibrate"], "toy-size thresholds")],
+)
+def test_calibrate_without_the_execution_section_or_with_quick_is_refused(child, capsys, flags, message):
+    assert cli.main(["bench", *flags]) == 2
+    assert message in capsys.readouterr().err

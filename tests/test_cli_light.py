@@ -15,7 +15,7 @@ import pytest
 from hf_comet import names
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ("info", "demo", "train", "convert", "bench", "reproduce", "card")
+SUBCOMMANDS = ("info", "demo", "train", "convert", "bench", "reproduce", "card", "sparsify")
 HEAVY = ("torch", "transformers", "datasets", "safetensors", "numpy", "tqdm", "matplotlib", "sklearn", "accelerate")
 HEAVY_OURS = ("hf_comet.modeling", "hf_comet.convert", "hf_comet.training", "hf_comet.reproduce", "hf_comet.bench")
 
@@ -101,6 +101,9 @@ def test_the_parser_s_names_are_the_registries():
     assert names.CONVERSION_METHODS == tuple(METHODS) and names.SPLIT_METHODS == tuple(SPLIT_METHODS)
     assert names.DEFAULT_SPLIT_METHOD == DEFAULT_SPLIT_METHOD and names.BENCH_SECTIONS == bench.SECTIONS
     assert names.ROUTING_LOGGING == ROUTING_LOGGING
+    from hf_comet.convert.sparse import CLUSTERS, ROUTERS
+
+    assert names.SPARSIFY_CLUSTERS == CLUSTERS and names.SPARSIFY_ROUTERS == ROUTERS
     kinds = {}
     for field in dataclasses.fields(CometMoEConfigMixin):
         annotation = str(field.type)

@@ -208,7 +208,9 @@ def _is_integer(tensor: torch.Tensor) -> bool:
     return not (tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool)
 
 
-def load_eval_inputs(path: str | os.PathLike, config, family, head: str) -> dict[str, torch.Tensor]:
+def load_eval_inputs(
+    path: str | os.PathLike, config, family, head: str, what: str = "--eval-inputs", need_labels: bool = True
+) -> dict[str, torch.Tensor]:
     """The labelled batch of a conversion report: a safetensors file (read with safetensors only, never unpickled)
     whose tensors are inputs the model of ``config`` (family ``family``, head ``head``, an Auto class name) takes, of
     the right dtype and shape, ids within its vocabulary and labels within its classes. Returned as the model takes
@@ -216,10 +218,9 @@ def load_eval_inputs(path: str | os.PathLike, config, family, head: str) -> dict
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    what = "--eval-inputs"
     path = existing_file(path, what)
     architecture = (getattr(config, "architectures", None) or [head])[0]
-    if head == "AutoModel":
+    if head == "AutoModel" and need_labels:
         raise UserError(
             f"{what} {str(path)!r}: {architecture} has no head, so there is no loss or accuracy to report; leave out "
             "--eval-inputs (the report then compares outputs on seeded random inputs)."
@@ -245,9 +246,9 @@ def load_eval_inputs(path: str | os.PathLike, config, family, head: str) -> dict
     unknown = sorted(set(tensors) - allowed)
     if unknown:
         raise bad(f"holds {unknown}, which {architecture} does not take; allowed names: {', '.join(sorted(allowed))}.")
-    needed = sorted({main, "labels"} - set(tensors))
+    needed = sorted(({main, "labels"} if need_labels else {main}) - set(tensors))
     if needed:
-        raise bad(f"lacks {needed}; the report needs {main} and labels.")
+        raise bad(f"lacks {needed}; it needs {main}" + (" and labels." if need_labels else "."))
     batch: dict[str, torch.Tensor] = {}
     inputs = tensors[main]
     if main == "pixel_values":
@@ -286,6 +287,8 @@ def load_eval_inputs(path: str | os.PathLike, config, family, head: str) -> dict
         if head == "AutoModelForSequenceClassification" and family.batches_need_pad_token:
             if inputs.shape[0] > 1 and getattr(config, "pad_token_id", None) is None:
                 raise bad(f"{architecture} without a pad_token_id takes one sequence per batch, not {inputs.shape[0]}.")
+    if "labels" not in tensors or head == "AutoModel":
+        return batch  # inputs only (a calibration batch)
     labels = tensors["labels"]
     if not _is_integer(labels):
         raise bad(f"labels is {labels.dtype}; it must be an integer tensor of class ids.")
@@ -328,4 +331,180 @@ def load_eval_inputs(path: str | os.PathLike, config, family, head: str) -> dict
     return batch
 
 
-__all__ = ["ConvertedCheckpoint", "convert_checkpoint", "format_deviation", "load_eval_inputs", "source_config"]
+@dataclass
+class SparsifiedCheckpoint:
+    """What `sparsify_checkpoint` made: the model, where it was saved, its deviation from the source on held-out
+    calibration rows (`hf_comet.convert.sparsify.deviation`) and the measured speed (`measure_speedup`), or None."""
+
+    model: Any
+    destination: Path | None
+    deviation: dict[str, float] = field(default_factory=dict)
+    speed: dict[str, Any] | None = None
+
+
+def _held_out(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(fit rows, held-out rows): every 4th row is held out for the deviation once there are 4 rows or more."""
+    rows = next(iter(batch.values())).shape[0]
+    if rows < 4:
+        return batch, batch
+    held = torch.arange(rows) % 4 == 3
+    return {k: v[~held] for k, v in batch.items()}, {k: v[held] for k, v in batch.items()}
+
+
+def measure_speedup(dense, converted, batch: dict[str, torch.Tensor], rounds: int) -> dict[str, Any]:
+    """Dense time / converted time on this machine, interleaved over ``rounds`` after a warm-up, median and range:
+    a forward on ``batch`` (eval) and, for causal LMs, greedy decoding of 16 tokens with the cache from one row."""
+    from ..bench import interleaved
+
+    forward = {k: v for k, v in batch.items() if k != "labels"}
+
+    def runner(model):
+        def run():
+            with torch.no_grad():
+                model(**forward)
+
+        return run
+
+    results: dict[str, Any] = {}
+    workloads = {"forward": (runner(dense), runner(converted))}
+    if "input_ids" in forward and dense.can_generate():  # causal LMs: decoding, where sparsity pays most
+        prompt = forward["input_ids"][:1, :8]
+
+        def decoder(model):
+            def run():
+                with torch.no_grad():
+                    model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16,
+                                   min_new_tokens=16, do_sample=False, pad_token_id=0)  # fmt: skip
+
+            return run
+
+        workloads["decode, batch 1"] = (decoder(dense), decoder(converted))
+    for name, (dense_run, converted_run) in workloads.items():
+        measured = interleaved({"dense": dense_run, "converted": converted_run}, rounds=rounds)
+        speeds = sorted(1 / ratio for ratio in measured["converted"].ratios)
+        results[name] = {"speedup": 1 / measured["converted"].median_ratio, "min": speeds[0], "max": speeds[-1]}
+    return results
+
+
+def sparsify_checkpoint(
+    source: str | os.PathLike,
+    destination: str | os.PathLike | None,
+    *,
+    keep_rate: float,
+    block_size: int | None = None,
+    calibration: str | os.PathLike | None = None,
+    cluster: str | None = None,
+    router: str | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    rounds: int = 5,
+) -> SparsifiedCheckpoint:
+    """``hf-comet sparsify``: `hf_comet.convert.sparsify.sparsify` on a saved dense checkpoint with a calibration
+    batch read from a safetensors file, its deviation on held-out rows, the speedup measured here, and the result saved
+    to ``destination`` atomically (``None`` saves nothing).
+
+    ``block_size`` defaults to F/8 (the issue's sizes: 384 of 3072). Every 4th calibration row is held out from the
+    fit for the deviation (all rows when there are fewer than 4). ``rounds=0`` skips the timing. Raises
+    `~hf_comet.io.UserError` (or `ConversionError`) naming a bad value before anything is built or written."""
+    from .sparsify import DEFAULT_CLUSTER, DEFAULT_ROUTER, deviation, sparsify
+
+    cluster, router = cluster or DEFAULT_CLUSTER, router or DEFAULT_ROUTER
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise UserError(f"rounds={rounds!r} must be 0 (no timing) or more.")
+    config = source_config(source)
+    heads = stock_to_ours()
+    architecture = (getattr(config, "architectures", None) or [""])[0]
+    if architecture not in heads:
+        raise UserError(
+            f"{str(source)!r} holds a {architecture or type(config).__name__} checkpoint; sparsify takes a stock "
+            f"GPT-2, ViT or BERT class: {', '.join(sorted(heads))}."
+        )
+    family, head = heads[architecture]
+    width = family.ffn_width(config)
+    block_size = block_size if block_size is not None else width // 8
+    target = found = None
+    if destination is not None:
+        target = destination_folder(destination, "destination", overwrite=overwrite)
+        found = identity(target, contents=True)
+        if os.path.lexists(source) and paths_overlap(target, source):
+            raise UserError(
+                f"destination {str(destination)!r} and source {str(source)!r} overlap; writing one would damage the "
+                "other: choose a destination outside the source."
+            )
+    needs_data = cluster != "none" or router != "random"
+    if calibration is None and needs_data:
+        raise UserError(
+            f"--cluster {cluster} and --router {router} fit the model to data: give --calibration FILE (a safetensors "
+            "file of model inputs: input_ids [and attention_mask], or pixel_values), or use --cluster none --router "
+            "random, which need none."
+        )
+    batch = None
+    if calibration is not None:
+        batch = load_eval_inputs(calibration, config, family, head, what="--calibration", need_labels=False)
+    fit, held_out = _held_out(batch) if batch is not None else (None, None)
+    lock = destination_lock(target, "destination") if target is not None else contextlib.nullcontext()
+    with lock:
+        model = sparsify(source, keep_rate, block_size, fit if needs_data else None, cluster=cluster, router=router,
+                         seed=seed)  # fmt: skip
+        result = SparsifiedCheckpoint(model=model, destination=target)
+        dense = None
+        if held_out is not None or rounds:
+            dense, _ = _load_dense_model(source)
+        if held_out is None and dense is not None:
+            held_out = _random_inputs(dense.config, family)
+        if held_out is not None and dense is not None:
+            result.deviation = deviation(dense, model, held_out)
+        if rounds and dense is not None:
+            result.speed = measure_speedup(dense, model, held_out, rounds)
+        if target is not None:
+            with write_failures(target, "destination"):
+                atomic_save_pretrained(model, target, expect=found, what="destination")
+    return result
+
+
+def _load_dense_model(source):
+    from .core import _load_dense
+
+    model, _ = _load_dense(source)
+    return model.eval(), None
+
+
+def _random_inputs(config, family) -> dict[str, torch.Tensor]:
+    """Seeded random inputs of 4 rows (the deviation and timing batch when no calibration is given)."""
+    generator = torch.Generator().manual_seed(0)
+    if family.main_input_name == "pixel_values":
+        return {"pixel_values": torch.randn(4, config.num_channels, config.image_size, config.image_size,
+                                            generator=generator)}  # fmt: skip
+    length = min(64, getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 64))
+    return {"input_ids": torch.randint(0, config.vocab_size, (4, length), generator=generator)}
+
+
+def format_sparsified(result: SparsifiedCheckpoint) -> str:
+    """The deviation and speed lines ``hf-comet sparsify`` prints."""
+    lines = []
+    d = result.deviation
+    if d:
+        parts = [f"relative output error {d['relative_error']:.3g}"]
+        if "argmax_agreement" in d:
+            parts.append(f"argmax agreement {100 * d['argmax_agreement']:.1f} %")
+        for metric in ("eval_loss", "accuracy"):
+            if metric in d:
+                parts.append(f"{metric} {d[metric]:.4g} (dense {d['dense_' + metric]:.4g})")
+        lines.append("deviation from the source before fine-tuning (held-out calibration rows): " + ", ".join(parts))
+    for name, speed in (result.speed or {}).items():
+        lines.append(f"speedup over the source on this machine, {name}: {speed['speedup']:.2f}x "
+                     f"(range {speed['min']:.2f}-{speed['max']:.2f})")  # fmt: skip
+    return "\n".join(lines)
+
+
+__all__ = [
+    "ConvertedCheckpoint",
+    "SparsifiedCheckpoint",
+    "convert_checkpoint",
+    "format_deviation",
+    "format_sparsified",
+    "load_eval_inputs",
+    "measure_speedup",
+    "source_config",
+    "sparsify_checkpoint",
+]

@@ -104,6 +104,21 @@ class CometGPT2ForCausalLM(CometGPT2PreTrainedModel, GPT2LMHeadModel, Generation
 
     forward = routed_forward(GPT2LMHeadModel.forward, CometGPT2CausalLMOutput)
 
+    def generate(self, *args, routing_statistics: bool = False, **kwargs):
+        """`GenerationMixin.generate`, by default with the routing-statistics windows paused: decoding runs one token
+        per forward, where folding every decision into the windows cost ~6 % of a GPT-2 small token (docs/decisions.md,
+        "Decoding"); the windows keep what training and evaluation forwards put there. ``routing_statistics=True``
+        counts the decoding forwards too."""
+        blocks = [] if routing_statistics else self.moe_blocks()
+        saved = [block.track_statistics for block in blocks]
+        for block in blocks:
+            block.track_statistics = False
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            for block, value in zip(blocks, saved, strict=True):
+                block.track_statistics = value
+
 
 class CometGPT2ForSequenceClassification(CometGPT2PreTrainedModel, GPT2ForSequenceClassification):
     """`GPT2ForSequenceClassification` on a `CometGPT2Model`.

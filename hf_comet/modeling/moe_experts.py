@@ -4,11 +4,14 @@ Layout is ``nn.Linear``'s (out, in) for every family: ``up_proj`` (E, I, d), ``u
 ``down_proj`` (E, d, I), ``down_proj_bias`` (E, d). GPT-2's ``Conv1D`` (in, out) weights are transposed by the
 family adapter when converting.
 
-How a routing decision runs is chosen in one function, `choose_execution` (run by `run_experts`) (MegaBlocks' "kernel choice is one function"):
-masked dense compute for unit masks and for weight-1 block decisions that keep most blocks, a dense mixture for
-mixture weights, and an experts kernel for sparse top-k decisions: ours, ``bucketed`` (`moe_kernels`), by default,
-or transformers' ``grouped_mm`` / ``eager`` (``experts_implementation=``). Every path goes through ``PackedExperts.forward``, so wrappers of the module (PEFT's
-``ParamWrapper``, which applies LoRA to ``up_proj``/``down_proj`` only while the wrapped forward runs) see them all.
+How a routing decision runs, and on which kernel, is chosen in one function, `hf_comet.modeling.execution.
+choose_execution` (run by `run_experts`; MegaBlocks' "kernel choice is one function"): masked dense compute for unit
+masks and for weight-1 block decisions that keep most blocks, a dense mixture for mixture weights, per-token weight
+slabs for decoding-sized inference batches, and an experts kernel for other top-k decisions: ours, ``bucketed``
+(`moe_kernels`), by default, or transformers' ``grouped_mm`` / ``eager`` (``experts_implementation=``), every one
+called through `EXPERTS_FUNCTIONS` (or the module's eager loop). Its thresholds are measured by ``hf-comet bench``.
+Every path goes through ``PackedExperts.forward``, so wrappers of the module (PEFT's ``ParamWrapper``, which applies
+LoRA to ``up_proj``/``down_proj`` only while the wrapped forward runs) see them all.
 
 Reproducibility: ``grouped_mm`` here is our `deterministic_grouped_mm_experts_forward`, not transformers' kernel of
 that name. Transformers' kernel gathers the biases per routed row (``bias[expert_ids]``) and the hidden states per
@@ -44,16 +47,11 @@ from transformers.utils import logging
 from transformers.utils.import_utils import is_torch_distributed_available
 
 from .configuration_comet import CometMoEConfigMixin
-from .moe_kernels import FusedActivation, bucketed_experts, masked_activation
+from .execution import MASKED_DENSE, MIXTURE, SLABS, choose_execution, top_k_execution
+from .moe_kernels import FusedActivation, bucketed_experts, masked_activation, slab_experts
 from .moe_routers import RoutingDecision
 
 logger = logging.get_logger(__name__)
-
-DENSE_BLOCK_FRACTION = 0.5
-"""A weight-1 block decision (block-COMET) keeping more than this fraction of the blocks runs as masked dense compute:
-the kernel copies each token once per kept block, which costs more than the FLOPs it saves once most blocks are on
-(``hf-comet bench``; b = 256 of 3072, forward + backward vs the fused dense FFN: keep 0.5 kernel 0.84x, masked 1.08x;
-keep 0.75 kernel 1.38x, masked 1.10x; docs/decisions.md#one-execution-rule)."""
 
 
 def _rows_of_experts(one_hot: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -105,7 +103,14 @@ def bucketed_experts_forward(
     """`bucketed_experts` behind transformers' experts-function signature (`ExpertsInterface`)."""
     down_bias = None if self.output_bias is not None else self.down_proj_bias
     return bucketed_experts(
-        hidden_states, top_k_index, top_k_weights, self.up_proj, self.up_proj_bias, self.down_proj, down_bias, self.act_fn
+        hidden_states,
+        top_k_index,
+        top_k_weights,
+        self.up_proj,
+        self.up_proj_bias,
+        self.down_proj,
+        down_bias,
+        self.act_fn,
     )
 
 
@@ -193,41 +198,41 @@ class PackedExperts(ExpertKernels):
             init.zeros_(self.output_bias)
 
     def sparse_forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor | None
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor | None,
+        execution: str | None = None,
     ) -> torch.Tensor:
-        """The experts-implementation kernel chosen by the config: ``bucketed`` (default), ``grouped_mm`` or ``eager``.
+        """A top-k decision on ``execution``: ``"slabs"`` or an experts kernel (``"bucketed"``, ``"grouped_mm"``,
+        ``"eager"``, each `EXPERTS_FUNCTIONS`' entry of that name); ``None`` asks `choose_execution`.
 
-        ``top_k_weights=None`` means weight 1 for every kept expert (block-COMET). ``bucketed`` needs the per-expert
-        counts on the host, which ``torch.compile`` cannot trace; compiled code runs ``grouped_mm`` instead (same
-        results to rounding). ``grouped_mm`` needs every weight stride to be a multiple of 16 bytes (an expert width
-        and hidden size that are multiples of 4 in float32, of 8 in 16-bit); other sizes run the eager kernel
-        instead, said once."""
-        implementation = getattr(self.config, "_experts_implementation", None) or BUCKETED
-        if implementation == BUCKETED and not torch.compiler.is_compiling():
+        ``top_k_weights=None`` means weight 1 for every kept expert (block-COMET). The kernels other than ours take
+        explicit weights, so ones are made for them. A ``grouped_mm`` that `choose_execution` turned into ``eager``
+        (weight strides not multiples of 16 bytes) is said once."""
+        if execution is None or execution == MASKED_DENSE:  # a direct call: a top-k kernel, never masked compute
+            execution = top_k_execution(self, top_k_index.shape, False, hidden_states)
+        if execution == SLABS:
             down_bias = None if self.output_bias is not None else self.down_proj_bias
-            return bucketed_experts(
-                hidden_states,
-                top_k_index,
-                top_k_weights,
-                self.up_proj,
-                self.up_proj_bias,
-                self.down_proj,
-                down_bias,
+            return slab_experts(
+                hidden_states, top_k_index, top_k_weights, self.up_proj, self.up_proj_bias, self.down_proj, down_bias,
                 self.act_fn,
-            )
+            )  # fmt: skip
+        if execution == BUCKETED:
+            return EXPERTS_FUNCTIONS[BUCKETED](self, hidden_states, top_k_index, top_k_weights)
         if top_k_weights is None:
             top_k_weights = torch.ones(top_k_index.shape, dtype=hidden_states.dtype, device=hidden_states.device)
-        if implementation in ("grouped_mm", BUCKETED) and not self.grouped_mm_fits(hidden_states.dtype):
+        requested = getattr(self.config, "_experts_implementation", None) or BUCKETED
+        if execution == "eager" and requested != "eager":
             logger.warning_once(
                 f"hf_comet: experts of width {self.intermediate_size} and hidden size {self.hidden_size} in "
                 f"{self.up_proj.dtype} do not fit grouped_mm (strides must be multiples of 16 bytes); running the "
                 "eager experts kernel for them instead (same results, slower). Pick widths that are multiples of 8 to "
                 "use grouped_mm."
             )
+        if execution == "eager":  # the module's own loop (transformers registers no function under this name)
             return self.eager_forward(hidden_states, top_k_index, top_k_weights)
-        if implementation == BUCKETED:  # compiled
-            return deterministic_grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-        return ExpertKernels.forward(self, hidden_states, top_k_index, top_k_weights)
+        return EXPERTS_FUNCTIONS[execution](self, hidden_states, top_k_index, top_k_weights)
 
     def grouped_mm_fits(self, dtype: torch.dtype) -> bool:
         """Whether ``grouped_mm`` can run these experts' weights and inputs of ``dtype`` (16-byte strides)."""
@@ -264,35 +269,17 @@ class PackedExperts(ExpertKernels):
         return output + weights @ self.down_proj_bias.to(weights.dtype)
 
 
-def choose_execution(experts: PackedExperts, decision: RoutingDecision) -> str:
-    """The one place that picks how a decision runs (``hf-comet bench`` justifies the choice):
-
-    * ``"masked_dense"`` for a unit mask (unit-level COMET), and for weight-1 blocks (block-COMET) keeping more than
-      ``DENSE_BLOCK_FRACTION`` of the blocks (masked dense compute over the kept blocks' units);
-    * ``"mixture"`` for dense mixture weights (attentive, deep): every expert's activations, mixed;
-    * ``"kernels"`` for any other top-k decision: the experts-implementation kernel (``bucketed``, ``grouped_mm``
-      or ``eager``).
-    """
-    if decision.unit_mask is not None:
-        return "masked_dense"
-    if decision.expert_weights is not None:
-        return "mixture"
-    if decision.uniform_weights and decision.top_k_index.shape[1] > DENSE_BLOCK_FRACTION * experts.num_experts:
-        return "masked_dense"
-    return "kernels"
-
-
 def run_experts(experts: PackedExperts, hidden_states: torch.Tensor, decision: RoutingDecision) -> torch.Tensor:
     """Run ``decision`` on ``hidden_states`` (T, d) the way `choose_execution` picks; (T, d) out. The shared output
     bias is added once per token that some expert takes."""
-    execution = choose_execution(experts, decision)
+    execution = choose_execution(experts, decision, hidden_states)
     routed = None  # (T, 1) tokens that receive an expert's output, when some may receive none
-    if execution == "mixture":
+    if execution == MIXTURE:
         activations = decision.expert_activations
         if activations is None:
             activations = experts.expert_activations(hidden_states)
         output = experts.mix(activations, decision.expert_weights)
-    elif execution == "masked_dense":
+    elif execution == MASKED_DENSE:
         unit_mask = decision.unit_mask
         if unit_mask is None:  # weight-1 blocks: the kept blocks' units
             block_mask = torch.zeros(hidden_states.shape[0], experts.num_experts, device=hidden_states.device)
@@ -301,7 +288,7 @@ def run_experts(experts: PackedExperts, hidden_states: torch.Tensor, decision: R
         output = experts.masked_dense_forward(hidden_states, unit_mask)
     else:
         weights = None if decision.uniform_weights else decision.top_k_weights
-        output = experts.sparse_forward(hidden_states, decision.top_k_index, weights)
+        output = experts.sparse_forward(hidden_states, decision.top_k_index, weights, execution)
         dropped = decision.extras.get("dropped")
         if dropped is not None:
             routed = (~dropped).unsqueeze(-1)
@@ -410,12 +397,10 @@ if MoeExpertsParallel is not None:
 
 __all__ = [
     "BUCKETED",
-    "DENSE_BLOCK_FRACTION",
     "ExpertKernels",
     "TP_EXPERTS_STYLE",
     "PackedExperts",
     "EXPERTS_FUNCTIONS",
-    "choose_execution",
     "deterministic_grouped_mm_experts_forward",
     "run_experts",
 ]

@@ -252,6 +252,43 @@ def bucketed_experts(
         return _BucketedExperts.apply(*tensors, plan, activation)
 
 
+def slab_experts(
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor | None,
+    up: torch.Tensor,
+    up_bias: torch.Tensor,
+    down: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    activation: FusedActivation,
+) -> torch.Tensor:
+    """`bucketed_experts`' function for a few tokens at inference (decoding): every kept expert of every token runs
+    as two matrix-vector products on its own contiguous slabs, ``up[e]`` (I, d) and ``down[e]`` (d, I), so only the
+    kept experts' weights are read, once, and nothing is gathered or sorted.
+
+    A decoded token is memory-bound: a gather of the kept slabs into one tensor (for one batched call) would read
+    and write them, twice the traffic of reading them in place, so the loop over the k kept slabs stays (k calls of
+    ``addmv`` each; the indices come to the host once, free on CPU, where `choose_execution` runs it). The output
+    rows accumulate in slot order, so the result does not depend on the thread count. No autograd node: callers use it
+    under ``no_grad`` only.
+    """
+    output = hidden.new_zeros(hidden.shape)
+    indices = top_k_index.tolist()
+    weights = None if top_k_weights is None else top_k_weights.to(hidden.dtype).tolist()
+    for token, experts in enumerate(indices):
+        row, out = hidden[token], output[token]
+        for slot, expert in enumerate(experts):
+            weight = 1.0 if weights is None else weights[token][slot]
+            if weight == 0.0:  # a slot a capacity limit dropped contributes nothing
+                continue
+            pre = torch.addmv(up_bias[expert], up[expert], row)
+            activation.forward_into(pre, pre)
+            out.addmv_(down[expert], pre, alpha=weight)
+            if down_bias is not None:
+                out.add_(down_bias[expert], alpha=weight)
+    return output
+
+
 __all__ = [
     "FUSED_ACTIVATIONS",
     "MASK_SENTINEL",
@@ -259,4 +296,5 @@ __all__ = [
     "bucketed_experts",
     "bucketing_plan",
     "masked_activation",
+    "slab_experts",
 ]

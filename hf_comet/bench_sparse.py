@@ -1,0 +1,231 @@
+"""``hf-comet bench sparse`` and ``hf-comet bench execution``: converted models against their source at the sizes users
+run, and the crossovers `hf_comet.modeling.execution.choose_execution` uses.
+
+* ``sparse``: random-init BERT-base, ViT-B/16 and GPT-2 small (stock transformers classes), each converted with
+  `convert_to_moe` to block-COMET (keep 0.5 and 0.25, blocks of F/8 and F/16 units) and to learned top-k from a
+  ``split`` conversion at the same active FFN width (8 slices, 4 or 2 per token); speedup = the dense model's time
+  divided by the converted one's, for an encoder forward (BERT 8 x 128 tokens, ViT 8 images, eval), greedy decoding
+  with the KV cache (GPT-2, batch 1 and 8) and a training step (GPT-2, AdamW, 4 x 256 tokens).
+* ``execution``: at GPT-2 small's FFN shape, per-token slabs against the bucketed kernel over decoding-sized batches
+  (the slab threshold), and masked dense compute against the kernel over the kept fraction of blocks (the dense-block
+  threshold, forward + backward). ``--calibrate`` writes both to `hf_comet.modeling.execution.thresholds_path`.
+
+Random weights time the same as trained ones (the kept blocks differ, not their number), so no download is needed.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+
+import torch
+
+SPARSE_WORKLOADS = ("bert_forward", "vit_forward", "gpt2_decode_1", "gpt2_decode_8", "gpt2_train")
+
+
+def _shapes(quick: bool) -> dict:
+    if quick:
+        return dict(hidden=64, layers=2, heads=4, width=256, vocab=512, seq=32, image=32, patch=8, batch=2,
+                    prompt=4, new_tokens=4, train_batch=2, train_seq=32)  # fmt: skip
+    return dict(hidden=768, layers=12, heads=12, width=3072, vocab=50257, seq=128, image=224, patch=16, batch=8,
+                prompt=16, new_tokens=16, train_batch=4, train_seq=256)  # fmt: skip
+
+
+def candidates(width: int) -> dict[str, tuple[str, dict]]:
+    """Candidate name -> (conversion method, MoE fields): block-COMET and split top-k at equal active width."""
+    eighth, sixteenth = width // 8, width // 16
+    return {
+        f"block-COMET keep 0.5, b {eighth}": ("comet", {"comet_keep_rate": 0.5, "comet_block_size": eighth}),
+        f"block-COMET keep 0.25, b {eighth}": ("comet", {"comet_keep_rate": 0.25, "comet_block_size": eighth}),
+        f"block-COMET keep 0.25, b {sixteenth}": ("comet", {"comet_keep_rate": 0.25, "comet_block_size": sixteenth}),
+        "split top-k 8x4 (= keep 0.5)": ("split", {"routing": "topk", "num_experts": 8, "num_experts_per_tok": 4}),
+        "split top-k 8x2 (= keep 0.25)": ("split", {"routing": "topk", "num_experts": 8, "num_experts_per_tok": 2}),
+    }
+
+
+def _dense(workload: str, s: dict):
+    import transformers
+
+    if workload == "bert_forward":
+        config = transformers.BertConfig(hidden_size=s["hidden"], num_hidden_layers=s["layers"],
+                                         num_attention_heads=s["heads"], intermediate_size=s["width"],
+                                         vocab_size=min(s["vocab"], 30522))  # fmt: skip
+        return transformers.BertModel(config)
+    if workload == "vit_forward":
+        config = transformers.ViTConfig(hidden_size=s["hidden"], num_hidden_layers=s["layers"],
+                                        num_attention_heads=s["heads"], intermediate_size=s["width"],
+                                        image_size=s["image"], patch_size=s["patch"])  # fmt: skip
+        return transformers.ViTForImageClassification(config)
+    config = transformers.GPT2Config(n_embd=s["hidden"], n_layer=s["layers"], n_head=s["heads"], n_inner=s["width"],
+                                     vocab_size=s["vocab"], n_positions=1024)  # fmt: skip
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _runner(workload: str, model, s: dict) -> Callable[[], object]:
+    generator = torch.Generator().manual_seed(0)
+    if workload == "bert_forward":
+        ids = torch.randint(0, min(s["vocab"], 30522), (s["batch"], s["seq"]), generator=generator)
+        model.eval()
+        return lambda: _no_grad(lambda: model(input_ids=ids))
+    if workload == "vit_forward":
+        pixels = torch.randn(s["batch"], 3, s["image"], s["image"], generator=generator)
+        model.eval()
+        return lambda: _no_grad(lambda: model(pixel_values=pixels))
+    if workload.startswith("gpt2_decode"):
+        batch = int(workload.rsplit("_", 1)[1])
+        ids = torch.randint(0, s["vocab"], (batch, s["prompt"]), generator=generator)
+        model.eval()
+        model.generation_config.pad_token_id = 0
+        new = s["new_tokens"]
+        return lambda: _no_grad(
+            lambda: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                                   do_sample=False)  # fmt: skip
+        )
+    ids = torch.randint(0, s["vocab"], (s["train_batch"], s["train_seq"]), generator=generator)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _no_grad(fn: Callable[[], object]) -> None:
+    with torch.no_grad():
+        fn()
+
+
+def section_sparse(quick: bool, rounds: int, workloads: tuple[str, ...] = SPARSE_WORKLOADS) -> list[dict]:
+    """Each workload: the stock dense model and its conversions, timed interleaved; speedup = dense / converted."""
+    from .bench import interleaved
+    from .convert import convert_to_moe
+
+    s = _shapes(quick)
+    out = []
+    for workload in workloads:
+        torch.manual_seed(0)
+        dense = _dense(workload, s)
+        models = {"dense (transformers)": dense}
+        for name, (method, fields) in candidates(s["width"]).items():
+            models[name] = convert_to_moe(dense, method, **fields)
+        runs = {name: _runner(workload, model, s) for name, model in models.items()}
+        measured = interleaved(runs, rounds=rounds)
+        rows = []
+        for name, m in measured.items():
+            speeds = sorted(1 / r for r in m.ratios)
+            rows.append({"name": name, "speedup": 1 / m.median_ratio, "range": f"{speeds[0]:.2f}-{speeds[-1]:.2f}",
+                         "seconds": m.median_seconds})  # fmt: skip
+        out.append({"workload": workload, "rows": rows})
+        del models, runs, dense
+        gc.collect()
+    return out
+
+
+WORKLOAD_TITLES = {
+    "bert_forward": "BERT-base encoder forward, batch 8 x 128 tokens, eval",
+    "vit_forward": "ViT-B/16 forward, batch 8 images, eval",
+    "gpt2_decode_1": "GPT-2 small greedy decode, KV cache, batch 1",
+    "gpt2_decode_8": "GPT-2 small greedy decode, KV cache, batch 8",
+    "gpt2_train": "GPT-2 small training step, AdamW, batch 4 x 256",
+}
+
+
+def markdown_sparse(section: list[dict]) -> list[str]:
+    """The ``sparse`` section as one table: a row per workload, a column per conversion (speedup, min-max)."""
+    if not section:
+        return []
+    names = [row["name"] for row in section[0]["rows"][1:]]
+    lines = ["**Converted models against their source** (speedup = dense time / converted time; higher is faster; "
+             "random-init weights at the real sizes, `convert_to_moe`)", "",
+             "| workload | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]  # fmt: skip
+    for case in section:
+        cells = [f"{row['speedup']:.2f} ({row['range']})" for row in case["rows"][1:]]
+        lines.append(f"| {WORKLOAD_TITLES[case['workload']]} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+# -- execution thresholds -------------------------------------------------------------------------------------------
+def section_execution(quick: bool, rounds: int) -> dict:
+    """Slabs vs the bucketed kernel over decoding-sized batches, masked dense vs the kernel over the kept fraction;
+    the thresholds they imply (`ExecutionThresholds`)."""
+    from .bench import interleaved
+    from .modeling.execution import ExecutionThresholds
+    from .modeling.moe_kernels import FusedActivation, bucketed_experts, masked_activation, slab_experts
+
+    hidden, width = (64, 256) if quick else (768, 3072)
+    activation = FusedActivation("gelu_new")
+    generator = torch.Generator().manual_seed(0)
+    slab_rows = []
+    for experts in (8, 16):
+        block = width // experts
+        up = torch.randn(experts, block, hidden, generator=generator) * 0.02
+        up_bias = torch.zeros(experts, block)
+        down = torch.randn(experts, hidden, block, generator=generator) * 0.02
+        for top_k in (experts // 4, experts // 2):
+            for tokens in (1, 2, 4, 8, 16):
+                x = torch.randn(tokens, hidden, generator=generator)
+                index = torch.randn(tokens, experts, generator=generator).topk(top_k, dim=-1).indices
+                args = (x, index, None, up, up_bias, down, None, activation)
+                with torch.no_grad():
+                    m = interleaved({"bucketed": lambda a=args: bucketed_experts(*a),
+                                     "slabs": lambda a=args: slab_experts(*a)}, rounds=rounds, repeat=5)  # fmt: skip
+                slab_rows.append({"experts": experts, "top_k": top_k, "tokens": tokens,
+                                  "pairs_per_expert": tokens * top_k / experts,
+                                  "slabs_vs_bucketed": m["slabs"].median_ratio})  # fmt: skip
+    losing = [r["pairs_per_expert"] for r in slab_rows if r["slabs_vs_bucketed"] >= 1.0]
+    winning = [r["pairs_per_expert"] for r in slab_rows if r["slabs_vs_bucketed"] < 1.0]
+    slab_max = max((p for p in winning if not losing or p < min(losing)), default=0.0)
+
+    tokens = 64 if quick else 1024
+    experts = 8
+    block = width // experts
+    up = (torch.randn(experts, block, hidden, generator=generator) * 0.02).requires_grad_()
+    up_bias = torch.zeros(experts, block, requires_grad=True)
+    down = (torch.randn(experts, hidden, block, generator=generator) * 0.02).requires_grad_()
+    x = torch.randn(tokens, hidden, generator=generator, requires_grad=True)
+    fraction_rows = []
+    for top_k in range(2, experts):
+        index = torch.randn(tokens, experts, generator=generator).topk(top_k, dim=-1).indices
+
+        def kernel(index=index):
+            bucketed_experts(x, index, None, up, up_bias, down, None, activation).sum().backward()
+
+        def masked(index=index):
+            mask = torch.zeros(tokens, experts).scatter_(1, index, 1.0).repeat_interleave(block, dim=1)
+            h = torch.nn.functional.linear(x, up.reshape(width, hidden), up_bias.reshape(width))
+            out = torch.nn.functional.linear(masked_activation(h, mask, activation), down.permute(1, 0, 2).reshape(hidden, width))
+            out.sum().backward()
+
+        m = interleaved({"kernel": kernel, "masked": masked}, rounds=rounds)
+        fraction_rows.append({"fraction": top_k / experts, "masked_vs_kernel": m["masked"].median_ratio})
+    masked_wins = [r["fraction"] for r in fraction_rows if r["masked_vs_kernel"] < 1.0]
+    kernel_wins = [r["fraction"] for r in fraction_rows if r["masked_vs_kernel"] >= 1.0]
+    # the largest kept fraction below which the kernel wins: blocks above it run masked
+    fraction = max((f for f in kernel_wins if not masked_wins or f < min(masked_wins)), default=1.0 / experts)
+    measured = ExecutionThresholds(dense_block_fraction=min(fraction, 1.0), slab_max_pairs_per_expert=slab_max)
+    return {"slabs": slab_rows, "fractions": fraction_rows, "thresholds": measured.__dict__.copy(),
+            "shape": {"hidden": hidden, "width": width}}  # fmt: skip
+
+
+def markdown_execution(section: dict | None) -> list[str]:
+    if not section:
+        return []
+    t = section["thresholds"]
+    lines = [f"**Execution thresholds** (`hf-comet bench execution`; FFN {section['shape']['hidden']} -> "
+             f"{section['shape']['width']}): per-token slabs win while the routed (token, expert) pairs are at most "
+             f"{t['slab_max_pairs_per_expert']:g} x the experts; weight-1 blocks keeping more than "
+             f"{t['dense_block_fraction']:g} of the blocks run as masked dense compute.", "",
+             "| experts | k | tokens | pairs / expert | slabs / bucketed time |", "|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['experts']} | {r['top_k']} | {r['tokens']} | {r['pairs_per_expert']:g} | "
+              f"{r['slabs_vs_bucketed']:.2f} |" for r in section["slabs"]]  # fmt: skip
+    lines += ["", "| kept fraction of 8 blocks | masked dense / kernel time (fwd+bwd) |", "|---|---|"]
+    lines += [f"| {r['fraction']:g} | {r['masked_vs_kernel']:.2f} |" for r in section["fractions"]]
+    return [*lines, ""]
+
+
+__all__ = ["SPARSE_WORKLOADS", "candidates", "markdown_execution", "markdown_sparse", "section_execution",
+           "section_sparse"]  # fmt: skip

@@ -1,0 +1,143 @@
+"""How a routing decision runs: the one function that picks it (`choose_execution`) and its measured thresholds.
+
+Every decision of every router runs through `hf_comet.modeling.moe_experts.run_experts`, which asks
+`choose_execution` once and does what it says (MegaBlocks' "the kernel choice is one function"):
+
+* ``"mixture"``: dense mixture weights (attentive, deep): every expert's activations, mixed;
+* ``"masked_dense"``: a unit mask (unit-level COMET), or weight-1 blocks (block-COMET) keeping more than
+  ``dense_block_fraction`` of the blocks: one FFN over every unit, the dropped ones masked;
+* ``"slabs"``: few tokens at inference on CPU (decoding) under the default ``experts_implementation``: each kept expert of each token as two matrix-vector
+  products on its own contiguous weight slabs (`hf_comet.modeling.moe_kernels.slab_experts`), while the routed
+  (token, expert) pairs number at most ``slab_max_pairs_per_expert`` times the experts;
+* otherwise an experts kernel: ``"bucketed"`` (ours, the default), ``"grouped_mm"`` or ``"eager"`` as the config's
+  ``experts_implementation`` asks, with ``grouped_mm`` for compiled code (the bucketed kernel needs host-side counts)
+  and ``eager`` where ``grouped_mm`` cannot take the weights' strides.
+
+The thresholds are measurements, not constants: ``hf-comet bench --section execution --calibrate`` measures both
+crossovers on this machine at GPT-2-small shapes and writes them (``{"thresholds": {...}, "measured": {...}}``) to `thresholds_path` (``HF_COMET_EXECUTION``, else
+``$HF_HOME/hf_comet/execution.json``), which `thresholds` reads once per process. Without that file the defaults are
+the values the same command measured on the reference machine (2 cores, `docs/speed.md`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+
+import torch
+
+MIXTURE, MASKED_DENSE, SLABS = "mixture", "masked_dense", "slabs"
+KERNELS = ("bucketed", "grouped_mm", "eager")
+"""The experts kernels a top-k decision may run on (``experts_implementation`` names)."""
+EXECUTIONS = (MIXTURE, MASKED_DENSE, SLABS, *KERNELS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutionThresholds:
+    """The crossovers `choose_execution` uses, as ``hf-comet bench --section execution`` measured them.
+
+    Attributes:
+        dense_block_fraction: weight-1 block decisions keeping more than this fraction of the blocks run as masked
+            dense compute (the kernels copy each token once per kept block, which costs more than the FLOPs saved
+            once most blocks are on).
+        slab_max_pairs_per_expert: at inference on CPU, a top-k decision whose routed (token, expert) pairs number
+            at most this many times the experts runs on per-token slabs; above it the bucketed kernel, which reads
+            each kept expert's weights once for all its tokens, wins.
+    """
+
+    dense_block_fraction: float = 0.5
+    slab_max_pairs_per_expert: float = 3.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.dense_block_fraction <= 1:
+            raise ValueError(f"dense_block_fraction={self.dense_block_fraction!r} must be in (0, 1].")
+        if not self.slab_max_pairs_per_expert >= 0:
+            raise ValueError(f"slab_max_pairs_per_expert={self.slab_max_pairs_per_expert!r} must be 0 or more.")
+
+
+def thresholds_path() -> str:
+    """Where the measured thresholds live: ``HF_COMET_EXECUTION``, else ``$HF_HOME/hf_comet/execution.json``."""
+    if os.environ.get("HF_COMET_EXECUTION"):
+        return os.environ["HF_COMET_EXECUTION"]
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return os.path.join(home, "hf_comet", "execution.json")
+
+
+@functools.lru_cache(maxsize=1)
+def thresholds() -> ExecutionThresholds:
+    """The thresholds of this machine (read once per process), or the defaults where none were measured. A file
+    that cannot be read or holds other fields is ignored with a warning: execution stays correct either way."""
+    path = thresholds_path()  # written by hf_comet.bench (this file is copied into checkpoints: no package imports)
+    if not os.path.isfile(path):
+        return ExecutionThresholds()
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return ExecutionThresholds(**json.load(handle)["thresholds"])
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        from transformers.utils import logging
+
+        logging.get_logger(__name__).warning(
+            f"hf_comet: ignoring the execution thresholds in {path} ({error}); using the defaults. Re-measure them "
+            "with `hf-comet bench --section execution --calibrate`."
+        )
+        return ExecutionThresholds()
+
+
+def choose_execution(experts, decision, hidden_states: torch.Tensor | None = None) -> str:
+    """How ``decision`` runs on ``experts`` (a `PackedExperts`): one of `EXECUTIONS` (see the module docstring).
+
+    ``hidden_states`` (T, d), when given, lets decoding-sized inference batches run on slabs; without it the choice
+    is the one for any number of tokens.
+    """
+    if decision.unit_mask is not None:
+        return MASKED_DENSE
+    if decision.expert_weights is not None:
+        return MIXTURE
+    return top_k_execution(experts, decision.top_k_index.shape, decision.uniform_weights, hidden_states)
+
+
+def top_k_execution(
+    experts, shape: tuple[int, int], uniform_weights: bool, hidden_states: torch.Tensor | None = None
+) -> str:
+    """`choose_execution` for a top-k decision of ``shape`` (T, k); ``uniform_weights``: every weight is 1."""
+    limits = thresholds()
+    num_tokens, top_k = shape
+    if uniform_weights and top_k > limits.dense_block_fraction * experts.num_experts:
+        return MASKED_DENSE
+    implementation = getattr(experts.config, "_experts_implementation", None) or "bucketed"
+    if implementation == "bucketed" and hidden_states is not None and _slab_ready(experts, hidden_states):
+        if num_tokens * top_k <= limits.slab_max_pairs_per_expert * experts.num_experts:
+            return SLABS  # ours, like the default kernel: an explicitly requested kernel is always the one that runs
+    if implementation == "bucketed" and not torch.compiler.is_compiling():
+        return "bucketed"
+    dtype = experts.up_proj.dtype if hidden_states is None else hidden_states.dtype
+    if implementation in ("bucketed", "grouped_mm") and not experts.grouped_mm_fits(dtype):
+        return "eager"
+    return "grouped_mm" if implementation == "bucketed" else implementation
+
+
+def _slab_ready(experts, hidden_states: torch.Tensor) -> bool:
+    """Slabs run inference on CPU, in the weights' own dtype (no autocast cast of every expert), outside compiled
+    code and tensor parallelism (whose weights are DTensors)."""
+    weight = experts.up_proj
+    return (
+        hidden_states.device.type == "cpu"
+        and not (torch.is_grad_enabled() and (weight.requires_grad or hidden_states.requires_grad))
+        and not torch.is_autocast_enabled("cpu")
+        and hidden_states.dtype == weight.dtype
+        and type(weight) in (torch.Tensor, torch.nn.Parameter)  # not a DTensor (tensor parallelism)
+        and not torch.compiler.is_compiling()
+    )
+
+
+__all__ = [
+    "EXECUTIONS",
+    "KERNELS",
+    "ExecutionThresholds",
+    "choose_execution",
+    "top_k_execution",
+    "thresholds",
+    "thresholds_path",
+]

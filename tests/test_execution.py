@@ -1,0 +1,155 @@
+"""The one execution choice (`hf_comet.modeling.execution`) and the decode path it picks: per-token weight slabs give
+the masked reference's outputs for every family, and the measured thresholds are read from their file."""
+
+import json
+
+import pytest
+import torch
+from conftest import main_output, tiny_inputs, tiny_model
+
+from hf_comet.modeling import execution
+from hf_comet.modeling.execution import ExecutionThresholds, choose_execution, thresholds
+
+FAMILIES = [
+    ("comet_gpt2", "AutoModelForCausalLM"),
+    ("comet_vit", "AutoModelForImageClassification"),
+    ("comet_bert", "AutoModelForSequenceClassification"),
+]
+BLOCKS = dict(routing="comet", comet_block_size=16, comet_keep_rate=0.25)  # 8 blocks of 16 units, 2 kept per token
+
+
+@pytest.fixture
+def measured(tmp_path, monkeypatch):
+    """Point the thresholds file at ``tmp_path`` and return a writer; the cache is cleared before and after."""
+    path = tmp_path / "execution.json"
+    monkeypatch.setenv("HF_COMET_EXECUTION", str(path))
+    thresholds.cache_clear()
+
+    def write(**fields):
+        path.write_text(json.dumps({"thresholds": fields, "measured": {}}))
+        thresholds.cache_clear()
+
+    yield write
+    thresholds.cache_clear()
+
+
+def executions_of(model, inputs) -> list[str]:
+    """What `choose_execution` picked in each MoE block during one forward."""
+    picked = []
+    original = execution.choose_execution
+
+    def spy(experts, decision, hidden_states=None):
+        picked.append(original(experts, decision, hidden_states))
+        return picked[-1]
+
+    import hf_comet.modeling.moe_experts as moe_experts
+
+    moe_experts.choose_execution, saved = spy, moe_experts.choose_execution
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        moe_experts.choose_execution = saved
+    return picked
+
+
+@pytest.mark.parametrize("family, head", FAMILIES)
+def test_decoding_sized_batches_run_on_slabs_and_equal_the_masked_reference(family, head, measured):
+    model = tiny_model(family, head, **BLOCKS).eval()
+    inputs = tiny_inputs(family, head, batch=1, seq=5, with_labels=False)
+    measured(slab_max_pairs_per_expert=3.0)
+    assert set(executions_of(model, inputs)) == {"slabs"}
+    with torch.no_grad():
+        slabs = main_output(model(**inputs))
+    measured(slab_max_pairs_per_expert=0.0)  # the kernel instead
+    assert set(executions_of(model, inputs)) == {"bucketed"}
+    with torch.no_grad():
+        kernel = main_output(model(**inputs))
+    measured(dense_block_fraction=0.1)  # every block decision as masked dense compute: the reference
+    assert set(executions_of(model, inputs)) == {"masked_dense"}
+    with torch.no_grad():
+        masked = main_output(model(**inputs))
+    torch.testing.assert_close(slabs, masked, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernel, masked, rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_decoding_with_the_cache_is_the_same_on_slabs_and_on_the_kernel(measured):
+    model = tiny_model("comet_gpt2", "AutoModelForCausalLM", **BLOCKS).eval()
+    ids = tiny_inputs("comet_gpt2", "AutoModelForCausalLM", batch=1, seq=4, with_labels=False)["input_ids"]
+
+    def generate():
+        with torch.no_grad():
+            return model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, output_scores=True,
+                                  return_dict_in_generate=True)  # fmt: skip
+
+    measured(slab_max_pairs_per_expert=3.0)
+    slabs = generate()
+    measured(slab_max_pairs_per_expert=0.0)
+    kernel = generate()
+    assert torch.equal(slabs.sequences, kernel.sequences)
+    torch.testing.assert_close(torch.stack(slabs.scores), torch.stack(kernel.scores), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("routing", ["topk", "switch"])
+def test_learned_top_k_on_slabs_keeps_its_weights_biases_and_dropped_tokens(routing, measured):
+    extra = {"capacity_factor": 0.5} if routing == "switch" else {}  # Switch drops tokens over capacity
+    model = tiny_model("comet_bert", "AutoModel", routing=routing, **extra).eval()
+    inputs = tiny_inputs("comet_bert", "AutoModel", batch=1, seq=6, with_labels=False)
+    measured(slab_max_pairs_per_expert=10.0)
+    assert set(executions_of(model, inputs)) == {"slabs"}
+    with torch.no_grad():
+        slabs = model(**inputs).last_hidden_state
+    measured(slab_max_pairs_per_expert=0.0)
+    with torch.no_grad():
+        kernel = model(**inputs).last_hidden_state
+    torch.testing.assert_close(slabs, kernel, rtol=1e-5, atol=1e-5)
+
+
+def test_training_an_explicit_kernel_and_autocast_never_run_on_slabs(measured):
+    measured(slab_max_pairs_per_expert=100.0)
+    model = tiny_model("comet_gpt2", "AutoModelForCausalLM", **BLOCKS)
+    inputs = tiny_inputs("comet_gpt2", "AutoModelForCausalLM", batch=1, seq=3, with_labels=False)
+    block = model.moe_blocks()[0]
+    x = torch.randn(3, 32)
+    decision = block.router(x)
+    assert choose_execution(block.experts, decision, x) == "bucketed"  # weights that need gradients: training
+    with torch.no_grad():
+        assert choose_execution(block.experts, decision, x) == "slabs"
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert choose_execution(block.experts, decision, x) == "bucketed"
+        assert choose_execution(block.experts, decision, x.double()) == "bucketed"
+        assert choose_execution(block.experts, decision) == "bucketed"  # no input: the choice for any size
+    model.set_experts_implementation("eager")
+    assert set(executions_of(model.eval(), inputs)) == {"eager"}
+
+
+def test_the_thresholds_come_from_their_file_and_a_damaged_file_falls_back_to_the_defaults(measured, tmp_path):
+    assert thresholds() == ExecutionThresholds()  # no file yet
+    measured(dense_block_fraction=0.75, slab_max_pairs_per_expert=2.0)
+    assert thresholds() == ExecutionThresholds(dense_block_fraction=0.75, slab_max_pairs_per_expert=2.0)
+    for damaged in ("{", json.dumps({"thresholds": {"dense_block_fraction": 3}}), json.dumps({"other": 1})):
+        (tmp_path / "execution.json").write_text(damaged)
+        thresholds.cache_clear()
+        assert thresholds() == ExecutionThresholds()
+    with pytest.raises(ValueError, match=r"dense_block_fraction=0 must be in \(0, 1\]"):
+        ExecutionThresholds(dense_block_fraction=0)
+    with pytest.raises(ValueError, match="slab_max_pairs_per_expert=-1 must be 0 or more"):
+        ExecutionThresholds(slab_max_pairs_per_expert=-1)
+
+
+def test_generate_leaves_the_statistics_windows_alone_unless_asked():
+    model = tiny_model("comet_gpt2", "AutoModelForCausalLM", **BLOCKS).eval()
+    ids = torch.randint(3, 64, (1, 4), generator=torch.Generator().manual_seed(0))  # no pad token: every one counts
+    blocks = model.moe_blocks()
+
+    def tokens() -> list[int]:
+        return [int(block.statistics().tensors["tokens"]) for block in blocks]
+
+    with torch.no_grad():
+        model(input_ids=ids)  # an evaluation forward is counted
+        counted = tokens()
+        assert counted == [4] * len(blocks)
+        model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        assert tokens() == counted and all(block.track_statistics for block in blocks)  # paused, then restored
+        model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, routing_statistics=True)
+        assert tokens() == [c + 4 + 2 for c in counted]  # the prompt, then one token per further step
