@@ -1,5 +1,5 @@
-"""Training beside Trainer: routing telemetry, expert-merging, Deep-MoE constraint and keep-rate callbacks, recipes and
-plots.
+"""Training beside Trainer: routing telemetry, distillation from the dense model, expert-merging, Deep-MoE constraint
+and keep-rate callbacks, recipes and plots.
 
 ``import hf_comet.training`` imports none of its modules (``Trainer``, callbacks, plots); each name loads on first
 use (PEP 562).
@@ -23,6 +23,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
             "lift_deep_constraint",
             "scheduled_keep_rate",
         ),
+        "distillation": ("DistillationConfig",),
         "launch": ("SingleProcessLaunchWarning", "launch_collapse_message", "warn_if_launch_collapsed"),
         "trainer": ("CometTrainer", "flatten_routing_statistics", "reduce_routing_statistics"),
     },
@@ -36,5 +37,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time `__getattr__` loads
         lift_deep_constraint,
         scheduled_keep_rate,
     )
+    from .distillation import DistillationConfig
     from .launch import SingleProcessLaunchWarning, launch_collapse_message, warn_if_launch_collapsed
     from .trainer import CometTrainer, flatten_routing_statistics, reduce_routing_statistics

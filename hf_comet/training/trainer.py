@@ -20,6 +20,14 @@ from transformers import Trainer
 
 from ..io import atomic_write_text, loads_json
 from ..modeling.modeling_comet_common import aux_loss_share, loss_item_share
+from .distillation import (
+    DistillationConfig,
+    check_teacher,
+    distillation_kl,
+    distillation_mask,
+    hidden_state_mse,
+    teacher_inputs,
+)
 from .launch import warn_if_launch_collapsed
 from .statistics import statistics_paused
 
@@ -133,20 +141,55 @@ class CometTrainer(Trainer):
             layer's ``routing/layer_{i}/{key}``: about ten keys per MoE layer) or ``"none"`` (log like a plain
             Trainer; ``routing_history`` stays empty). ``routing_history`` keeps the per-layer tokens per expert at
             ``"summary"`` and ``"layers"`` alike.
+        teacher_model: a model to distil from, typically the dense model the student was converted from
+            (`hf_comet.training.distillation`). It runs in eval mode under ``no_grad`` on the student's device, in
+            training steps only (``eval_loss`` stays the task loss), is never saved in checkpoints and never gets
+            gradients. Its logits must have the student's size (vocabulary or ``num_labels``), else a
+            ``ValueError`` names both before training. It is held whole on every process (not sharded by
+            FSDP or DeepSpeed).
+        distillation: the `DistillationConfig` (default ``DistillationConfig()`` when a teacher is given). The loss
+            becomes ``(1 - alpha) * task + aux + alpha * T^2 * KL + hidden_weight * MSE``, each distillation term
+            weighted like the task loss under gradient accumulation, and each log line gains ``distill_loss``: the
+            distillation terms' part of the logged ``loss`` (per optimizer step, averaged over the window).
     """
 
-    def __init__(self, *args, routing_logging: str = "summary", **kwargs):
+    def __init__(
+        self,
+        *args,
+        routing_logging: str = "summary",
+        teacher_model: torch.nn.Module | None = None,
+        distillation: DistillationConfig | None = None,
+        **kwargs,
+    ):
         if routing_logging not in ROUTING_LOGGING:
             raise ValueError(
                 f"routing_logging={routing_logging!r} is not a telemetry level; choose one of "
                 f"{', '.join(map(repr, ROUTING_LOGGING))} (summaries, summaries and every layer, nothing)."
             )
+        if distillation is not None and not isinstance(distillation, DistillationConfig):
+            raise TypeError(
+                f"distillation must be a DistillationConfig (hf_comet.training.DistillationConfig), not a "
+                f"{type(distillation).__name__}."
+            )
+        if teacher_model is None and distillation is not None:
+            raise ValueError("distillation= was given without teacher_model=: pass the model to distil from.")
+        if teacher_model is not None:
+            check_teacher(kwargs.get("model", args[0] if args else None), teacher_model)
         super().__init__(*args, **kwargs)
         warn_if_launch_collapsed(self.accelerator.num_processes)
         self.routing_logging = routing_logging
         self.routing_history: list[dict[str, Any]] = []
         self._aux_sum: torch.Tensor | None = None  # the aux loss's part of the reported loss, summed over the window
         self._aux_window_start = 0
+        self.teacher_model = teacher_model
+        self.distillation = distillation if distillation is not None or teacher_model is None else DistillationConfig()
+        self._distill_sum: torch.Tensor | None = None  # the distillation terms' part of the reported loss (window)
+        self._distill_window_start = 0
+        if teacher_model is not None:
+            check_teacher(self.model, teacher_model)  # a model_init model is known only now
+            teacher_model.eval()
+            student_parameter = next(self.model.parameters(), None) if self.model is not None else None
+            self._place_teacher(student_parameter.device if student_parameter is not None else self.args.device)
 
     # -- loss ----------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -155,8 +198,15 @@ class CometTrainer(Trainer):
         )
         labels = inputs.get("labels")
         shift_labels = inputs.get("shift_labels")
+        attention_mask = inputs.get("attention_mask")
+        distilling = self.teacher_model is not None and self.distillation.distils and model.training
+        if distilling:  # before the student's forward: Trainer's may take the labels out of `inputs`
+            teacher_outputs = self._teacher_forward(inputs)
+            if self.distillation.hidden_weight > 0:
+                inputs = {**inputs, "output_hidden_states": True}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         aux_loss = outputs.get("router_aux_loss") if isinstance(outputs, dict) else None
+        aux_part: torch.Tensor | float = 0.0  # the aux loss's part of `loss`, kept whole by distillation
         if aux_loss is not None and model.training:
             if replaces_model_loss:
                 weight = self._aux_weight(model, labels, num_items_in_batch)
@@ -167,12 +217,103 @@ class CometTrainer(Trainer):
                 weight = aux_loss_share(unwrapped, labels, passed, shift_labels) * self._token_average_scale(
                     num_items_in_batch
                 )
+            aux_part = aux_loss * weight
             contribution = (aux_loss.detach().float() * weight) / self._trainer_divisor(num_items_in_batch)
             if self._aux_sum is None:  # a new window starts at the step last logged (also after a resume)
                 self._aux_sum, self._aux_window_start = contribution, self.state.global_step
             else:
                 self._aux_sum = self._aux_sum + contribution
+        if distilling:
+            causal = getattr(self.accelerator.unwrap_model(model), "loss_type", None) == "ForCausalLM"
+            distill = self._distillation_terms(outputs, teacher_outputs, labels, shift_labels, attention_mask, causal)
+            distill = distill * self._mean_weight(labels, shift_labels, num_items_in_batch, causal)
+            # (1 - alpha) * task + aux + distill, written so that alpha = 0 leaves `loss` bit for bit
+            loss = loss - self.distillation.alpha * (loss - aux_part) + distill
+            contribution = distill.detach().float() / self._trainer_divisor(num_items_in_batch)
+            if self._distill_sum is None:
+                self._distill_sum, self._distill_window_start = contribution, self.state.global_step
+            else:
+                self._distill_sum = self._distill_sum + contribution
         return (loss, outputs) if return_outputs else loss
+
+    # -- distillation --------------------------------------------------------------------------------------------
+    def _place_teacher(self, device: torch.device) -> None:
+        """Move the teacher to ``device`` unless it is there (or spread over devices by a ``device_map``)."""
+        if getattr(self.teacher_model, "hf_device_map", None):
+            return
+        parameter = next(self.teacher_model.parameters(), None)
+        if parameter is not None and parameter.device != device:
+            self.teacher_model.to(device)
+
+    def _teacher_forward(self, inputs: dict[str, Any]):
+        """The teacher's outputs on this micro-batch: eval mode, no gradients, on the inputs' device."""
+        teacher = self.teacher_model
+        if teacher.training:  # a user may have switched it back
+            teacher.eval()
+        device = next((v.device for v in inputs.values() if isinstance(v, torch.Tensor)), None)
+        if device is not None:
+            self._place_teacher(device)
+        kwargs = teacher_inputs(teacher, inputs, self.label_names)
+        if self.distillation.hidden_weight > 0:
+            kwargs["output_hidden_states"] = True
+        with torch.no_grad():
+            outputs = teacher(**kwargs)
+        if not isinstance(outputs, dict):
+            raise TypeError("distillation needs the teacher's outputs as a ModelOutput; set its config.return_dict.")
+        return outputs
+
+    def _distillation_terms(self, outputs, teacher_outputs, labels, shift_labels, attention_mask, causal: bool):
+        """``alpha * T^2 * KL + hidden_weight * MSE`` of this micro-batch, each a mean over its counted positions."""
+        config = self.distillation
+        if not isinstance(outputs, dict):
+            raise TypeError("distillation needs the student's outputs as a ModelOutput (return_dict=True).")
+        terms = []
+        if config.alpha > 0:
+            student, teacher = outputs.get("logits"), teacher_outputs.get("logits")
+            if student is None or teacher is None:
+                which = "student" if student is None else "teacher"
+                keys = list(outputs if student is None else teacher_outputs)
+                raise ValueError(
+                    f"distillation with alpha > 0 compares logits, but the {which}'s outputs have none (only "
+                    f"{', '.join(keys)}); use a head with logits, or alpha=0 with hidden_weight > 0."
+                )
+            if student.shape != teacher.shape:
+                raise ValueError(
+                    f"the teacher's logits have shape {tuple(teacher.shape)} and the student's {tuple(student.shape)} "
+                    "on the same inputs; distillation needs equal shapes (same vocabulary or num_labels)."
+                )
+            mask = distillation_mask(student.shape[:-1], labels, shift_labels, attention_mask, causal)
+            terms.append(config.alpha * distillation_kl(student, teacher, config.temperature, mask))
+        if config.hidden_weight > 0:
+            student, teacher = outputs.get("hidden_states"), teacher_outputs.get("hidden_states")
+            if not student or not teacher:
+                raise ValueError("hidden_weight > 0 needs the last hidden states of both models "
+                                 "(output_hidden_states), but one of them returned none.")  # fmt: skip
+            student, teacher = student[-1], teacher[-1]
+            if student.shape != teacher.shape:
+                raise ValueError(
+                    f"the teacher's last hidden state has shape {tuple(teacher.shape)} and the student's "
+                    f"{tuple(student.shape)}; hidden_weight > 0 needs equal shapes (the same width)."
+                )
+            positions = student.shape[:-1]
+            mask = distillation_mask(positions, labels, shift_labels, attention_mask, causal)
+            token_labels = any(t is not None and t.shape == positions for t in (labels, shift_labels))
+            mse = hidden_state_mse(student, teacher, mask, per_example=not token_labels)  # the task loss's items
+            terms.append(config.hidden_weight * mse)
+        return sum(terms[1:], terms[0])
+
+    def _mean_weight(self, labels, shift_labels, num_items_in_batch, causal: bool) -> float | torch.Tensor:
+        """Weight of a micro-batch mean added to the loss so that it counts once per optimizer step, like the task
+        loss: 1 where Trainer divides the loss by the accumulation steps; where the loss is normalised over the
+        accumulated batch instead, this micro-batch's share of the counted label positions (1 / accumulation steps
+        without labels), times Trainer's factor for token averaging across devices."""
+        if not self._loss_is_scaled(num_items_in_batch):
+            return 1.0
+        if num_items_in_batch is None or (labels is None and shift_labels is None):
+            weight = 1.0 / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        else:
+            weight = loss_item_share(labels, num_items_in_batch, causal, shift_labels)
+        return weight * self._token_average_scale(num_items_in_batch)
 
     def _token_average_scale(self, num_items_in_batch) -> int:
         """What Trainer multiplies a loss by when it averages tokens across devices (1 otherwise)."""
@@ -184,16 +325,20 @@ class CometTrainer(Trainer):
             return self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
         return 1
 
-    def _trainer_divisor(self, num_items_in_batch) -> int:
-        """What Trainer divides the reported micro-batch loss by (the accumulation steps when it is not scaled)."""
+    def _loss_is_scaled(self, num_items_in_batch) -> bool:
+        """Whether Trainer treats the loss as normalised over the accumulated batch (does not divide it)."""
         scaled = self.loss_is_scaled_for_ga
         if scaled is None:
             scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
                 self.compute_loss_func is not None
             )
-        return (
-            1 if scaled else getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        )
+        return bool(scaled)
+
+    def _trainer_divisor(self, num_items_in_batch) -> int:
+        """What Trainer divides the reported micro-batch loss by (the accumulation steps when it is not scaled)."""
+        if self._loss_is_scaled(num_items_in_batch):
+            return 1
+        return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
 
     def _aux_weight(self, model, labels: torch.Tensor | None, num_items_in_batch) -> float | torch.Tensor:
         """Weight of the aux loss added to a loss Trainer computed itself, so it counts once per optimizer step.
@@ -247,9 +392,24 @@ class CometTrainer(Trainer):
 
     # -- telemetry -----------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs.update(self._distillation_logs())
         if self.routing_logging != "none" and "loss" in logs:
             logs.update(self.routing_logs())
         super().log(logs, start_time)
+
+    def _distillation_logs(self) -> dict[str, float]:
+        """``distill_loss`` of the window since the last call, per optimizer step like ``loss`` (averaged over the
+        ranks under DDP: every rank calls it), then reset; nothing when no distillation term was trained."""
+        steps = self.state.global_step - self._distill_window_start
+        if self._distill_sum is None or steps <= 0:
+            return {}
+        value = self._distill_sum / steps
+        if _distributed():
+            torch.distributed.all_reduce(value)
+            value = value / torch.distributed.get_world_size()
+        self._distill_sum = None
+        return {"distill_loss": float(value)}
 
     def routing_logs(self) -> dict[str, float]:
         """The telemetry of the window since the last call (collective under DDP: every rank calls it), then reset."""
