@@ -31,8 +31,8 @@ SPARSIFY_CLUSTERS = ("none", "coactivation")
 SPARSIFY_ROUTERS = ("random", "fitted")
 """`hf_comet.convert.sparsify.ROUTERS`."""
 
-PROVENANCE_FIELDS = ("converted_from", "conversion_method", "split_method", "conversion_seed")
-"""Config fields ``hf-comet convert`` records; nobody sets them by hand."""
+PROVENANCE_FIELDS = ("converted_from", "conversion_method", "split_method", "conversion_seed", "sparsify_cluster")
+"""Config fields ``hf-comet convert`` (and `hf_comet.convert.sparsify`) records; nobody sets them by hand."""
 MOE_FIELD_KINDS: dict[str, str] = {
     "routing": "str",
     "num_experts": "int",
@@ -63,6 +63,7 @@ MOE_FIELD_KINDS: dict[str, str] = {
     "conversion_method": "str",
     "split_method": "str",
     "conversion_seed": "int",
+    "sparsify_cluster": "str",
 }
 """Every field of `hf_comet.modeling.configuration_comet.CometMoEConfigMixin` and its kind (``bool``, ``list`` of
 layer indices, ``float``, ``int`` or ``str``): ``hf-comet convert`` offers each as a flag."""

@@ -36,7 +36,7 @@ BAD_VALUES = {
     "output_router_logits": BAD_BOOL,
     "routing_seed": [*BAD_INT, -1, 2**63],
     "comet_block_size": [*BAD_INT, 0, -16, 48],
-    "comet_router": [x for x in BAD_STR if x not in ("COMET", " comet")] + ["Full", "lowrank", "structured "],
+    "comet_router": [x for x in BAD_STR if x not in ("COMET", " comet")] + ["Full", "lowrank", "structured ", "fit"],
     "comet_router_rank": [*BAD_INT, 0, -1],
     "capacity_factor": [x for x in BAD_FLOAT if x is not None] + [0, 0.0, -1.25],
     "router_jitter_noise": [*BAD_FLOAT, -0.1, 1, 1.5],
@@ -53,6 +53,7 @@ BAD_VALUES = {
     "conversion_method": [1, True, "moefy", "", ["comet"], {"a": 1}, "COMET"],
     "split_method": [1, True, "kmean", "", ["random"], {"a": 1}],
     "conversion_seed": [x for x in BAD_INT if x is not None] + [-1],
+    "sparsify_cluster": [1, True, "kmeans", "", ["none"], {"a": 1}, "Coactivation"],
 }
 
 
@@ -142,7 +143,7 @@ GOOD_VALUES = {
     "output_router_logits": [True, False],
     "routing_seed": [0, 7, 2**63 - 1],
     "comet_block_size": [1, 2, 16, 128],
-    "comet_router": ["full", "structured"],
+    "comet_router": ["full", "structured", "fitted"],
     "comet_router_rank": [1, 16, 4096],
     "capacity_factor": [None, 1, 1.25, 1e-3],
     "router_jitter_noise": [0, 0.0, 0.5, 0.999],
@@ -159,6 +160,7 @@ GOOD_VALUES = {
     "conversion_method": [None, "comet", "upcycle", "split"],
     "split_method": [None, "contiguous", "random", "kmeans"],
     "conversion_seed": [None, 0, 3],
+    "sparsify_cluster": [None, "none", "coactivation"],
 }
 GOOD = [(field, value) for field, values in GOOD_VALUES.items() for value in values]
 

@@ -32,6 +32,8 @@ CONVERSION_METHODS = ("comet", "upcycle", "split")
 checks at import that its registry is exactly this)."""
 SPLIT_METHODS = ("contiguous", "random", "kmeans")
 """Values of the ``split_method`` provenance field: the names of `hf_comet.convert.SPLIT_METHODS`."""
+SPARSIFY_CLUSTERS = ("none", "coactivation")
+"""Values of the ``sparsify_cluster`` provenance field: the names of `hf_comet.convert.sparsify.CLUSTERS`."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ MOE_FIELD_RULES: dict[str, FieldRule] = {
     "output_router_logits": FieldRule("bool", common=True),
     "routing_seed": FieldRule("int", low=0, high=2**63 - 1, common=True),
     "comet_block_size": FieldRule("int", low=1),
-    "comet_router": FieldRule("str", choices=("full", "structured")),
+    "comet_router": FieldRule("str", choices=("full", "structured", "fitted")),
     "comet_router_rank": FieldRule("int", low=1),
     "capacity_factor": FieldRule("float", low=0, low_open=True, optional=True),
     "router_jitter_noise": FieldRule("float", low=0, high=1, high_open=True),
@@ -136,6 +138,7 @@ MOE_FIELD_RULES: dict[str, FieldRule] = {
     "conversion_method": FieldRule("str", choices=CONVERSION_METHODS, optional=True, common=True),
     "split_method": FieldRule("str", choices=SPLIT_METHODS, optional=True, common=True),
     "conversion_seed": FieldRule("int", low=0, high=2**63 - 1, optional=True, common=True),
+    "sparsify_cluster": FieldRule("str", choices=SPARSIFY_CLUSTERS, optional=True, common=True),
 }
 """Type and range of every MoE field (checked at construction, at loading and on assignment); the cross-field rules
 are in `CometMoEConfigMixin.validate_moe_config` and each router's ``validate_config``."""
@@ -291,7 +294,11 @@ class CometMoEConfigMixin:
             ``keep_rate * g`` units are kept in every group of ``g`` consecutive units (pairs at keep 0.5: one
             comparison per pair, a random hyperplane), so the router costs about ``r (d + F)`` per token instead of
             ``F d`` and needs no top-k over F. ``hf-comet bench`` measures its cost and how well it keeps the
-            overlap-similarity property.
+            overlap-similarity property. ``"fitted"`` (set by `hf_comet.convert.sparsify`, MoEfication's learned
+            router in closed form): V (blocks x d) and a per-block bias (the ``projection_bias`` buffer) are fitted
+            by ridge least squares to predict each block's importance in the dense FFN on calibration tokens, then
+            frozen and saved with the weights; a model built from a config alone starts from the random V and a zero
+            bias until it is fitted or loaded.
         comet_router_rank: rank r of the ``"structured"`` COMET router (capped at the hidden size).
         capacity_factor: ``switch`` only. ``None`` (default) is dropless; a float caps each expert at
             ``ceil(capacity_factor * tokens / num_experts)`` tokens per training forward, in token order. Dropped
@@ -326,6 +333,9 @@ class CometMoEConfigMixin:
         split_method: provenance of ``split`` conversion: one of `SPLIT_METHODS` (``"contiguous"``, ``"random"``,
             ``"kmeans"``), or ``None``; other values are refused.
         conversion_seed: provenance: the seed of the conversion's random choices (router init, unit partition).
+        sparsify_cluster: provenance of `hf_comet.convert.sparsify`: how the FFN units were grouped into the COMET
+            blocks, ``"none"`` (consecutive units) or ``"coactivation"`` (units that fire together on the calibration
+            data, permuted next to each other), or ``None`` (not sparsified); other values are refused.
     """
 
     routing: str = "comet"
@@ -357,6 +367,7 @@ class CometMoEConfigMixin:
     conversion_method: str | None = None
     split_method: str | None = None
     conversion_seed: int | None = None
+    sparsify_cluster: str | None = None
 
     _ffn_width_field = "intermediate_size"  # config field that holds the FFN width, named in error messages
 

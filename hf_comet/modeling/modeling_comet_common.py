@@ -316,7 +316,7 @@ def check_routing_weights(model, loading_info) -> None:
     * Each block's saved ``routing_record`` (routing, experts, widths, block size, COMET's k, seed, layer) must
       equal what the config builds; only COMET's keep rate may differ (`RUNTIME_FIELDS`), with a warning.
     * A COMET projection is a pure function of ``routing_seed`` and the layer: a missing one is recreated, and said
-      so; a loaded one must match the CRC-32 saved in the record (damaged bytes of the same size are an error; not
+      so (a fitted one, ``comet_router="fitted"``, is not: missing, it is one of the MoE tensors above); a loaded one must match the CRC-32 saved in the record (damaged bytes of the same size are an error; not
       checked when the model is loaded in a precision below float32, which changes the bytes by design).
     * A checkpoint of the first release has no record: its routing is not cross-checked (said at info level).
     """
@@ -327,14 +327,18 @@ def check_routing_weights(model, loading_info) -> None:
     recreated, unrecorded = [], []
     # Both stay in the load report (transformers' convention: every persistent tensor the file lacks is listed);
     # what they mean is said below.
+    fitted = {name for name, block in blocks.items() if getattr(block.router, "fitted", False)}
     for name, block in blocks.items():
-        if isinstance(block.router, CometRouter) and f"{name}.router.projection" in missing:
+        if isinstance(block.router, CometRouter) and name not in fitted and f"{name}.router.projection" in missing:
             recreated.append(block.layer_idx)
         if f"{name}.routing_record" in missing:
             unrecorded.append(block.layer_idx)
         if getattr(block.router, "projection_in", None) is not None and f"{name}.router.projection_in" in missing:
             recreated.append(block.layer_idx)
-    explained = {f"{name}.router.{key}" for name in blocks for key in ("projection", "projection_in")}
+    # a fitted projection is not a function of the seed: missing, it is reported below as initialised at random
+    explained = {
+        f"{name}.router.{key}" for name in blocks if name not in fitted for key in ("projection", "projection_in")
+    }
     explained |= {f"{name}.routing_record" for name in blocks}
     moe_missing = {
         key for key in missing if key not in explained and any(key.startswith(f"{name}.") for name in blocks)

@@ -378,6 +378,12 @@ class CometRouter(Router):
     Block-COMET (``comet_block_size = b > 1``, our extension): V has F / b rows, one per block of b consecutive
     units; each token keeps the top ``max(1, floor(keep_rate * F / b))`` blocks with weight 1. The blocks are the
     packed experts, so only the kept blocks are computed; the FFN's output bias is added once (as in the dense FFN).
+
+    Fitted router (``comet_router="fitted"``, set by `hf_comet.convert.sparsify`): the same scores plus a per-block
+    bias, ``u @ V^T + c``, where V and c (the persistent ``projection_bias`` buffer) were fitted by ridge least
+    squares to the dense FFN's block importance on calibration tokens (MoEfication's learned router, in closed form).
+    Both are frozen and saved with the weights; ``init_weights`` draws the seeded V and a zero c for a fresh model
+    and, through ``transformers.initialization``, leaves loaded values alone.
     """
 
     routing = "comet"
@@ -393,6 +399,7 @@ class CometRouter(Router):
         self.num_active = comet_num_active(config.comet_keep_rate, num_groups)
         self.seed = config.routing_seed
         self.structured = config.comet_router == "structured"
+        self.fitted = config.comet_router == "fitted"
         self.group_size, self.group_keep = (
             structured_groups(num_groups, self.num_active) if self.structured and self.block_size == 1 else (0, 0)
         )
@@ -404,6 +411,10 @@ class CometRouter(Router):
         else:
             self.register_buffer("projection", self.draw_projection(num_groups, hidden_size), persistent=True)
             self.projection_in = None
+        if self.fitted:
+            self.register_buffer("projection_bias", torch.zeros(num_groups), persistent=True)
+        else:
+            self.projection_bias = None
 
     @classmethod
     def expert_layout(cls, config: CometMoEConfigMixin) -> tuple[int, int]:
@@ -438,9 +449,15 @@ class CometRouter(Router):
         router = "a frozen random projection"
         if config.comet_router == "structured":
             router = f"a frozen random rank-{config.comet_router_rank} projection (hf_comet's structured router)"
+        elif config.comet_router == "fitted":
+            router = (
+                "a frozen projection and bias fitted by least squares to the dense FFN's block importance on "
+                "calibration data (hf_comet.convert.sparsify; MoEfication's learned router)"
+            )
+        seed = "" if config.comet_router == "fitted" else f"seed {config.routing_seed}, "
         return (
-            f"COMET routing in {_layers(config)}: {router} of each token's FFN input (seed "
-            f"{config.routing_seed}, stored in the checkpoint) keeps the top {config.comet_keep_rate:g} fraction of "
+            f"COMET routing in {_layers(config)}: {router} of each token's FFN input ({seed}stored in the "
+            f"checkpoint) keeps the top {config.comet_keep_rate:g} fraction of "
             f"the {what} per token, weight 1. No trainable router, no auxiliary loss."
         )
 
@@ -471,12 +488,16 @@ class CometRouter(Router):
             init.copy_(self.projection_in, projection_in)
         else:
             init.copy_(self.projection, self.draw_projection())
+        if self.projection_bias is not None:  # a fresh fitted router starts as the random one (zero bias)
+            init.zeros_(self.projection_bias)
 
     def scores(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The router's scores (T, units or blocks): ``u V^T``, or ``(u A^T) B^T`` for the structured router."""
+        """The router's scores (T, units or blocks): ``u V^T``, ``(u A^T) B^T`` for the structured router, or
+        ``u V^T + c`` for the fitted one."""
         if self.projection_in is not None:
             hidden_states = F.linear(hidden_states, self.projection_in.to(hidden_states.dtype))
-        return F.linear(hidden_states, self.projection.to(hidden_states.dtype))
+        bias = None if self.projection_bias is None else self.projection_bias.to(hidden_states.dtype)
+        return F.linear(hidden_states, self.projection.to(hidden_states.dtype), bias)
 
     def set_keep_rate(self, keep_rate: float) -> None:
         """Keep ``keep_rate`` of the units (or blocks) per token from the next forward on: the same projection at
