@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, PreTrainedModel
 
 from ..modeling import FAMILY_ADAPTERS, FamilyAdapter
@@ -65,7 +66,7 @@ def _source_family(dense: PreTrainedModel | str | os.PathLike) -> tuple[Any, Fam
     else:
         try:
             config = AutoConfig.from_pretrained(str(dense))
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, StrictDataclassError) as error:
             raise ConversionError(f"cannot read a transformers config from {str(dense)!r}: {error}") from error
     model_type = getattr(config, "model_type", None)
     upstream = ", ".join(family.upstream_model_type for family in FAMILY_ADAPTERS.values())
