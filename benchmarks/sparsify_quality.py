@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTForImageClassification
 
-from hf_comet.convert.sparsify import CLUSTERS, ROUTERS, deviation, sparsify
+from hf_comet.convert.sparse import CLUSTERS, ROUTERS, deviation, sparsify
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 32

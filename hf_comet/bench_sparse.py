@@ -101,8 +101,8 @@ def _no_grad(fn: Callable[[], object]) -> None:
 
 def section_sparse(quick: bool, rounds: int, workloads: tuple[str, ...] = SPARSE_WORKLOADS) -> list[dict]:
     """Each workload: the stock dense model and its conversions, timed interleaved; speedup = dense / converted."""
-    from .bench import interleaved
     from .convert import convert_to_moe
+    from .timing import interleaved
 
     s = _shapes(quick)
     out = []
@@ -152,9 +152,9 @@ def markdown_sparse(section: list[dict]) -> list[str]:
 def section_execution(quick: bool, rounds: int) -> dict:
     """Slabs vs the bucketed kernel over decoding-sized batches, masked dense vs the kernel over the kept fraction;
     the thresholds they imply (`ExecutionThresholds`)."""
-    from .bench import interleaved
     from .modeling.execution import ExecutionThresholds
     from .modeling.moe_kernels import FusedActivation, bucketed_experts, masked_activation, slab_experts
+    from .timing import interleaved
 
     hidden, width = (64, 256) if quick else (768, 3072)
     activation = FusedActivation("gelu_new")

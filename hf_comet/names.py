@@ -27,9 +27,9 @@ BENCH_SECTIONS = ("sgemm", "blocks", "selection", "training", "generation", "rou
 """`hf_comet.bench.SECTIONS`."""
 
 SPARSIFY_CLUSTERS = ("none", "coactivation")
-"""`hf_comet.convert.sparsify.CLUSTERS`."""
+"""`hf_comet.convert.sparse.CLUSTERS`."""
 SPARSIFY_ROUTERS = ("random", "fitted")
-"""`hf_comet.convert.sparsify.ROUTERS`."""
+"""`hf_comet.convert.sparse.ROUTERS`."""
 
 PROVENANCE_FIELDS = ("converted_from", "conversion_method", "split_method", "conversion_seed", "sparsify_cluster")
 """Config fields ``hf-comet convert`` (and `hf_comet.convert.sparsify`) records; nobody sets them by hand."""

@@ -101,7 +101,7 @@ def test_the_parser_s_names_are_the_registries():
     assert names.CONVERSION_METHODS == tuple(METHODS) and names.SPLIT_METHODS == tuple(SPLIT_METHODS)
     assert names.DEFAULT_SPLIT_METHOD == DEFAULT_SPLIT_METHOD and names.BENCH_SECTIONS == bench.SECTIONS
     assert names.ROUTING_LOGGING == ROUTING_LOGGING
-    from hf_comet.convert.sparsify import CLUSTERS, ROUTERS
+    from hf_comet.convert.sparse import CLUSTERS, ROUTERS
 
     assert names.SPARSIFY_CLUSTERS == CLUSTERS and names.SPARSIFY_ROUTERS == ROUTERS
     kinds = {}

@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from hf_comet.convert import ConversionError, convert_to_moe, deviation, sparsify
-from hf_comet.convert.sparsify import block_importance, capture_ffn_inputs
+from hf_comet.convert.sparse import block_importance, capture_ffn_inputs
 
 VOCAB = 64
 
@@ -189,11 +189,11 @@ def test_a_model_without_a_sparsifiable_ffn_is_refused():
         sparsify(converted, 0.5, 16, _tokens(0))
 
 
-def test_the_package_name_calls_sparsify_when_the_submodule_is_imported_first():
-    """``import hf_comet.convert.sparsify`` binds the submodule to the package's ``sparsify`` name (the import system
-    does, after the lazy export): calling it must still be the function. Fresh interpreter: the order matters."""
+def test_the_package_name_is_the_function_whatever_is_imported_first():
+    """The function lives in ``hf_comet.convert.sparse``: importing that module first never shadows the package's
+    ``sparsify`` (a module named like its function would). Fresh interpreter: the order matters."""
     code = (
-        "import hf_comet.convert.sparsify\n"
+        "import hf_comet.convert.sparse\n"
         "from hf_comet.convert import ConversionError, sparsify\n"
         "try:\n"
         "    sparsify(None, 0.5, 16, None, cluster='bad')\n"

@@ -15,7 +15,7 @@ stock classes we accept: `hf_comet.modeling.FamilyAdapter`, on every model as ``
 
 `deviation_report` (`report.py`) measures how far a conversion is from the dense model before training.
 
-`sparsify` (`sparsify.py`) is block-COMET fitted to the dense model on calibration data: co-activation clusters as
+`sparsify` (`sparse.py`) is block-COMET fitted to the dense model on calibration data: co-activation clusters as
 blocks and a least-squares router (`deviation` compares its output with the dense model's).
 
 `import hf_comet.convert` imports none of these modules; each name loads on first use (PEP 562).
@@ -36,7 +36,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
                  "stock_to_ours"),
         "method": ("ConversionError", "ConversionMethod", "hash_block"),
         "report": ("deviation_report", "probe_inputs"),
-        "sparsify": ("deviation", "sparsify"),
+        "sparse": ("deviation", "sparsify"),
         "split": ("DEFAULT_SPLIT_METHOD", "SPLIT_METHODS", "balanced_kmeans"),
     },
 )  # fmt: skip
@@ -52,5 +52,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time `__getattr__` loads
     )
     from .method import ConversionError, ConversionMethod, hash_block
     from .report import deviation_report, probe_inputs
-    from .sparsify import deviation, sparsify
+    from .sparse import deviation, sparsify
     from .split import DEFAULT_SPLIT_METHOD, SPLIT_METHODS, balanced_kmeans

@@ -334,7 +334,7 @@ def load_eval_inputs(
 @dataclass
 class SparsifiedCheckpoint:
     """What `sparsify_checkpoint` made: the model, where it was saved, its deviation from the source on held-out
-    calibration rows (`hf_comet.convert.sparsify.deviation`) and the measured speed (`measure_speedup`), or None."""
+    calibration rows (`hf_comet.convert.sparse.deviation`) and the measured speed (`measure_speedup`), or None."""
 
     model: Any
     destination: Path | None
@@ -354,7 +354,7 @@ def _held_out(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
 def measure_speedup(dense, converted, batch: dict[str, torch.Tensor], rounds: int) -> dict[str, Any]:
     """Dense time / converted time on this machine, interleaved over ``rounds`` after a warm-up, median and range:
     a forward on ``batch`` (eval) and, for causal LMs, greedy decoding of 16 tokens with the cache from one row."""
-    from ..bench import interleaved
+    from ..timing import interleaved
 
     forward = {k: v for k, v in batch.items() if k != "labels"}
 
@@ -399,14 +399,14 @@ def sparsify_checkpoint(
     overwrite: bool = False,
     rounds: int = 5,
 ) -> SparsifiedCheckpoint:
-    """``hf-comet sparsify``: `hf_comet.convert.sparsify.sparsify` on a saved dense checkpoint with a calibration
+    """``hf-comet sparsify``: `hf_comet.convert.sparsify` on a saved dense checkpoint with a calibration
     batch read from a safetensors file, its deviation on held-out rows, the speedup measured here, and the result saved
     to ``destination`` atomically (``None`` saves nothing).
 
     ``block_size`` defaults to F/8 (the issue's sizes: 384 of 3072). Every 4th calibration row is held out from the
     fit for the deviation (all rows when there are fewer than 4). ``rounds=0`` skips the timing. Raises
     `~hf_comet.io.UserError` (or `ConversionError`) naming a bad value before anything is built or written."""
-    from .sparsify import DEFAULT_CLUSTER, DEFAULT_ROUTER, deviation, sparsify
+    from .sparse import DEFAULT_CLUSTER, DEFAULT_ROUTER, deviation, sparsify
 
     cluster, router = cluster or DEFAULT_CLUSTER, router or DEFAULT_ROUTER
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
-import types
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -378,16 +376,6 @@ def deviation(
         converted.train(modes[1])
     return row
 
-
-class _CallableModule(types.ModuleType):
-    """``import hf_comet.convert.sparsify`` binds this module to the package's ``sparsify`` name, hiding the lazily
-    exported function; calling the module calls the function, so ``hf_comet.convert.sparsify(...)`` works either way."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> PreTrainedModel:
-        return sparsify(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 __all__ = [
     "CLUSTERS",
