@@ -556,8 +556,9 @@ def _pick(rows: dict, prefix: str, contains: str | None = None, exclude: str | N
     return None
 
 
-def markdown(report: dict) -> str:
-    """The report as the README's speed section."""
+def markdown(report: dict, own_markers: tuple[str, ...] = ()) -> str:
+    """The report as the README's speed section; the sections in ``own_markers`` are left out (they go between
+    markers of their own, `replace_readme_sections`)."""
     meta = report["meta"]
     lines = [
         f"Measured {meta['date']} on {meta['machine']} ({meta['threads']} threads, float32, "
@@ -600,10 +601,11 @@ def markdown(report: dict) -> str:
         lines += [f"| {r['data']} | {r['router']} | {r['keep']:g} | {r['r']:.3f} ({r['r_min']:.3f}-{r['r_max']:.3f}) |"
                   for r in report["router"]]
         lines.append("")
-    from .bench_sparse import markdown_execution, markdown_sparse
+    if not own_markers:
+        from .bench_sparse import markdown_execution, markdown_sparse
 
-    lines += markdown_sparse(report.get("sparse", []))
-    lines += markdown_execution(report.get("execution"))
+        lines += markdown_sparse(report.get("sparse", []))
+        lines += markdown_execution(report.get("execution"))
     if report.get("targets"):
         lines += ["**Targets of issue 12** (dense baseline as transformers ships it / with the fused activation; "
                   "the native-block and training targets do not depend on it)", "",
@@ -637,6 +639,32 @@ def evaluate_targets(report: dict) -> list[dict]:
                 entry[label] = {"value": value, "met": met, "miss": 0.0 if met else abs(value - limit)}
         out.append(entry)
     return out
+
+
+def section_markers(name: str) -> tuple[str, str]:
+    """The markers of a section that has its own place in a page (``sparse``, ``execution``)."""
+    return f"<!-- hf-comet bench {name}: start -->", f"<!-- hf-comet bench {name}: end -->"
+
+
+def replace_readme_sections(readme: str, report: dict) -> str:
+    """``readme`` with every section of ``report`` regenerated: ``sparse`` and ``execution`` between their own markers
+    where the page has them (each with the run's measurement line), the rest between the main markers (left alone
+    when the run measured none of it)."""
+    from .bench_sparse import markdown_execution, markdown_sparse
+
+    own = tuple(name for name in ("sparse", "execution") if name in report and section_markers(name)[0] in readme)
+    renderers = {"sparse": lambda r: markdown_sparse(r["sparse"]), "execution": lambda r: markdown_execution(r["execution"])}
+    for name in own:
+        start, end = section_markers(name)
+        first, last = readme.find(start), readme.find(end)
+        if last < first:
+            raise ValueError(f"the page's {start} marker has no {end} after it")
+        text = "\n".join([markdown(report, own_markers=own).split("\n\n", 1)[0], "", *renderers[name](report)])
+        readme = readme[: first + len(start)] + "\n" + text + "\n" + readme[last:]
+    main = {"blocks", "selection", "training", "generation", "router", "sparse", "execution"} - set(own)
+    if any(name in report for name in main):
+        readme = replace_readme_section(readme, markdown(report, own_markers=own))
+    return readme
 
 
 def replace_readme_section(readme: str, section: str) -> str:
@@ -725,7 +753,8 @@ def run_from_args(args: argparse.Namespace, argv: list[str]) -> int:
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_COMET_BENCH_CHILD": "1"}
         os.execve(sys.executable, [sys.executable, "-m", "hf_comet.bench", *argv], env)
     sections = tuple(args.sections) or SECTIONS
-    command = "hf-comet bench" + (" --quick" if args.quick else "") + (f" --rounds {rounds}" if args.rounds else "")
+    command = ("hf-comet bench" + "".join(f" {name}" for name in args.sections) + (" --quick" if args.quick else "")
+               + (f" --rounds {rounds}" if args.rounds else "") + (" --calibrate" if args.calibrate else ""))  # fmt: skip
     report = run(sections, args.quick, rounds, args.threads, command)
     text = markdown(report)
     print(text)
@@ -747,7 +776,7 @@ def run_from_args(args: argparse.Namespace, argv: list[str]) -> int:
         with open(args.readme, encoding="utf-8") as handle:
             readme = handle.read()
         with write_failures(args.readme, "--readme"):
-            atomic_write_text(args.readme, replace_readme_section(readme, text))
+            atomic_write_text(args.readme, replace_readme_sections(readme, report))
     return 0
 
 

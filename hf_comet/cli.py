@@ -274,9 +274,10 @@ def _sparsify(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, rounds=args.rounds,
     )  # fmt: skip
     config = result.model.config
-    print(f"{type(result.model).__name__}: block-COMET, blocks of {config.comet_block_size} units, keep "
-          f"{config.comet_keep_rate:g}, {config.comet_router} router, {config.sparsify_cluster} blocks; saved to "
-          f"{result.destination}")  # fmt: skip
+    units = {"coactivation": "units that fire together", "none": "consecutive units"}[config.sparsify_cluster]
+    router = "fitted router" if config.comet_router == "fitted" else "COMET's random router"
+    print(f"{type(result.model).__name__}: block-COMET, blocks of {config.comet_block_size} {units}, keep "
+          f"{config.comet_keep_rate:g}, {router}; saved to {result.destination}")  # fmt: skip
     print(format_sparsified(result))
     return 0
 

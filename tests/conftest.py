@@ -1,12 +1,15 @@
 """Test fixtures: offline Hub, deterministic CPU, tiny configs (hidden 32, 2 layers) for every family and head."""
 
 import os
+import tempfile
 
 # Hub settings are read when huggingface_hub is imported: set them before anything imports transformers.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the execution thresholds are the defaults, whatever `hf-comet bench execution --calibrate` saved on this machine
+os.environ["HF_COMET_EXECUTION"] = os.path.join(tempfile.mkdtemp(prefix="hf-comet-tests-"), "none.json")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

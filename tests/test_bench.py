@@ -102,3 +102,19 @@ def test_calibrate_saves_the_measured_thresholds_that_later_choices_read(child, 
 def test_calibrate_without_the_execution_section_or_with_quick_is_refused(child, capsys, flags, message):
     assert cli.main(["bench", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_sections_with_their_own_markers_are_regenerated_there_and_leave_the_rest_alone():
+    start, end = bench.section_markers("sparse")
+    page = f"# speed\n{bench.README_START}\nmain numbers\n{bench.README_END}\n\n{start}\nold sparse\n{end}\ntail\n"
+    meta = {"date": "2026-12-07", "machine": "x86_64", "threads": 2, "torch": "2", "transformers": "5", "rounds": 3,
+            "quick": False, "command": "hf-comet bench sparse"}  # fmt: skip
+    rows = [{"name": "dense (transformers)", "speedup": 1.0, "range": "1.00-1.00", "seconds": 1.0},
+            {"name": "block-COMET keep 0.5, b 384", "speedup": 1.4, "range": "1.30-1.50", "seconds": 0.7}]  # fmt: skip
+    report = {"meta": meta, "sgemm": {"gflops": 100.0}, "sparse": [{"workload": "bert_forward", "rows": rows}]}
+    updated = bench.replace_readme_sections(page, report)
+    assert "main numbers" in updated and "old sparse" not in updated and updated.endswith(f"{end}\ntail\n")
+    assert "| BERT-base encoder forward, batch 8 x 128 tokens, eval | 1.40 (1.30-1.50) |" in updated
+    assert "by `hf-comet bench sparse`" in updated  # the measurement line goes with the section
+    without = bench.replace_readme_sections(page.replace(start, "").replace(end, ""), report)
+    assert "main numbers" not in without and "| BERT-base encoder forward" in without  # no own markers: main region

@@ -8,7 +8,7 @@ import torch
 from conftest import EVERY_HEAD, dense_twin, main_output, tiny_config, tiny_inputs, tiny_model
 
 from hf_comet import AttentiveRouter, MoEBlock, NoisyTopKRouter, RoutingDecision, SwitchRouter
-from hf_comet.modeling.execution import choose_execution
+from hf_comet.modeling.execution import choose_execution, thresholds
 from hf_comet.modeling.moe_block import collect_routing
 from hf_comet.modeling.moe_routers import cv_squared, load_balancing_loss, noisy_top_k_load, sample_similarity_loss
 
@@ -352,8 +352,8 @@ def test_block_comet_with_keep_rate_one_equals_the_dense_ffn(family, head):
 
 
 @pytest.mark.parametrize(
-    "implementation, keep_rate", [("eager", 0.25), ("grouped_mm", 0.25), ("grouped_mm", 0.75)]
-)  # 2 of 8 blocks run through the kernels, 6 of 8 through masked dense compute
+    "implementation, keep_rate", [("eager", 0.25), ("grouped_mm", 0.25), ("grouped_mm", 0.75), ("grouped_mm", 1.0)]
+)  # 2 or 6 of 8 blocks run through the kernels, 8 of 8 through masked dense compute (default dense_block_fraction)
 def test_block_comet_is_the_dense_ffn_with_whole_blocks_masked_and_the_bias_added_once(implementation, keep_rate):
     config = tiny_config("comet_vit", routing="comet", comet_block_size=16, comet_keep_rate=keep_rate)
     config._experts_implementation = implementation
@@ -363,7 +363,8 @@ def test_block_comet_is_the_dense_ffn_with_whole_blocks_masked_and_the_bias_adde
     x = torch.randn(6, 32)
     with torch.no_grad():
         decision = block.router(x)
-        assert choose_execution(block.experts, decision) == ("masked_dense" if keep_rate > 0.5 else implementation)
+        masked = kept > thresholds().dense_block_fraction * 8
+        assert choose_execution(block.experts, decision) == ("masked_dense" if masked else implementation)
         assert torch.equal(decision.top_k_weights, torch.ones(6, kept))
         scores = x @ block.router.projection.T  # (T, 8 blocks)
         assert set(map(tuple, decision.top_k_index.sort(-1).values.tolist())) == set(

@@ -202,3 +202,67 @@ def test_the_package_name_is_the_function_whatever_is_imported_first():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert "cluster='bad' is not a clustering" in result.stdout
+
+
+# -- hf-comet sparsify ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def saved_gpt2(tmp_path):
+    """A saved stock GPT-2 and a calibration file of 8 rows (every 4th is held out for the deviation)."""
+    from safetensors.torch import save_file
+
+    source = tmp_path / "gpt2"
+    _gpt2().save_pretrained(source)
+    calibration = tmp_path / "calibration.safetensors"
+    save_file(_tokens(0), str(calibration))
+    return source, calibration
+
+
+def test_the_command_sparsifies_saves_and_prints_deviation_and_speedup(saved_gpt2, tmp_path, capsys):
+    from hf_comet import cli
+
+    source, calibration = saved_gpt2
+    argv = ["sparsify", str(source), str(tmp_path / "out"), "--keep-rate", "0.25", "--block-size", "16",
+            "--calibration", str(calibration), "--rounds", "1"]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "blocks of 16 units that fire together, keep 0.25, fitted router" in out
+    assert "deviation from the source before fine-tuning (held-out calibration rows): relative output error" in out
+    assert "speedup over the source on this machine, forward:" in out and "decode, batch 1:" in out
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    rows = _tokens(0)
+    fit = {k: v[torch.arange(8) % 4 != 3] for k, v in rows.items()}  # the rows the command fitted on
+    expected = sparsify(_gpt2(), 0.25, 16, fit)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**rows).logits, expected(**rows).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--keep-rate", "0.01", "--block-size", "16", "--calibration", "{c}"], "smallest keep rate with 8 blocks"),
+        (["--keep-rate", "0.5", "--block-size", "48", "--calibration", "{c}"], "does not divide the FFN width 128"),
+        (["--keep-rate", "0.5"], "give --calibration FILE"),
+        (["--keep-rate", "0.5", "--calibration", "{c}", "--rounds", "-1"], "rounds=-1 must be 0"),
+        (["--keep-rate", "0.5", "--calibration", "{s}/config.json"], "--calibration"),
+    ],
+)
+def test_the_command_refuses_bad_input_before_writing(saved_gpt2, tmp_path, capsys, flags, message):
+    from hf_comet import cli
+
+    source, calibration = saved_gpt2
+    flags = [f.format(c=calibration, s=source) for f in flags]
+    assert cli.main(["sparsify", str(source), str(tmp_path / "out"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_without_calibration_the_plain_blocks_and_random_router_need_none(saved_gpt2, tmp_path, capsys):
+    from hf_comet import cli
+
+    source, _ = saved_gpt2
+    argv = ["sparsify", str(source), str(tmp_path / "out"), "--keep-rate", "0.5", "--cluster", "none", "--router",
+            "random", "--rounds", "0"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert "blocks of 16 consecutive units, keep 0.5, COMET's random router" in capsys.readouterr().out
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert (loaded.config.comet_router, loaded.config.comet_block_size) == ("full", 16)  # default block: F / 8

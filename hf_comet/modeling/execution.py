@@ -47,8 +47,8 @@ class ExecutionThresholds:
             each kept expert's weights once for all its tokens, wins.
     """
 
-    dense_block_fraction: float = 0.5
-    slab_max_pairs_per_expert: float = 3.0
+    dense_block_fraction: float = 0.875
+    slab_max_pairs_per_expert: float = 2.0
 
     def __post_init__(self) -> None:
         if not 0 < self.dense_block_fraction <= 1:
