@@ -659,7 +659,7 @@ def replace_readme_sections(readme: str, report: dict) -> str:
         first, last = readme.find(start), readme.find(end)
         if last < first:
             raise ValueError(f"the page's {start} marker has no {end} after it")
-        text = "\n".join([markdown(report, own_markers=own).split("\n\n", 1)[0], "", *renderers[name](report)])
+        text = "\n".join([markdown(report, own_markers=own).split("\n\n", 1)[0].rstrip(), "", *renderers[name](report)])
         readme = readme[: first + len(start)] + "\n" + text + "\n" + readme[last:]
     main = {"blocks", "selection", "training", "generation", "router", "sparse", "execution"} - set(own)
     if any(name in report for name in main):

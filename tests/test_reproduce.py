@@ -51,7 +51,7 @@ def test_the_quick_run_writes_every_claim_s_section_and_plot_and_reruns_reuse_ev
         assert first[("comet_schedule", seed)] == pytest.approx(first[("dense", seed)], abs=1e-6)
         assert abs(first[("comet", seed)] - first[("dense", seed)]) > 1e-4
     words = ("**reproduced**", "**partly reproduced**", "**not reproduced**", "**contradicted**", "**met**",
-             "**not met**")  # fmt: skip
+             "**not met**", "**within the margin**", "**below the margin**", "**inconclusive**")  # fmt: skip
     assert all(any(word in r.verdict for word in words) for r in results)
 
     def no_more_training(*args, **kwargs):
@@ -174,3 +174,12 @@ def test_the_cli_refuses_a_cache_that_is_a_file_before_any_run(tmp_path, capsys)
     assert "is a file, not a folder" in capsys.readouterr().err
     assert (tmp_path / "cache").read_text() == "not a folder"  # nothing written over it
 
+
+
+def test_the_sparsify_claim_judges_the_interval_against_the_margin():
+    from hf_comet.reproduce.sparsify_finetune_bert import verdict_of
+
+    assert verdict_of(-0.8, 0.5, 1.0) == "within the margin"  # the whole interval above minus the margin
+    assert verdict_of(-3.0, -1.2, 1.0) == "below the margin"  # the whole interval under it
+    assert verdict_of(-1.5, 0.2, 1.0) == "inconclusive"  # it straddles the margin
+    assert verdict_of(float("nan"), float("nan"), 1.0) == "inconclusive"  # one seed: no interval

@@ -19,6 +19,7 @@ under it, inconclusive otherwise.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -30,7 +31,7 @@ import transformers
 
 from . import convert_finetune_bert as bert
 from . import finetune
-from .core import ClaimResult, RunCache, code_version, register_claim, run_all
+from .core import ClaimResult, RunCache, code_version, plot_curves, register_claim, run_all
 from .stats import format_interval, mean_interval, paired_test
 
 KEEP_RATES = (0.5, 0.25)
@@ -129,8 +130,8 @@ def _spec(variant: str, settings, seed: int) -> dict:
 
 def verdict_of(low: float, high: float, margin: float) -> str:
     """The issue's rule: within the margin, below it, or inconclusive, from the difference's 95 % interval."""
-    if low != low:  # NaN: one seed
-        return "inconclusive (one seed)"
+    if low != low:  # NaN: one seed, no interval
+        return "inconclusive"
     if low >= -margin:
         return "within the margin"
     if high < -margin:
@@ -184,6 +185,9 @@ def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) 
         lines.append(f"| {variant} | {format_interval([r['curve'][0] for r in group])} | "
                      f"{format_interval([r['curve'][-1] for r in group])} | {format_interval(tests)} | {cell} | "
                      f"{mean_interval([r['seconds'] for r in group])[0]:.0f} |")  # fmt: skip
+    plot = plots / "sparsify_finetune_bert_curves.png"
+    plot_curves(groups, plot, "sparsify, then fine-tune (BERT, docstring topics)", "accuracy")
+    lines += ["", f"![fine-tune curves]({os.path.relpath(plot, plots.parent)})"]
     verdicts = []
     for keep in KEEP_RATES:
         candidates = [v for v in settings.variants if v.endswith(f"_{keep:g}")]
