@@ -601,10 +601,11 @@ def markdown(report: dict, own_markers: tuple[str, ...] = ()) -> str:
         lines += [f"| {r['data']} | {r['router']} | {r['keep']:g} | {r['r']:.3f} ({r['r_min']:.3f}-{r['r_max']:.3f}) |"
                   for r in report["router"]]
         lines.append("")
-    if not own_markers:
-        from .bench_sparse import markdown_execution, markdown_sparse
+    from .bench_sparse import markdown_execution, markdown_sparse
 
+    if "sparse" not in own_markers:
         lines += markdown_sparse(report.get("sparse", []))
+    if "execution" not in own_markers:
         lines += markdown_execution(report.get("execution"))
     if report.get("targets"):
         lines += ["**Targets of issue 12** (dense baseline as transformers ships it / with the fused activation; "
@@ -767,8 +768,8 @@ def run_from_args(args: argparse.Namespace, argv: list[str]) -> int:
         from .modeling.execution import thresholds_path
 
         path = thresholds_path()
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with write_failures(path, "--calibrate"):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             atomic_write_text(path, json.dumps({"thresholds": report["execution"]["thresholds"],
                                                 "measured": {"meta": report["meta"], **report["execution"]}}, indent=1))  # fmt: skip
         print(f"execution thresholds saved to {path}", file=sys.stderr)

@@ -118,3 +118,19 @@ def test_sections_with_their_own_markers_are_regenerated_there_and_leave_the_res
     assert "by `hf-comet bench sparse`" in updated  # the measurement line goes with the section
     without = bench.replace_readme_sections(page.replace(start, "").replace(end, ""), report)
     assert "main numbers" not in without and "| BERT-base encoder forward" in without  # no own markers: main region
+
+
+def test_a_section_without_markers_of_its_own_goes_to_the_main_region_beside_one_that_has_them():
+    start, end = bench.section_markers("sparse")
+    page = f"{bench.README_START}\nmain numbers\n{bench.README_END}\n{start}\nold sparse\n{end}\n"
+    meta = {"date": "d", "machine": "m", "threads": 2, "torch": "2", "transformers": "5", "rounds": 1, "quick": False,
+            "command": "hf-comet bench sparse execution"}  # fmt: skip
+    execution = {"thresholds": {"dense_block_fraction": 0.875, "slab_max_pairs_per_expert": 2.0}, "slabs": [],
+                 "fractions": [], "shape": {"hidden": 768, "width": 3072}}  # fmt: skip
+    rows = [{"name": "dense (transformers)", "speedup": 1.0, "range": "1.00-1.00", "seconds": 1.0}]
+    report = {"meta": meta, "sgemm": {"gflops": 1.0}, "sparse": [{"workload": "bert_forward", "rows": rows}],
+              "execution": execution}  # fmt: skip
+    updated = bench.replace_readme_sections(page, report)
+    main = updated[updated.index(bench.README_START) : updated.index(bench.README_END)]
+    assert "**Execution thresholds**" in main and "Converted models" not in main and "main numbers" not in main
+    assert "Converted models" in updated[updated.index(start) :]

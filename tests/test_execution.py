@@ -153,3 +153,27 @@ def test_generate_leaves_the_statistics_windows_alone_unless_asked():
         assert tokens() == counted and all(block.track_statistics for block in blocks)  # paused, then restored
         model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, routing_statistics=True)
         assert tokens() == [c + 4 + 2 for c in counted]  # the prompt, then one token per further step
+
+
+def test_a_trainable_router_alone_keeps_its_gradient_on_a_decoding_sized_batch(measured):
+    """Frozen experts, trainable gate (or biases only): slabs build no autograd node, so the kernel must run."""
+    measured(slab_max_pairs_per_expert=100.0)
+    model = tiny_model("comet_bert", "AutoModel", routing="topk").train()
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(".router." in name)
+    ids = torch.tensor([[5, 17]])  # 2 tokens x 2 experts = 4 routed pairs: a decoding-sized batch
+    model(input_ids=ids).last_hidden_state.pow(2).sum().backward()  # (before the fix: no graph at all)
+    gate = [p for n, p in model.named_parameters() if ".router." in n]
+    assert gate and all(p.grad is not None and p.grad.abs().sum() > 0 for p in gate)
+
+
+def test_compiled_top_k_reads_no_file_and_matches_eager(measured):
+    measured(slab_max_pairs_per_expert=2.0)
+    model = tiny_model("comet_bert", "AutoModelForMaskedLM", routing="topk").eval()
+    inputs = tiny_inputs("comet_bert", "AutoModelForMaskedLM", batch=2, seq=5, with_labels=False)
+    thresholds.cache_clear()  # nothing read yet: compiled code must not read the file itself
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(model, fullgraph=True, backend="eager")(**inputs).logits
+        eager = model(**inputs).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)

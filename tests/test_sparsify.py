@@ -243,6 +243,7 @@ def test_the_command_sparsifies_saves_and_prints_deviation_and_speedup(saved_gpt
         (["--keep-rate", "0.5", "--block-size", "48", "--calibration", "{c}"], "does not divide the FFN width 128"),
         (["--keep-rate", "0.5"], "give --calibration FILE"),
         (["--keep-rate", "0.5", "--calibration", "{c}", "--rounds", "-1"], "rounds=-1 must be 0"),
+        (["--keep-rate", "1.5", "--cluster", "none", "--router", "random"], "keep_rate=1.5 must be a number in (0, 1]"),
         (["--keep-rate", "0.5", "--calibration", "{s}/config.json"], "--calibration"),
     ],
 )
@@ -251,9 +252,9 @@ def test_the_command_refuses_bad_input_before_writing(saved_gpt2, tmp_path, caps
 
     source, calibration = saved_gpt2
     flags = [f.format(c=calibration, s=source) for f in flags]
-    assert cli.main(["sparsify", str(source), str(tmp_path / "out"), *flags]) == 2
+    assert cli.main(["sparsify", str(source), str(tmp_path / "new" / "out"), *flags]) == 2
     assert message in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "new").exists()  # refused before any folder (or lock file) was made
 
 
 def test_without_calibration_the_plain_blocks_and_random_router_need_none(saved_gpt2, tmp_path, capsys):

@@ -406,9 +406,13 @@ def sparsify_checkpoint(
     ``block_size`` defaults to F/8 (the issue's sizes: 384 of 3072). Every 4th calibration row is held out from the
     fit for the deviation (all rows when there are fewer than 4). ``rounds=0`` skips the timing. Raises
     `~hf_comet.io.UserError` (or `ConversionError`) naming a bad value before anything is built or written."""
-    from .sparse import DEFAULT_CLUSTER, DEFAULT_ROUTER, deviation, sparsify
+    from .sparse import CLUSTERS, DEFAULT_CLUSTER, DEFAULT_ROUTER, ROUTERS, _check_sizes, deviation, sparsify
 
     cluster, router = cluster or DEFAULT_CLUSTER, router or DEFAULT_ROUTER
+    if cluster not in CLUSTERS:
+        raise UserError(f"cluster={cluster!r} is not a clustering; choose one of {', '.join(CLUSTERS)}.")
+    if router not in ROUTERS:
+        raise UserError(f"router={router!r} is not a sparsify router; choose one of {', '.join(ROUTERS)}.")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
         raise UserError(f"rounds={rounds!r} must be 0 (no timing) or more.")
     config = source_config(source)
@@ -421,7 +425,17 @@ def sparsify_checkpoint(
         )
     family, head = heads[architecture]
     width = family.ffn_width(config)
-    block_size = block_size if block_size is not None else width // 8
+    if block_size is None:
+        if width % 8:
+            raise UserError(f"the FFN width {width} is not a multiple of 8, so the default block size (width / 8) "
+                            "does not exist: give --block-size, a divisor of the width.")  # fmt: skip
+        block_size = width // 8
+    _check_sizes(keep_rate, block_size, width)  # keep rate and block size, before anything is read or written
+    sizes = conversion_parameters(config, "comet", {"comet_block_size": block_size, "comet_keep_rate": keep_rate})
+    if sizes is not None:  # the dense model twice (the fit, then the deviation and timing) and the result, float32
+        dense_parameters, moe_parameters = sizes
+        check_memory(4 * (2 * dense_parameters + 2 * moe_parameters), f"sparsifying {str(source)!r} "
+                     f"({dense_parameters:,} parameters)", "sparsify on a machine with more memory.")  # fmt: skip
     target = found = None
     if destination is not None:
         target = destination_folder(destination, "destination", overwrite=overwrite)

@@ -348,7 +348,8 @@ def deviation(
     dense: PreTrainedModel, converted: PreTrainedModel, inputs: Mapping[str, torch.Tensor]
 ) -> dict[str, float]:
     """How far ``converted`` is from ``dense`` on ``inputs`` (before any fine-tuning): ``relative_error`` (Frobenius
-    norm of the main output's difference over the dense output's), ``max_abs_error``, ``mean_abs_error``,
+    norm of the main output's difference over the dense output's; per-token outputs at the positions the attention
+    mask keeps), ``max_abs_error``, ``mean_abs_error``,
     ``argmax_agreement`` (share of positions with the dense argmax, for outputs with a last dim > 1), and when
     ``inputs`` carry ``labels`` the task metrics of both (``dense_eval_loss``, ``eval_loss``, ``dense_accuracy``,
     ``accuracy``, and perplexities for causal LMs, as `deviation_report` computes them)."""
@@ -360,6 +361,10 @@ def deviation(
     converted.eval()
     try:
         reference, output = dense(**forward)[0].float(), converted(**forward)[0].float()
+        mask = forward.get("attention_mask")
+        if mask is not None and reference.dim() >= 3 and tuple(mask.shape) == tuple(reference.shape[:2]):
+            real = mask.to(reference.device) != 0  # per-token outputs: padded positions are not compared
+            reference, output = reference[real], output[real]
         difference = output - reference
         row = {
             "relative_error": float(difference.norm() / reference.norm().clamp(min=1e-12)),

@@ -22,7 +22,6 @@ the values the same command measured on the reference machine (2 cores, `docs/sp
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 
@@ -65,10 +64,24 @@ def thresholds_path() -> str:
     return os.path.join(home, "hf_comet", "execution.json")
 
 
-@functools.lru_cache(maxsize=1)
+_LOADED: list[ExecutionThresholds] = []
+"""The thresholds read by `thresholds` (at most one entry): a plain global, which compiled code can read."""
+
+
 def thresholds() -> ExecutionThresholds:
     """The thresholds of this machine (read once per process), or the defaults where none were measured. A file
-    that cannot be read or holds other fields is ignored with a warning: execution stays correct either way."""
+    that cannot be read or holds other fields is ignored with a warning: execution stays correct either way. Inside
+    ``torch.compile`` nothing is read (a file system call cannot be traced): the thresholds already read, else the
+    defaults. ``thresholds.cache_clear()`` makes the next call read the file again."""
+    if _LOADED:
+        return _LOADED[0]
+    if torch.compiler.is_compiling():
+        return ExecutionThresholds()
+    _LOADED.append(_read_thresholds())
+    return _LOADED[0]
+
+
+def _read_thresholds() -> ExecutionThresholds:
     path = thresholds_path()  # written by hf_comet.bench (this file is copied into checkpoints: no package imports)
     if not os.path.isfile(path):
         return ExecutionThresholds()
@@ -80,9 +93,12 @@ def thresholds() -> ExecutionThresholds:
 
         logging.get_logger(__name__).warning(
             f"hf_comet: ignoring the execution thresholds in {path} ({error}); using the defaults. Re-measure them "
-            "with `hf-comet bench --section execution --calibrate`."
+            "with `hf-comet bench execution --calibrate`."
         )
         return ExecutionThresholds()
+
+
+thresholds.cache_clear = _LOADED.clear  # the functools.lru_cache spelling, for callers that re-read the file
 
 
 def choose_execution(experts, decision, hidden_states: torch.Tensor | None = None) -> str:
@@ -95,19 +111,25 @@ def choose_execution(experts, decision, hidden_states: torch.Tensor | None = Non
         return MASKED_DENSE
     if decision.expert_weights is not None:
         return MIXTURE
-    return top_k_execution(experts, decision.top_k_index.shape, decision.uniform_weights, hidden_states)
+    weights = None if decision.uniform_weights else decision.top_k_weights
+    return top_k_execution(experts, decision.top_k_index.shape, decision.uniform_weights, hidden_states, weights)
 
 
 def top_k_execution(
-    experts, shape: tuple[int, int], uniform_weights: bool, hidden_states: torch.Tensor | None = None
+    experts,
+    shape: tuple[int, int],
+    uniform_weights: bool,
+    hidden_states: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> str:
-    """`choose_execution` for a top-k decision of ``shape`` (T, k); ``uniform_weights``: every weight is 1."""
+    """`choose_execution` for a top-k decision of ``shape`` (T, k); ``uniform_weights``: every weight is 1;
+    ``weights``: the combine weights the experts will multiply by (a learned router's need gradients in training)."""
     limits = thresholds()
     num_tokens, top_k = shape
     if uniform_weights and top_k > limits.dense_block_fraction * experts.num_experts:
         return MASKED_DENSE
     implementation = getattr(experts.config, "_experts_implementation", None) or "bucketed"
-    if implementation == "bucketed" and hidden_states is not None and _slab_ready(experts, hidden_states):
+    if implementation == "bucketed" and hidden_states is not None and _slab_ready(experts, hidden_states, weights):
         if num_tokens * top_k <= limits.slab_max_pairs_per_expert * experts.num_experts:
             return SLABS  # ours, like the default kernel: an explicitly requested kernel is always the one that runs
     if implementation == "bucketed" and not torch.compiler.is_compiling():
@@ -118,16 +140,22 @@ def top_k_execution(
     return "grouped_mm" if implementation == "bucketed" else implementation
 
 
-def _slab_ready(experts, hidden_states: torch.Tensor) -> bool:
-    """Slabs run inference on CPU, in the weights' own dtype (no autocast cast of every expert), outside compiled
-    code and tensor parallelism (whose weights are DTensors)."""
+def _slab_ready(experts, hidden_states: torch.Tensor, weights: torch.Tensor | None = None) -> bool:
+    """Slabs run inference only (they build no autograd node: under grad mode nothing that enters them may need a
+    gradient, the combine weights and every expert tensor included), on CPU, in the weights' own dtype (no autocast
+    cast of every expert), outside compiled code, and not on DTensor weights. Under tensor parallelism transformers
+    hands the forward local shards, on which slabs compute what the kernel would."""
     weight = experts.up_proj
+    if torch.is_grad_enabled():
+        tensors = (hidden_states, weights, weight, experts.up_proj_bias, experts.down_proj, experts.down_proj_bias,
+                   experts.output_bias)  # fmt: skip
+        if any(t is not None and t.requires_grad for t in tensors):
+            return False
     return (
         hidden_states.device.type == "cpu"
-        and not (torch.is_grad_enabled() and (weight.requires_grad or hidden_states.requires_grad))
         and not torch.is_autocast_enabled("cpu")
         and hidden_states.dtype == weight.dtype
-        and type(weight) in (torch.Tensor, torch.nn.Parameter)  # not a DTensor (tensor parallelism)
+        and type(weight) in (torch.Tensor, torch.nn.Parameter)  # not a DTensor
         and not torch.compiler.is_compiling()
     )
 

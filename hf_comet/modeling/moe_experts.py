@@ -211,7 +211,7 @@ class PackedExperts(ExpertKernels):
         explicit weights, so ones are made for them. A ``grouped_mm`` that `choose_execution` turned into ``eager``
         (weight strides not multiples of 16 bytes) is said once."""
         if execution is None or execution == MASKED_DENSE:  # a direct call: a top-k kernel, never masked compute
-            execution = top_k_execution(self, top_k_index.shape, False, hidden_states)
+            execution = top_k_execution(self, top_k_index.shape, False, hidden_states, top_k_weights)
         if execution == SLABS:
             down_bias = None if self.output_bias is not None else self.down_proj_bias
             return slab_experts(
