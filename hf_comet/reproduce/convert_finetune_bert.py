@@ -34,7 +34,7 @@ import transformers
 
 from . import finetune
 from .core import ClaimResult, RunCache, code_version, plot_curves, register_claim, run_all
-from .stats import SIGNIFICANCE, format_interval, mean_interval, paired_test
+from .stats import SIGNIFICANCE, format_interval, gap_in_points, mean_interval, paired_test
 
 VARIANTS = ("dense", "comet", "comet_schedule", "topk")
 GOAL_POINTS = 0.5
@@ -302,12 +302,10 @@ def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) 
     gaps = {}
     for variant, group in groups.items():
         tests = [r["test"] for r in group]
-        diff, p = paired_test(tests, dense)
-        _, low, high = mean_interval([100 * (a - b) for a, b in zip(tests, dense, strict=True)])
-        gaps[variant] = (100 * diff, low, high, p)
+        gaps[variant] = gap, low, high, p = gap_in_points(tests, dense)
         start = "–" if variant == "scratch" else f"{mean_interval([r['masked_loss_start'] for r in group])[0]:.3f}"
         lines.append(f"| {variant} | {start} | {format_interval([r['curve'][0] for r in group])} | "
-                     f"{format_interval(tests)} | {'–' if variant == 'dense' else f'{100 * diff:+.1f} [{low:+.1f}, {high:+.1f}] ({p:.2g})'} | "
+                     f"{format_interval(tests)} | {'–' if variant == 'dense' else f'{gap:+.1f} [{low:+.1f}, {high:+.1f}] ({p:.2g})'} | "
                      f"{mean_interval([r['seconds'] for r in group])[0]:.0f} |")  # fmt: skip
     lines += ["", "The masked-byte loss at conversion is the converted masked LM's, on held-out documentation, "
               "before any fine-tuning: the damage of converting (scheduled COMET starts at keep 1.0, the dense "

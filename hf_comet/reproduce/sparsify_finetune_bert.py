@@ -32,7 +32,7 @@ import transformers
 from . import convert_finetune_bert as bert
 from . import finetune
 from .core import ClaimResult, RunCache, code_version, plot_curves, register_claim, run_all
-from .stats import format_interval, mean_interval, paired_test
+from .stats import format_interval, gap_in_points, mean_interval
 
 KEEP_RATES = (0.5, 0.25)
 MARGINS = {0.5: 1.0, 0.25: 2.0}
@@ -178,10 +178,8 @@ def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) 
     gaps = {}
     for variant, group in groups.items():
         tests = [r["test"] for r in group]
-        diff, p = paired_test(tests, dense)
-        _, low, high = mean_interval([100 * (a - b) for a, b in zip(tests, dense, strict=True)])
-        gaps[variant] = (100 * diff, low, high, p)
-        cell = "–" if variant == "dense" else f"{100 * diff:+.1f} [{low:+.1f}, {high:+.1f}] ({p:.2g})"
+        gaps[variant] = gap, low, high, p = gap_in_points(tests, dense)
+        cell = "–" if variant == "dense" else f"{gap:+.1f} [{low:+.1f}, {high:+.1f}] ({p:.2g})"
         lines.append(f"| {variant} | {format_interval([r['curve'][0] for r in group])} | "
                      f"{format_interval([r['curve'][-1] for r in group])} | {format_interval(tests)} | {cell} | "
                      f"{mean_interval([r['seconds'] for r in group])[0]:.0f} |")  # fmt: skip
