@@ -62,7 +62,7 @@ def _classifier(settings, seed: int, folder: Path):
 
 def _teacher(settings, seed: int, folder: Path):
     """The dense fine-tune of ``seed`` (saved by its run; fine-tuned again, identically, if it is gone)."""
-    path = folder / f"bert-ft-dense-{seed}-model"
+    path = folder / f"teacher-bert-dense-{seed}"
     if not (path / "config.json").exists():
         _finetune("dense", settings, seed, folder)
     return transformers.BertForSequenceClassification.from_pretrained(path)
@@ -113,7 +113,7 @@ def _finetune(variant: str, settings, seed: int, folder: Path) -> dict:
     record["test"] = bert.topic_accuracy(model, test)
     shutil.rmtree(scratch, ignore_errors=True)
     if variant == "dense":
-        path = folder / f"bert-ft-dense-{seed}-model"
+        path = folder / f"teacher-bert-dense-{seed}"
         staging = path.with_name(path.name + ".tmp")
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(staging)
