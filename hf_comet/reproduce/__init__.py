@@ -24,7 +24,7 @@ from .core import CLAIMS, Claim, ClaimResult, MissingRuns, RunCache, code_versio
 # isort: off
 from . import comet_mlp, convert_finetune, expert_merging, comet_regression  # noqa: E402, F401
 from . import comet_transformers, time_to_quality, deep_moe, attentive_gating, convert_finetune_bert  # noqa: E402, F401
-from . import sparsify_finetune_bert  # noqa: E402, F401
+from . import sparsify_finetune_bert, sparsify_finetune_gpt2  # noqa: E402, F401
 # isort: on
 
 
