@@ -84,41 +84,52 @@ def _model(variant: str, settings, seed: int, folder: Path):
 def _finetune(variant: str, settings, seed: int, folder: Path) -> dict:
     """Fine-tune ``variant`` on the docstring topics: validation accuracy before and every ``eval_every`` steps, test
     accuracy once at the end; the dense fine-tune is saved as the distilled variants' teacher."""
-    from ..training import CometTrainer, DistillationConfig
+    from ..training import DistillationConfig
 
     train, validation, test, _ = bert.topic_splits(settings)
     model = _model(variant, settings, seed, folder)
-    record = {"curve_steps": [], "curve": []}
     extra = {}
     if "distill" in variant:
         extra = {"teacher_model": _teacher(settings, seed, folder), "distillation": DistillationConfig(0.5, 2.0)}
-    model.train()
+    scratch = folder / f"bert-sparse-ft-{variant}-{seed}"
+    args = bert._args(scratch, settings.finetune_steps, seed, settings.finetune_lr, settings.batch_size)
+    teacher = folder / f"teacher-bert-dense-{seed}" if variant == "dense" else None
+    return fine_tune_recorded(model, args, train, lambda m: bert.topic_accuracy(m, validation),
+                              lambda m: bert.topic_accuracy(m, test), settings.eval_every, extra, teacher)  # fmt: skip
+
+
+def fine_tune_recorded(model, args, data, evaluate, test, every: int, extra: dict, save_to: Path | None) -> dict:
+    """Fine-tune ``model`` with `CometTrainer` (``extra``: its distillation arguments): ``evaluate(model)`` before
+    and every ``every`` steps (the curve), ``test(model)`` once at the end, the seconds; the model is saved to
+    ``save_to`` (atomically) when given, and the Trainer's scratch folder is removed."""
+    from ..training import CometTrainer
+
+    record = {"curve_steps": [], "curve": []}
+    steps = args.max_steps
 
     class Evaluate(transformers.TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             record["curve_steps"].append(0)
-            record["curve"].append(bert.topic_accuracy(model, validation))
+            record["curve"].append(evaluate(model))
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
-            if state.global_step % settings.eval_every == 0 or state.global_step == settings.finetune_steps:
+            if state.global_step % every == 0 or state.global_step == steps:
                 record["curve_steps"].append(state.global_step)
-                record["curve"].append(bert.topic_accuracy(model, validation))
+                record["curve"].append(evaluate(model))
 
-    scratch = folder / f"bert-sparse-ft-{variant}-{seed}"
-    args = bert._args(scratch, settings.finetune_steps, seed, settings.finetune_lr, settings.batch_size)
-    trainer = CometTrainer(model=model, args=args, train_dataset=train, callbacks=[Evaluate()], **extra)
+    model.train()
+    trainer = CometTrainer(model=model, args=args, train_dataset=data, callbacks=[Evaluate()], **extra)
     started = time.perf_counter()
     finetune._quiet(trainer).train()
     record["seconds"] = time.perf_counter() - started
-    record["test"] = bert.topic_accuracy(model, test)
-    shutil.rmtree(scratch, ignore_errors=True)
-    if variant == "dense":
-        path = folder / f"teacher-bert-dense-{seed}"
-        staging = path.with_name(path.name + ".tmp")
+    record["test"] = test(model)
+    shutil.rmtree(args.output_dir, ignore_errors=True)
+    if save_to is not None:
+        staging = save_to.with_name(save_to.name + ".tmp")
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(staging)
-        shutil.rmtree(path, ignore_errors=True)
-        staging.rename(path)
+        shutil.rmtree(save_to, ignore_errors=True)
+        staging.rename(save_to)
     return record
 
 
@@ -126,6 +137,27 @@ def _spec(variant: str, settings, seed: int) -> dict:
     spec = bert._spec(variant, settings, seed)
     spec.update(claim="sparsify_finetune_bert", blocks=BLOCKS, calibration=CALIBRATION_TEXTS)
     return spec
+
+
+def keep_rate_verdicts(
+    variants, groups: dict, gaps: dict, margins: dict, higher_is_better: bool, unit: str
+) -> list[str]:
+    """Per keep rate: the variant with the best mean final validation value (``groups``' curves), its gap
+    ``(mean, low, high, ...)`` from ``gaps`` and `verdict_of` against ``margins[keep]``, as one verdict each. ``unit``
+    is ``"points"`` (accuracy, higher is better) or ``"%"`` (a loss in percent of dense, lower is better)."""
+    verdicts = []
+    for keep in KEEP_RATES:
+        candidates = [v for v in variants if v.endswith(f"_{keep:g}")]
+        if not candidates:
+            continue
+        final = {v: mean_interval([r["curve"][-1] for r in groups[v]])[0] for v in candidates}
+        chosen = (max if higher_is_better else min)(candidates, key=final.get)
+        gap, low, high = gaps[chosen][:3]
+        outcome = verdict_of(low, high, margins[keep]) if higher_is_better else verdict_of(-high, -low, margins[keep])
+        margin = f"{margins[keep]:g}-point margin" if unit == "points" else f"{margins[keep]:g} % margin"
+        verdicts.append(f"keep {keep:g}: **{outcome}** ({margin}; {chosen}, chosen on validation, {gap:+.1f} "
+                        f"{unit} [{low:+.1f}, {high:+.1f}])")  # fmt: skip
+    return verdicts
 
 
 def verdict_of(low: float, high: float, margin: float) -> str:
@@ -186,16 +218,7 @@ def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) 
     plot = plots / "sparsify_finetune_bert_curves.png"
     plot_curves(groups, plot, "sparsify, then fine-tune (BERT, docstring topics)", "accuracy")
     lines += ["", f"![fine-tune curves]({os.path.relpath(plot, plots.parent)})"]
-    verdicts = []
-    for keep in KEEP_RATES:
-        candidates = [v for v in settings.variants if v.endswith(f"_{keep:g}")]
-        if not candidates:
-            continue
-        chosen = max(candidates, key=lambda v: mean_interval([r["curve"][-1] for r in groups[v]])[0])
-        gap, low, high, p = gaps[chosen]
-        outcome = verdict_of(low, high, MARGINS[keep])
-        verdicts.append(f"keep {keep:g}: **{outcome}** ({MARGINS[keep]:g}-point margin; {chosen}, chosen on "
-                        f"validation, {gap:+.1f} points [{low:+.1f}, {high:+.1f}])")  # fmt: skip
+    verdicts = keep_rate_verdicts(settings.variants, groups, gaps, MARGINS, higher_is_better=True, unit="points")
     lines += ["", "Read with care: the variant judged at each keep rate is the one with the best mean final "
               "validation accuracy, so the test gap is not selected on test data; the interval is over "
               f"{len(settings.seeds)} seeds. Where this differs from the issue's goal: a small byte-level BERT "

@@ -12,9 +12,7 @@ is below the margin, above it when the whole interval is, inconclusive otherwise
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import transformers
 
 from . import convert_finetune, finetune
 from .core import ClaimResult, RunCache, code_version, plot_curves, register_claim, run_all
-from .sparsify_finetune_bert import BLOCKS, KEEP_RATES, METHODS, verdict_of
+from .sparsify_finetune_bert import BLOCKS, KEEP_RATES, METHODS, fine_tune_recorded, keep_rate_verdicts
 from .stats import format_interval, mean_interval
 
 MARGINS = {0.5: 2.0, 0.25: 5.0}
@@ -60,7 +58,7 @@ def _model(variant: str, settings, folder: Path):
 
 def _finetune(variant: str, settings, seed: int, folder: Path) -> dict:
     """`finetune.finetune_one`'s fine-tune for ``variant``; the dense one is saved as the distilled variants' teacher."""
-    from ..training import CometTrainer, DistillationConfig
+    from ..training import DistillationConfig
 
     _, data_bytes, validation, test = finetune._domains(settings.seq_len)
 
@@ -69,39 +67,16 @@ def _finetune(variant: str, settings, seed: int, folder: Path) -> dict:
         return torch.stack([w["input_ids"] for w in windows])
 
     eval_windows, test_windows = fixed_windows(validation), fixed_windows(test)
-    model = _model(variant, settings, folder).train()
+    model = _model(variant, settings, folder)
     extra = {}
     if "distill" in variant:
         extra = {"teacher_model": _teacher(settings, seed, folder), "distillation": DistillationConfig(0.5, 2.0)}
-    record = {"curve_steps": [], "curve": []}
-
-    class Evaluate(transformers.TrainerCallback):
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            record["curve_steps"].append(0)
-            record["curve"].append(finetune.held_out_loss(model, eval_windows))
-
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            if state.global_step % settings.eval_every == 0 or state.global_step == settings.finetune_steps:
-                record["curve_steps"].append(state.global_step)
-                record["curve"].append(finetune.held_out_loss(model, eval_windows))
-
     data = finetune._windows(data_bytes, settings.seq_len, settings.finetune_steps * 16, seed=seed)
-    scratch = folder / f"gpt2-sparse-ft-{variant}-{seed}"
-    args = finetune._args(scratch, settings.finetune_steps, seed, 5e-4, 16)
-    trainer = CometTrainer(model=model, args=args, train_dataset=data, callbacks=[Evaluate()], **extra)
-    started = time.perf_counter()
-    finetune._quiet(trainer).train()
-    record["seconds"] = time.perf_counter() - started
-    record["test"] = finetune.held_out_loss(model, test_windows)
-    shutil.rmtree(scratch, ignore_errors=True)
-    if variant == "dense":
-        path = folder / f"teacher-gpt2-dense-{seed}"
-        staging = path.with_name(path.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging)
-        shutil.rmtree(path, ignore_errors=True)
-        staging.rename(path)
-    return record
+    args = finetune._args(folder / f"gpt2-sparse-ft-{variant}-{seed}", settings.finetune_steps, seed, 5e-4, 16)
+    teacher = folder / f"teacher-gpt2-dense-{seed}" if variant == "dense" else None
+    return fine_tune_recorded(model, args, data, lambda m: finetune.held_out_loss(m, eval_windows),
+                              lambda m: finetune.held_out_loss(m, test_windows), settings.eval_every, extra,
+                              teacher)  # fmt: skip
 
 
 def _spec(variant: str, settings, seed: int) -> dict:
@@ -155,16 +130,7 @@ def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) 
     plot = plots / "sparsify_finetune_gpt2_curves.png"
     plot_curves(groups, plot, "sparsify, then fine-tune (GPT-2, held-out topics)", "loss")
     lines += ["", f"![fine-tune curves]({os.path.relpath(plot, plots.parent)})"]
-    verdicts = []
-    for keep in KEEP_RATES:
-        candidates = [v for v in settings.variants if v.endswith(f"_{keep:g}")]
-        if not candidates:
-            continue
-        chosen = min(candidates, key=lambda v: mean_interval([r["curve"][-1] for r in groups[v]])[0])
-        gap, low, high = gaps[chosen]
-        outcome = verdict_of(-high, -low, MARGINS[keep])  # a loss gap: higher is worse
-        verdicts.append(f"keep {keep:g}: **{outcome}** ({MARGINS[keep]:g} % margin; {chosen}, chosen on validation, "
-                        f"{gap:+.1f} % [{low:+.1f}, {high:+.1f}])")  # fmt: skip
+    verdicts = keep_rate_verdicts(settings.variants, groups, gaps, MARGINS, higher_is_better=False, unit="%")
     lines += ["", "Read with care: the variant judged at each keep rate has the lowest mean final validation loss, "
               "so the test gap is not selected on test data. Where this differs from the issue's goal: a small "
               "byte-level GPT-2 pre-trained briefly on 2 CPU cores, not a downloaded GPT-2.", ""]  # fmt: skip
