@@ -299,3 +299,12 @@ def run_ranks(fn, world_size: int, folder, *args, timeout: float = 300.0) -> lis
                 process.kill()
             pytest.fail(f"{getattr(fn, '__name__', fn)} on {world_size} processes did not finish in {timeout:g} s")
     return [json.loads(open(os.path.join(str(folder), f"rank{r}.json")).read()) for r in range(world_size)]
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a launcher's rendezvous (a fixed one collides between two suites)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import ROUTING_NAMES, run_ranks, tiny_inputs, tiny_model
+from conftest import ROUTING_NAMES, free_port, run_ranks, tiny_inputs, tiny_model
 from transformers import TrainingArguments
 
 from hf_comet.training import CometTrainer, DeepConstraintCallback, ExpertMergingCallback
@@ -389,7 +389,8 @@ def test_shipped_accelerate_config_starts_two_processes(tmp_path):
     env["OMP_NUM_THREADS"] = "1"
     env["ACCELERATE_USE_CPU"] = "true"  # the README's command, the one a plain Accelerator() loop needs too
     command = [str(accelerate), "launch", "--config_file", str(root / "recipes" / "accelerate_ddp_cpu.yaml")]
-    command += ["--main_process_port", "29611", str(root / "recipes" / "ddp_train.py"), "--steps", "2"]
+    port = str(free_port())  # never a fixed port: two suites on one machine would share one rendezvous
+    command += ["--main_process_port", port, str(root / "recipes" / "ddp_train.py"), "--steps", "2"]
     command += ["--routing", "topk", "--merge-every", "1", "--output-dir", str(tmp_path / "out")]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
