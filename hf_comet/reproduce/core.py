@@ -44,11 +44,24 @@ class MissingRuns(Exception):
     """A claim rendered from the cache alone has runs that have not finished."""
 
 
+RUN_CODE_END = ("# -- the claim", "@register_claim")
+"""A line starting with one of these ends a module's run code: what follows (verdicts, tables, plots) is rendering,
+which can change without invalidating the cached runs (`code_version` hashes the source above it)."""
+
+
+def run_code(module) -> str:
+    """The source of ``module`` up to its first `RUN_CODE_END` line (all of it when there is none)."""
+    lines = Path(module.__file__).read_text().splitlines(keepends=True)
+    end = next((i for i, line in enumerate(lines) if line.startswith(RUN_CODE_END)), len(lines))
+    return "".join(lines[:end])
+
+
 def code_version(*modules) -> str:
-    """A hash of the source of the modules a claim's runs execute: a cached run made by other code is not reused."""
+    """A hash of the run code (`run_code`) of the modules a claim's runs execute: a cached run made by other code is
+    not reused, while the rendering below each module's `RUN_CODE_END` line can change freely."""
     digest = hashlib.sha256()
     for module in modules:
-        digest.update(Path(module.__file__).read_bytes())
+        digest.update(run_code(module).encode())
     return digest.hexdigest()[:12]
 
 
@@ -161,5 +174,5 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-__all__ = ["CLAIMS", "Claim", "ClaimResult", "MissingRuns", "RunCache", "code_version", "one_thread", "plot_curves", "register_claim",
-           "run_all", "save_figure"]
+__all__ = ["CLAIMS", "Claim", "ClaimResult", "MissingRuns", "RUN_CODE_END", "RunCache", "code_version", "one_thread", "plot_curves", "register_claim",
+           "run_all", "run_code", "save_figure"]

@@ -139,6 +139,7 @@ def _spec(variant: str, settings, seed: int) -> dict:
     return spec
 
 
+# -- the claim: rendering below (not part of the runs' code hash) --------------------------------------------------
 def keep_rate_verdicts(
     variants, groups: dict, gaps: dict, margins: dict, higher_is_better: bool, unit: str
 ) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats as scipy_stats
@@ -13,14 +14,16 @@ SIGNIFICANCE = 0.05
 """Two-sided level of every test on the page."""
 
 
-def mean_interval(values: Sequence[float]) -> tuple[float, float, float]:
-    """Mean and the 95 % t-interval ``(mean, low, high)`` of ``values`` (NaN bounds for one value)."""
+def mean_interval(values: Sequence[float], bounds: tuple[float, float] = (-math.inf, math.inf)
+                  ) -> tuple[float, float, float]:  # fmt: skip
+    """Mean and the 95 % t-interval ``(mean, low, high)`` of ``values`` (NaN bounds for one value), clipped to the
+    quantity's range ``bounds`` (an accuracy cannot exceed 1, a loss or an entropy cannot go below 0)."""
     array = np.asarray(values, dtype=float)
     mean = float(array.mean())
     if array.size < 2:
         return mean, math.nan, math.nan
     half = float(scipy_stats.t.ppf(0.975, array.size - 1) * array.std(ddof=1) / math.sqrt(array.size))
-    return mean, mean - half, mean + half
+    return mean, max(mean - half, bounds[0]), min(mean + half, bounds[1])
 
 
 def paired_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
@@ -73,14 +76,176 @@ def steps_to_reach(steps: Sequence[int], values: Sequence[float], threshold: flo
     return None
 
 
-def format_interval(values: Sequence[float], digits: int = 3) -> str:
-    """``mean [low, high]`` for a table cell."""
-    mean, low, high = mean_interval(values)
+def format_interval(values: Sequence[float], digits: int = 3, bounds: tuple[float, float] = (-math.inf, math.inf)) -> str:
+    """``mean [low, high]`` for a table cell, the interval clipped to ``bounds``."""
+    mean, low, high = mean_interval(values, bounds)
     if math.isnan(low):
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
+POWER = 0.8
+"""The power at which each section's minimum detectable effect is given."""
+
+
+def minimum_detectable_effect(differences: Sequence[float], power: float = POWER, level: float = SIGNIFICANCE) -> float:
+    """The smallest true mean paired difference a two-sided paired t-test at ``level`` detects with probability
+    ``power``, given the spread of the observed ``differences`` and their number (the usual approximation
+    ``(t_{1-level/2} + t_{power}) * sd / sqrt(n)``, both quantiles with n - 1 degrees of freedom); NaN below 2 pairs."""
+    array = np.asarray(differences, dtype=float)
+    if array.size < 2:
+        return math.nan
+    quantiles = scipy_stats.t.ppf(1 - level / 2, array.size - 1) + scipy_stats.t.ppf(power, array.size - 1)
+    return float(quantiles * array.std(ddof=1) / math.sqrt(array.size))
+
+
+# -- the verdict rule ----------------------------------------------------------------------------------------------
+REPRODUCED, PARTLY, INCONCLUSIVE, NOT_REPRODUCED, CONTRADICTED = (
+    "reproduced", "partly reproduced", "inconclusive", "not reproduced", "contradicted")  # fmt: skip
+MET, NOT_MET = "met", "not met"
+VERDICT_RULE = f"""\
+**How verdicts are decided** (one rule for every claim, `hf_comet/reproduce/stats.py`). Each claim rests on a family of
+paired comparisons (runs pair by seed); every p-value is Holm-corrected over its family at {SIGNIFICANCE}, and each
+comparison has a *claimed effect*, the smallest difference the claim would mean (given per section). A comparison is
+*for* the claim when it is significant in the claimed direction, *against* it when significant in the opposite one,
+*open* when not significant while its 95 % interval still reaches the claimed effect or the minimum detectable effect
+(at {POWER:.0%} power for its seeds) is above it, and *absent* when not significant and the interval excludes an
+effect of the claimed size. The claim is then **{REPRODUCED}** when every comparison is for it, **{PARTLY}** when some
+are for it (the counts say how many and whether any are against), **{CONTRADICTED}** when some are against and none
+for, **{INCONCLUSIVE}** when none is significant and some are open, and **{NOT_REPRODUCED}** when every comparison is
+absent. Goals of ours that are non-inferiority margins ("within 2 % of dense") are judged on the interval's bound:
+**{MET}** when the worse bound is within the margin, **{NOT_MET}** when even the better bound is beyond it,
+**{INCONCLUSIVE}** otherwise. Every choice a verdict depends on (learning rates, the "best" variant, steps) is made on
+validation data; test data is read once per run. Intervals are clipped to the quantity's range."""
+
+
+def comparison_outcome(estimate: float, low: float, high: float, p_adjusted: float, claimed: float,
+                       mde: float = math.nan) -> str:  # fmt: skip
+    """One comparison under `VERDICT_RULE`: ``"for"``, ``"against"``, ``"open"`` or ``"absent"``. ``estimate``,
+    ``low`` and ``high`` are signed so that positive is the claimed direction; ``claimed`` (> 0) is the claimed
+    effect; ``mde`` the minimum detectable effect."""
+    if not math.isnan(p_adjusted) and p_adjusted < SIGNIFICANCE:
+        return "for" if estimate > 0 else "against"
+    if math.isnan(high) or high >= claimed or (not math.isnan(mde) and mde > claimed):
+        return "open"
+    return "absent"
+
+
+def claim_verdict(outcomes: Sequence[str]) -> str:
+    """The claim's verdict from its comparisons' outcomes (`comparison_outcome`), by `VERDICT_RULE`."""
+    count = {kind: sum(o == kind for o in outcomes) for kind in ("for", "against", "open", "absent")}
+    unknown = set(outcomes) - set(count)
+    if unknown or not outcomes:
+        raise ValueError(f"outcomes {list(outcomes)} must be a non-empty list of {list(count)}.")
+    if count["for"] == len(outcomes):
+        return REPRODUCED
+    if count["for"]:
+        return PARTLY
+    if count["against"]:
+        return CONTRADICTED
+    return INCONCLUSIVE if count["open"] else NOT_REPRODUCED
+
+
+def margin_verdict(low: float, high: float, margin: float, higher_is_better: bool = True) -> str:
+    """A non-inferiority goal on the 95 % interval ``[low, high]`` of (variant − reference): `MET` when the worse
+    bound is within ``margin`` of no difference, `NOT_MET` when even the better bound is beyond it, otherwise
+    `INCONCLUSIVE`. ``higher_is_better`` says which bound is the worse one (accuracy: the low one; loss: the high one)."""
+    worse, better = (low, high) if higher_is_better else (-high, -low)
+    if math.isnan(worse):
+        return INCONCLUSIVE
+    if worse >= -margin:
+        return MET
+    if better < -margin:
+        return NOT_MET
+    return INCONCLUSIVE
+
+
+@dataclass
+class Comparison:
+    """One paired comparison a verdict rests on: ``a - b`` over the seeds both have, its 95 % interval, raw and
+    Holm-adjusted p-values (`holm_family`), minimum detectable effect, and the claim's direction (+1: the claim says
+    ``a - b > 0``) and claimed effect (> 0, in the units of the difference)."""
+
+    label: str
+    estimate: float
+    low: float
+    high: float
+    p: float
+    mde: float
+    direction: int
+    claimed: float
+    seeds: int
+    p_holm: float = math.nan
+
+    @property
+    def outcome(self) -> str:
+        """`comparison_outcome` in the claimed direction."""
+        if self.direction > 0:
+            return comparison_outcome(self.estimate, self.low, self.high, self.p_holm, self.claimed, self.mde)
+        return comparison_outcome(-self.estimate, -self.high, -self.low, self.p_holm, self.claimed, self.mde)
+
+    def cell(self, digits: int = 3) -> str:
+        """``Δ [low, high] (p, Holm p)`` for a table."""
+        return (f"{self.estimate:+.{digits}f} [{self.low:+.{digits}f}, {self.high:+.{digits}f}] "
+                f"({self.p:.2g}, {self.p_holm:.2g})")  # fmt: skip
+
+
+def paired_comparison(label: str, a: dict[int, float], b: dict[int, float], direction: int, claimed: float
+                      ) -> Comparison:  # fmt: skip
+    """`Comparison` of per-seed values ``a`` and ``b`` (``{seed: value}``) over the seeds both have."""
+    seeds = sorted(set(a) & set(b))
+    x, y = [a[s] for s in seeds], [b[s] for s in seeds]
+    diffs = [u - v for u, v in zip(x, y, strict=True)]
+    estimate, p = paired_test(x, y)
+    _, low, high = mean_interval(diffs) if len(diffs) > 1 else (math.nan, math.nan, math.nan)
+    return Comparison(label, estimate, low, high, p, minimum_detectable_effect(diffs), direction, claimed, len(seeds))
+
+
+def holm_family(comparisons: Sequence[Comparison]) -> list[Comparison]:
+    """Set each comparison's ``p_holm`` by Holm's correction over ``comparisons`` (one family); returns them."""
+    for comparison, adjusted in zip(comparisons, holm([c.p for c in comparisons]), strict=True):
+        comparison.p_holm = adjusted
+    return list(comparisons)
+
+
+def comparisons_table(comparisons: Sequence[Comparison], digits: int = 3) -> list[str]:
+    """Markdown rows of a verdict's comparisons: estimate and interval, p (raw, Holm), MDE, claimed effect, seeds,
+    outcome."""
+    lines = ["| comparison | Δ [95 % interval] | p (Holm) | MDE (80 %) | claimed effect | seeds | outcome |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for c in comparisons:
+        lines.append(f"| {c.label} | {c.estimate:+.{digits}f} [{c.low:+.{digits}f}, {c.high:+.{digits}f}] | "
+                     f"{c.p:.2g} ({c.p_holm:.2g}) | {c.mde:.{digits}f} | {'+' if c.direction > 0 else '−'}"
+                     f"{c.claimed:.{digits}f} | {c.seeds} | {c.outcome} |")  # fmt: skip
+    return lines
+
+
+def verdict_text(comparisons: Sequence[Comparison], settings: str = "settings") -> str:
+    """``**verdict** (for the claim in a of n settings, against in b, open in c)``."""
+    outcomes = [c.outcome for c in comparisons]
+    count = {kind: sum(o == kind for o in outcomes) for kind in ("for", "against", "open")}
+    return (f"**{claim_verdict(outcomes)}** (significantly for the claim in {count['for']} of {len(outcomes)} "
+            f"{settings}, against in {count['against']}, open in {count['open']})")
+
+
+def bootstrap_ratio(numerator: Sequence[float], denominator: Sequence[float], statistic=np.median,
+                    resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:  # fmt: skip
+    """``statistic(numerator) / statistic(denominator)`` and its 95 % percentile-bootstrap interval, resampling the
+    seeds (pairs) together; values may be ``inf`` (a seed that never got there), and so may the ratio and bounds."""
+    a, b = np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        point = float(statistic(a) / statistic(b))
+        rng = np.random.default_rng(seed)
+        index = rng.integers(0, len(a), size=(resamples, len(a)))
+        ratios = statistic(a[index], axis=1) / statistic(b[index], axis=1)
+    ratios = np.where(np.isnan(ratios), np.inf, ratios)  # inf / inf: neither got there, counted as unbounded
+    # order statistics, not interpolation, so an infinite ratio stays an unbounded (not a NaN) bound
+    return point, float(np.quantile(ratios, 0.025, method="lower")), float(np.quantile(ratios, 0.975, method="higher"))
+
+
 __all__ = [
+    "CONTRADICTED", "INCONCLUSIVE", "MET", "NOT_MET", "NOT_REPRODUCED", "PARTLY", "POWER", "REPRODUCED", "VERDICT_RULE",
+    "Comparison", "bootstrap_ratio", "claim_verdict", "comparison_outcome", "comparisons_table", "holm_family",
+    "margin_verdict", "minimum_detectable_effect", "paired_comparison", "verdict_text",
     "SIGNIFICANCE", "area_under_curve", "format_interval", "gap_in_points", "holm", "mean_interval", "paired_test", "steps_to_reach",
 ]
