@@ -18,7 +18,8 @@ Every dropout of the stock models is 0, so ``dropout`` differs from ``dense`` on
 rate (tuned for the dense model on the validation split, per family) and data order per seed for every variant.
 Validation loss is measured every ``eval_every`` optimizer steps, with the cumulative seconds the optimizer steps
 took (forward, backward and update; validation excluded), so one run gives both the per-update curve (§1) and the
-wall-clock curve (§5). The test split is read once, at the end.
+wall-clock curve (§5). The test split is read once, at the end, with the same metric on ``eval_items`` fixed
+training items (the generalisation gap).
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ class _Data:
         if settings.family == "vit":  # the first ``eval_items`` images of validation and test (359 = all)
             self.parts = {name: {k: v[: settings.eval_items] if name != "train" else v for k, v in part.items()}
                           for name, part in digits_split().items()}  # fmt: skip
+            self.parts["train_eval"] = {k: v[: settings.eval_items] for k, v in self.parts["train"].items()}
         else:
             from ..data import byte_windows
 
@@ -161,6 +163,8 @@ class _Data:
             self.text = torch.from_numpy(text["train"].astype(np.int64))
             self.parts = {name: {"input_ids": byte_windows(text[name], settings.seq_len, settings.eval_items, 1234)}
                           for name in ("validation", "test")}  # fmt: skip
+            self.parts["train_eval"] = {"input_ids": byte_windows(text["train"], settings.seq_len, settings.eval_items,
+                                                                  1234)}  # fmt: skip
 
     def batch(self) -> dict[str, torch.Tensor]:
         size = self.settings.batch_size
@@ -243,6 +247,8 @@ def train_one(settings: FamilySettings, variant: str, keep: float, seed: int, le
     test = evaluate(model, data.parts["test"])  # read once
     record["test"] = test["accuracy"] if settings.family == "vit" else test["loss"]
     record["test_loss"] = test["loss"]
+    train = evaluate(model, data.parts["train_eval"])  # the same metric on fixed training items: the generalisation gap
+    record["train"] = train["accuracy"] if settings.family == "vit" else train["loss"]
     if variant == "comet":
         record["overlap_r_trained"] = overlap_correlations(model, validation)
     return record

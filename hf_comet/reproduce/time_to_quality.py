@@ -8,6 +8,7 @@ ratio; each run's own measured seconds are reported beside it as a check.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -17,14 +18,21 @@ import torch
 
 from . import models
 from .core import ClaimResult, RunCache, code_version, one_thread, plot_curves, register_claim, run_all
-from .stats import mean_interval, steps_to_reach
+from .stats import INCONCLUSIVE, MET, NOT_MET, bootstrap_ratio, mean_interval, steps_to_reach
 from .transformer_claims import FULL, NAMES, QUICK, describe, family_runs, run_spec, runs_of
 
 TIME_VARIANTS = (("dense", 1.0), ("comet", 0.5), ("comet", 0.25), ("block_comet", 0.5), ("block_comet", 0.25),
                  ("learned_top2", 0.5))  # fmt: skip
 """§5's candidates: dense, COMET and block-COMET at keep 0.5 and 0.25, and learned top-2 (top-k) at keep 0.5."""
+TOLERANCE = 0.03
+"""Reaching the dense model's quality means a validation loss within 3 % of its final one (mean over seeds): the
+final loss itself is a mean, which half of dense's own seeds never reach."""
 TIME_GOAL = 0.75
 """Issue 14 §5's goal: a COMET variant reaching the dense model's final validation loss in <= 0.75× its seconds."""
+
+
+def _num(value: float, spec: str = ".2f") -> str:
+    return "∞" if math.isinf(value) else f"{value:{spec}}"
 
 
 def step_times(settings: models.FamilySettings, pairs: list[tuple[str, float]], rounds: int, steps: int,
@@ -67,12 +75,13 @@ def step_times(settings: models.FamilySettings, pairs: list[tuple[str, float]], 
 )
 def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) -> ClaimResult:
     """Issue 14 §5: optimizer steps and seconds for each candidate to reach the dense model's final validation loss."""
-    lines, best_overall, seconds = [], None, 0.0
+    lines, candidates, seconds = [], [], 0.0
     all_curves = {}
     cache = RunCache(cache_dir, "time_to_quality", code_version(models))
     for family in ("vit", "gpt2"):
         settings = (QUICK if quick else FULL)[family]
-        lr, _, records = family_runs(family, cache_dir, quick, cached_only)
+        rates, _, records = family_runs(family, cache_dir, quick, cached_only)
+        lr = rates["dense"]
         pairs = [(v, k) for v, k in TIME_VARIANTS if runs_of(records, v, k)]
         rounds, steps = (2, 2) if quick else (7, 20)
         spec = dict(claim="time_to_quality", family=family, pairs=pairs, rounds=rounds, steps=steps,
@@ -87,45 +96,53 @@ def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) 
         times = {name: statistics.median(values) for name, values in bench["times"].items()}
         ranges = {name: (min(values), max(values)) for name, values in bench["times"].items()}
         dense = runs_of(records, "dense", 1.0)
-        target = mean_interval([r["curve"][-1] for r in dense])[0]
-        lines += [f"### {NAMES[family]}", "", describe(settings, lr), "",
-                  f"Target: the dense model's final validation loss, mean over seeds, **{target:.4f}**; the dense model "
-                  f"itself is counted at its last step ({settings.steps}), others at the first validation (every "
-                  f"{settings.eval_every} steps) at or below the target. Seconds = "
+        target = mean_interval([r["curve"][-1] for r in dense])[0] * (1 + TOLERANCE)
+        lines += [f"### {NAMES[family]}", "", describe(settings, rates), "",
+                  f"Target: within {TOLERANCE:.0%} of the dense model's final validation loss (mean over its seeds), "
+                  f"**≤ {target:.4f}**. Every variant, dense included, is counted at its first validation (every "
+                  f"{settings.eval_every} steps) at or below the target, every seed counted: a seed that never gets "
+                  "there is beyond the run (∞), so a median over seeds exists only when most got there. Seconds = "
                   f"steps × the median seconds per training step of an interleaved benchmark in one process ({rounds} "
-                  f"rounds × {steps} steps per variant after a warm-up); the runs' own measured seconds are the "
-                  "check column (they share the machine with whatever else ran).", "",
+                  f"rounds × {steps} steps per variant after a warm-up); the runs' own measured seconds are the check "
+                  "column (they share the machine with whatever else ran). The ratio's 95 % interval resamples the "
+                  "seeds the variant and dense share (paired, percentile bootstrap) and so does its point estimate (the "
+                  "ratio of the two medians over those seeds); ∞ means the resampled dense or variant median never got "
+                  "there.", "",
                   "| variant | keep | ms / step (range) | vs dense | seeds reaching the target | median steps | "
-                  f"median seconds | vs dense (seconds) | steps the goal allows ({TIME_GOAL}× dense's seconds) | "
-                  "final val loss vs target | in-run seconds to target |",
+                  f"median seconds | vs dense (seconds) [95 % interval] | steps the goal allows ({TIME_GOAL}× dense's "
+                  "seconds) | final val loss vs target | in-run seconds to target |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        dense_seconds = settings.steps * times["dense@1"]  # the dense model reaches its final loss at its last step
+        def reach(group: list[dict], target: float = target) -> list[float]:
+            steps_ = [steps_to_reach(r["curve_steps"], r["curve"], target, False) for r in group]
+            return [math.inf if s is None else float(s) for s in steps_]
+
+        dense_seconds = {r["spec"]["seed"]: s * times["dense@1"] for r, s in zip(dense, reach(dense), strict=True)}
+        dense_median = statistics.median(dense_seconds.values())
         for variant, keep in pairs:
             group = runs_of(records, variant, keep)
             name = f"{variant}@{keep:g}"
-            if variant == "dense":
-                reached = [settings.steps] * len(group)
-            else:
-                reached = [steps_to_reach(r["curve_steps"], r["curve"], target, False) for r in group]
-            hits = sorted(s for s in reached if s is not None)
-            in_run = [r["curve_seconds"][r["curve_steps"].index(s)] for r, s in zip(group, reached, strict=True)
-                      if s is not None]  # fmt: skip
-            median_steps = statistics.median(hits) if len(hits) * 2 > len(group) else None  # most seeds got there
-            secs = median_steps * times[name] if median_steps is not None else None
-            ratio = secs / dense_seconds if secs is not None else None
-            needed = TIME_GOAL * dense_seconds / times[name]  # the steps this variant would have to get there in
+            reached = reach(group)
+            hits = sum(not math.isinf(s) for s in reached)
+            median_steps = statistics.median(reached)
+            secs = median_steps * times[name]
+            own = {r["spec"]["seed"]: s * times[name] for r, s in zip(group, reached, strict=True)}
+            common = sorted(set(own) & set(dense_seconds))
+            ratio, low, high = bootstrap_ratio([own[k] for k in common], [dense_seconds[k] for k in common])
+            in_run = [r["curve_seconds"][r["curve_steps"].index(int(s))] for r, s in zip(group, reached, strict=True)
+                      if not math.isinf(s)]  # fmt: skip
+            needed = TIME_GOAL * dense_median / times[name]  # the steps this variant would have to get there in
             final = mean_interval([r["curve"][-1] for r in group])[0]
+            shown = "–" if variant == "dense" else (f"**{_num(ratio)}×** [{_num(low)}, {_num(high)}]")
             lines.append(
                 f"| {variant} | {keep:g} | {times[name] * 1e3:.1f} ({ranges[name][0] * 1e3:.1f}–{ranges[name][1] * 1e3:.1f}) "
-                f"| {times[name] / times['dense@1']:.2f}× | {len(hits)}/{len(group)} | "
-                f"{f'{median_steps:g}' if median_steps is not None else 'not reached'} | "
-                f"{f'{secs:.1f}' if secs is not None else '–'} | {f'**{ratio:.2f}×**' if ratio is not None else '–'} | "
-                f"{'–' if variant == 'dense' else f'{needed:.0f}'} | {final / target - 1:+.1%} | "
+                f"| {times[name] / times['dense@1']:.2f}× | {hits}/{len(group)} | "
+                f"{'not reached' if math.isinf(median_steps) else f'{median_steps:g}'} | "
+                f"{'–' if math.isinf(secs) else f'{secs:.1f}'} | {shown} | "
+                f"{'–' if variant == 'dense' else _num(needed, '.0f')} | {final / target - 1:+.1%} | "
                 f"{f'{statistics.median(in_run):.1f}' if in_run else '–'} |"
             )  # fmt: skip
-            if variant != "dense" and "comet" in variant and ratio is not None:
-                if best_overall is None or ratio < best_overall[0]:
-                    best_overall = (ratio, family, name)
+            if variant != "dense" and "comet" in variant:
+                candidates.append((ratio, low, high, family, name))
             all_curves.setdefault(family, {})[name] = [
                 {"curve_steps": [s * times[name] for s in r["curve_steps"]], "curve": r["curve"]} for r in group]  # fmt: skip
         lines.append("")
@@ -135,15 +152,21 @@ def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) 
     plot_curves(all_curves[first], plot, f"{NAMES[first]}: validation loss against benchmarked seconds", "loss",
                 xlabel="seconds (steps × benchmarked seconds per step)")
     lines += [f"![loss against seconds]({os.path.relpath(plot, plots.parent)}) (x axis: seconds, not steps)", "",
-              "Hyperparameters are equal for every variant (the dense model's tuned learning rate), the same steps "
-              "for all; a variant that is slower per update can only reach the dense model's final loss sooner in "
+              "Each variant trains at its own learning rate (tuned on validation), the same steps for all; a variant that is slower per update can only reach the dense model's final loss sooner in "
               "seconds if its steps are cheaper. On these tiny models the routing work (scores, top-k, gathers) is "
               "not small against the FFN's, which is what decides the seconds per step.", ""]  # fmt: skip
-    met = best_overall is not None and best_overall[0] <= TIME_GOAL
-    verdict = (f"goal (a COMET variant at the dense model's final validation loss in ≤ {TIME_GOAL}× its wall-clock): "
-               f"**{'met' if met else 'not met'}**")
-    verdict += (f", best {best_overall[2]} on {best_overall[1]} at {best_overall[0]:.2f}×" if best_overall else
-                ", no COMET variant reached the dense model's final loss in most seeds")  # fmt: skip
+    # the candidate chosen is the one with the best point ratio (the validation curves decide the steps); its
+    # interval decides the goal as a margin: met when even its upper bound is within the goal
+    finite = [c for c in candidates if math.isfinite(c[0])]  # NaN: both at step 0 (quick mode)
+    best = min(finite) if finite else None
+    if best is None:
+        verdict = (f"goal (a COMET variant within {TOLERANCE:.0%} of the dense model's final validation loss in ≤ "
+                   f"{TIME_GOAL}× its wall-clock): **{INCONCLUSIVE}**, no COMET variant got there in most seeds")
+    else:
+        word = MET if best[2] <= TIME_GOAL else NOT_MET if best[1] > TIME_GOAL else INCONCLUSIVE
+        verdict = (f"goal (a COMET variant within {TOLERANCE:.0%} of the dense model's final validation loss in ≤ "
+                   f"{TIME_GOAL}× its wall-clock): **{word}**, best {best[4]} on {best[3]} at {best[0]:.2f}× "
+                   f"[{_num(best[1])}, {_num(best[2])}]")  # fmt: skip
     return ClaimResult("time_to_quality", "", verdict, "\n".join(lines), seconds)
 
 
