@@ -199,6 +199,26 @@ def test_example_tied_dropout_fixes_a_mask_per_example_and_evaluates_on_the_gene
     assert 0.0 <= record["train"] <= 1.0 and 0.0 <= record["test"] <= 1.0  # the final train metric is recorded
 
 
+def test_every_mlp_variant_is_tuned_on_its_own_and_the_page_shows_the_gap(tmp_path):
+    from hf_comet.reproduce.comet_mlp import MLP_QUICK, SINGLE_KEEP_VARIANTS, MLPSettings, mlp_claim
+
+    assert set(SINGLE_KEEP_VARIANTS) & set(MLP_QUICK.variants)
+    settings = MLPSettings(widths=(16,), keep_rates=(0.25, 0.5), seeds=(0, 1), steps=4, eval_every=2,
+                           learning_rates=(1e-3, 3e-2), tune_width=16,
+                           variants=("dense", "comet", "top_k", "example_tied_dropout"))  # fmt: skip
+    assert settings.keeps("dense") == (1.0,) and settings.keeps("top_k") == (0.5,)
+    result = mlp_claim("comet_mlp", "digits", settings, tmp_path / "cache", tmp_path / "plots", quick=True)
+    lines = (tmp_path / "cache" / "comet_mlp.jsonl").read_text().splitlines()
+    runs = [json.loads(line) for line in lines]
+    assert all("train" in r["record"] for r in runs)
+    tuning = [r["spec"] for r in runs if r["spec"]["seed"] == 0 and r["spec"]["width"] == 16]
+    for variant in settings.variants:
+        assert {s["learning_rate"] for s in tuning if s["variant"] == variant} == {1e-3, 3e-2}
+        assert f"{variant}: 0.001 →" in result.markdown
+    assert not [r for r in runs if r["spec"]["variant"] == "top_k" and r["spec"]["keep_rate"] == 0.25]
+    assert "gap (train − test)" in result.markdown and "| —" in result.markdown  # top_k did not run at keep 0.25
+
+
 @pytest.mark.parametrize("family", ["vit", "gpt2"])
 def test_the_transformer_variants_are_the_baselines_the_claim_names(family):
     settings = transformer_claims.QUICK[family]
