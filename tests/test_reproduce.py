@@ -129,6 +129,96 @@ def test_the_mlp_variants_are_what_the_paper_s_code_defines():
     assert blocks.block_size == 16 and blocks.k == 1
 
 
+def test_top_k_keeps_the_k_largest_of_the_backbone_s_own_activations():
+    torch.manual_seed(0)
+    model = mlp.build("top_k", 64, 32, 10, 0.25)
+    x = torch.randn(16, 64)
+    assert model.k == 8 and not any(True for _ in model.buffers())  # no router, nothing extra
+    h = torch.nn.functional.softplus(model.layers[0](x))
+    kept = []
+    model.layers[1].register_forward_pre_hook(lambda module, args: kept.append(args[0]))
+    model(x)
+    masked = kept[0]
+    assert torch.equal((masked != 0).sum(-1), torch.full((16,), 8))  # exactly k units per row
+    threshold = h.topk(8, dim=-1).values[:, -1:]
+    torch.testing.assert_close(masked, h * (h >= threshold))  # the largest activations, unscaled
+    model(x)[0].sum().backward()
+    assert model.layers[0].weight.grad.abs().sum() > 0  # the routing follows the trained weights
+
+
+def test_layer_wise_routes_on_a_frozen_projection_of_the_backbone_s_previous_layer():
+    torch.manual_seed(0)
+    model = mlp.build("layer_wise", 64, 32, 10, 0.5)
+    torch.manual_seed(0)
+    comet = mlp.build("comet", 64, 32, 10, 0.5)
+    assert not any(p.requires_grad for p in model.router.parameters())
+    assert all(torch.equal(a.weight, b.weight) for a, b in zip(model.router, comet.router, strict=True))  # same V
+    x = torch.randn(16, 64)
+    inputs = []
+    for layer in [*model.layers, model.output]:
+        layer.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    before = [p.detach().clone() for p in model.router.parameters()]
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(x)[0].sum().backward()
+    optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.router.parameters(), strict=True))  # never learns
+    for layer in range(3):  # layer l's kept units: the top-k of V_l on the layer's input (the backbone's output)
+        expected = mlp.top_k_mask(model.router[layer](inputs[layer]), model.k)
+        assert torch.equal(inputs[layer + 1] != 0, expected.bool())
+    assert torch.equal(inputs[1] != 0, comet.masks(x)[0].bool())  # layer 1 reads the input, as COMET's does
+    # deeper layers differ from COMET, whose chain reads its own masked state instead of the backbone's
+    assert not torch.equal(comet.masks(x)[1].bool(), inputs[2] != 0)
+
+
+def test_example_tied_dropout_fixes_a_mask_per_example_and_evaluates_on_the_generalisation_units():
+    torch.manual_seed(0)
+    model = mlp.build("example_tied_dropout", 64, 40, 10, 0.5, num_examples=30)
+    assert model.generalisation_units == 20 and model.example_masks.shape == (3, 30, 40)
+    assert torch.all(model.example_masks[:, :, :20] == 1)
+    tail = model.example_masks[:, :, 20:]
+    assert 0.1 < tail.mean() < 0.3 and not torch.equal(model.example_masks[0, 0], model.example_masks[0, 1])
+    x = torch.randn(4, 64)
+    index = torch.tensor([3, 7, 3, 11])
+    first, second = model(x, example_index=index)[0], model(x, example_index=index)[0]
+    torch.testing.assert_close(first, second)  # deterministic: the same example gets the same mask every time
+    other = model(x, example_index=torch.tensor([4, 8, 5, 12]))[0]
+    assert not torch.allclose(first, other)
+    seen = []
+    model.layers[1].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    model(x, example_index=index)
+    assert torch.equal(seen[-1] != 0, model.example_masks[0, index].bool())
+    model.eval()
+    model(x)
+    assert torch.equal((seen[-1] != 0).sum(-1), torch.full((4,), 20)) and torch.all(seen[-1][:, 20:] == 0)
+    model.train()
+    with pytest.raises(ValueError, match="example_index"):
+        model(x)
+    with pytest.raises(ValueError, match="num_examples=None"):
+        mlp.build("example_tied_dropout", 64, 40, 10, 0.5)
+    record = mlp.train_one("example_tied_dropout", "digits", 16, 0.5, 0, steps=3, learning_rate=1e-3, eval_every=3)
+    assert 0.0 <= record["train"] <= 1.0 and 0.0 <= record["test"] <= 1.0  # the final train metric is recorded
+
+
+def test_every_mlp_variant_is_tuned_on_its_own_and_the_page_shows_the_gap(tmp_path):
+    from hf_comet.reproduce.comet_mlp import MLP_QUICK, SINGLE_KEEP_VARIANTS, MLPSettings, mlp_claim
+
+    assert set(SINGLE_KEEP_VARIANTS) & set(MLP_QUICK.variants)
+    settings = MLPSettings(widths=(16,), keep_rates=(0.25, 0.5), seeds=(0, 1), steps=4, eval_every=2,
+                           learning_rates=(1e-3, 3e-2), tune_width=16,
+                           variants=("dense", "comet", "top_k", "example_tied_dropout"))  # fmt: skip
+    assert settings.keeps("dense") == (1.0,) and settings.keeps("top_k") == (0.5,)
+    result = mlp_claim("comet_mlp", "digits", settings, tmp_path / "cache", tmp_path / "plots", quick=True)
+    lines = (tmp_path / "cache" / "comet_mlp.jsonl").read_text().splitlines()
+    runs = [json.loads(line) for line in lines]
+    assert all("train" in r["record"] for r in runs)
+    tuning = [r["spec"] for r in runs if r["spec"]["seed"] == 0 and r["spec"]["width"] == 16]
+    for variant in settings.variants:
+        assert {s["learning_rate"] for s in tuning if s["variant"] == variant} == {1e-3, 3e-2}
+        assert f"{variant}: 0.001 →" in result.markdown
+    assert not [r for r in runs if r["spec"]["variant"] == "top_k" and r["spec"]["keep_rate"] == 0.25]
+    assert "gap (train − test)" in result.markdown and "| —" in result.markdown  # top_k did not run at keep 0.25
+
+
 @pytest.mark.parametrize("family", ["vit", "gpt2"])
 def test_the_transformer_variants_are_the_baselines_the_claim_names(family):
     settings = transformer_claims.QUICK[family]

@@ -19,6 +19,19 @@ Variants (p is the keep rate, N the width):
   ``int(p N / 2)``, so as many active units), a trainable softmax gate on the input, top-k renormalised weights, and
   the Switch load-balancing loss (coefficient 0.01). The official ``moe_trainable`` passes no gradient to its gate
   (methods.md §1.6 pitfall), so "learned" is ours.
+* ``top_k``: the official ``top_k_model`` ("trainable routing"): each hidden layer keeps the
+  ``k = max(1, floor(p N))`` largest of its own activations ``softplus(a_l)`` per sample (mask computed without
+  gradient), so the routing follows the trained weights; no extra parameters.
+* ``layer_wise``: the official ``layer_wise_routing``: the mask of hidden layer l is the top-k of a frozen random
+  projection ``V_l`` (``nn.Linear``'s default init, no bias; the same shapes as COMET's router, drawn in the same
+  order, so a seed gives both the same ``V``) of the **backbone's** previous hidden layer (its masked output; the input
+  for layer 1), instead of COMET's router chain.
+* ``example_tied_dropout``: Maini et al. (2023) as the official code runs it: every training example has its own
+  fixed Bernoulli(0.2) mask per hidden layer, drawn once at construction, with the first ``int(p N)``
+  "generalisation" units always on; at evaluation (``model.eval()``) only those ``int(p N)`` units are on, for every
+  input. No rescaling. Decision: the official code keys an example by two of its pixel values (two images that share
+  them share a mask); we key it by its index in the training split, which ``train_one`` passes as
+  ``example_index`` (a training-mode forward without it is refused).
 
 Decision (docs/decisions.md#reproducing-the-papers): "4-layer MLP" is the official code's four linear layers (three
 hidden), not four hidden layers.
@@ -37,7 +50,11 @@ from torch import nn
 
 BLOCK_SIZE = 16
 BALANCE_COEF = 0.01
-MLP_VARIANTS = ("dense", "smaller", "dropout", "comet", "block_comet", "random_top1", "learned_top1", "learned_top2")
+TIED_DROPOUT_RATE = 0.2  # the official example_tied_dropout's Bernoulli probability (run_models.py)
+MLP_VARIANTS = (
+    "dense", "smaller", "dropout", "comet", "block_comet", "random_top1", "learned_top1", "learned_top2", "top_k",
+    "layer_wise", "example_tied_dropout",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -83,6 +100,15 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(scores).scatter_(-1, scores.topk(k, dim=-1).indices, 1.0)
 
 
+def _frozen_router(num_inputs: int, width: int) -> nn.ModuleList:
+    """Three frozen bias-free projections ``V_1..V_3`` (``nn.Linear``'s default init), COMET's shapes."""
+    router = nn.ModuleList(
+        [nn.Linear(num_inputs, width, bias=False), nn.Linear(width, width, bias=False),
+         nn.Linear(width, width, bias=False)]
+    )  # fmt: skip
+    return router.requires_grad_(False)
+
+
 class MLP(nn.Module):
     """The skeleton: three hidden layers of ``width`` units with softplus, an unmasked output layer."""
 
@@ -108,11 +134,7 @@ class CometMLP(MLP):
     def __init__(self, num_inputs: int, width: int, num_outputs: int, keep_rate: float):
         super().__init__(num_inputs, width, num_outputs)
         self.k = max(1, math.floor(keep_rate * width * (1 + 1e-9)))
-        self.router = nn.ModuleList(
-            [nn.Linear(num_inputs, width, bias=False), nn.Linear(width, width, bias=False),
-             nn.Linear(width, width, bias=False)]
-        )  # fmt: skip
-        self.router.requires_grad_(False)
+        self.router = _frozen_router(num_inputs, width)
 
     @torch.no_grad()
     def masks(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -153,6 +175,65 @@ class BlockCometMLP(MLP):
         return self.output(x), None
 
 
+class TopKActivationMLP(MLP):
+    """The official ``top_k_model``: every hidden layer keeps the ``k`` largest of its own activations per sample."""
+
+    def __init__(self, num_inputs: int, width: int, num_outputs: int, keep_rate: float):
+        super().__init__(num_inputs, width, num_outputs)
+        self.k = max(1, math.floor(keep_rate * width * (1 + 1e-9)))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        for layer in range(3):
+            h = F.softplus(self.layers[layer](x))
+            with torch.no_grad():
+                mask = top_k_mask(h, self.k)
+            x = h * mask
+        return self.output(x), None
+
+
+class LayerWiseRoutingMLP(MLP):
+    """The official ``layer_wise_routing``: layer l's mask is the top-k of a frozen projection of the backbone's
+    previous (masked) hidden layer, not of COMET's own router chain."""
+
+    def __init__(self, num_inputs: int, width: int, num_outputs: int, keep_rate: float):
+        super().__init__(num_inputs, width, num_outputs)
+        self.k = max(1, math.floor(keep_rate * width * (1 + 1e-9)))
+        self.router = _frozen_router(num_inputs, width)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        for layer in range(3):
+            with torch.no_grad():
+                mask = top_k_mask(self.router[layer](x), self.k)
+            x = self.hidden(x, layer, mask)
+        return self.output(x), None
+
+
+class ExampleTiedDropoutMLP(MLP):
+    """Example-tied dropout (Maini et al., 2023; the official ``example_tied_dropout``): a fixed mask per training
+    example (Bernoulli(``rate``) plus the first ``int(p N)`` units) in training, only those first units at evaluation.
+    The masks are a buffer, so a checkpoint keeps them."""
+
+    def __init__(self, num_inputs: int, width: int, num_outputs: int, keep_rate: float, num_examples: int,
+                 rate: float = TIED_DROPOUT_RATE):  # fmt: skip
+        super().__init__(num_inputs, width, num_outputs)
+        self.generalisation_units = int(keep_rate * width * (1 + 1e-9))
+        masks = torch.bernoulli(torch.full((3, num_examples, width), rate))
+        masks[:, :, : self.generalisation_units] = 1.0
+        self.register_buffer("example_masks", masks)
+        eval_mask = torch.zeros(width)
+        eval_mask[: self.generalisation_units] = 1.0
+        self.register_buffer("eval_mask", eval_mask)
+
+    def forward(self, x: torch.Tensor, example_index: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        if self.training and example_index is None:
+            raise ValueError("example_tied_dropout in training mode needs example_index (each row's index in the "
+                             "training split); call model.eval() to use the generalisation units only.")  # fmt: skip
+        for layer in range(3):
+            mask = self.example_masks[layer, example_index] if self.training else self.eval_mask
+            x = self.hidden(x, layer, mask)
+        return self.output(x), None
+
+
 class MixtureMLP(nn.Module):
     """Whole-MLP experts with an input gate: fixed random top-1 (official ``moe_non_trainable``) or learned top-k
     (softmax, renormalised top-k weights, Switch load-balancing loss)."""
@@ -181,8 +262,12 @@ class MixtureMLP(nn.Module):
         return combined.sum(1), balance
 
 
-def build(variant: str, num_inputs: int, width: int, num_outputs: int, keep_rate: float) -> nn.Module:
-    """One variant of `MLP_VARIANTS` (the module docstring says what each is)."""
+def build(variant: str, num_inputs: int, width: int, num_outputs: int, keep_rate: float,
+          num_examples: int | None = None) -> nn.Module:  # fmt: skip
+    """One variant of `MLP_VARIANTS` (the module docstring says what each is); ``num_examples`` (the training split's
+    size) is needed by ``example_tied_dropout`` only, which draws one mask per training example."""
+    if variant not in MLP_VARIANTS:
+        raise ValueError(f"variant={variant!r} is not an MLP variant; choose one of {', '.join(MLP_VARIANTS)}.")
     if variant == "dense":
         return MLP(num_inputs, width, num_outputs)
     if variant == "smaller":
@@ -197,7 +282,14 @@ def build(variant: str, num_inputs: int, width: int, num_outputs: int, keep_rate
         return MixtureMLP(num_inputs, width, num_outputs, keep_rate, top_k=1, learned=False)
     if variant in ("learned_top1", "learned_top2"):
         return MixtureMLP(num_inputs, width, num_outputs, keep_rate, top_k=int(variant[-1]), learned=True)
-    raise ValueError(f"variant={variant!r} is not an MLP variant; choose one of {', '.join(MLP_VARIANTS)}.")
+    if variant == "top_k":
+        return TopKActivationMLP(num_inputs, width, num_outputs, keep_rate)
+    if variant == "layer_wise":
+        return LayerWiseRoutingMLP(num_inputs, width, num_outputs, keep_rate)
+    if num_examples is None or num_examples < 1:
+        raise ValueError(f"num_examples={num_examples!r}: example_tied_dropout needs the training split's size (a "
+                         "positive int) to draw one mask per training example.")  # fmt: skip
+    return ExampleTiedDropoutMLP(num_inputs, width, num_outputs, keep_rate, num_examples)
 
 
 def evaluate(model: nn.Module, split: Split, part: tuple[torch.Tensor, torch.Tensor]) -> float:
@@ -232,11 +324,13 @@ def train_one(
     batch_size: int = 32, eval_every: int = 50,
 ) -> dict:
     """Train one variant with Adam for ``steps`` optimizer steps; the validation metric every ``eval_every`` steps and
-    at the end, the test metric once at the end (COMET also records its overlap-vs-similarity correlations at init
-    and after training)."""  # fmt: skip
+    at the end, the test metric once at the end, and the final metric on the whole training split (eval mode: the
+    generalisation gap is ``train - test``). COMET also records its overlap-vs-similarity correlations at init and
+    after training."""  # fmt: skip
     split = load_split(dataset)
     torch.manual_seed(seed)
-    model = build(variant, split.train[0].shape[1], width, split.num_outputs, keep_rate)
+    model = build(variant, split.train[0].shape[1], width, split.num_outputs, keep_rate, len(split.train[1]))
+    tied = isinstance(model, ExampleTiedDropoutMLP)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
     record: dict = {"curve_steps": [], "curve": []}
     if isinstance(model, CometMLP):
@@ -251,7 +345,7 @@ def train_one(
             batch_index, cursor = torch.randperm(len(y), generator=order), 0
         index = batch_index[cursor : cursor + batch_size]
         cursor += batch_size
-        prediction, balance = model(x[index])
+        prediction, balance = model(x[index], example_index=index) if tied else model(x[index])
         if split.task == "classification":
             loss = F.cross_entropy(prediction, y[index])
         else:
@@ -266,6 +360,7 @@ def train_one(
             record["curve"].append(evaluate(model, split, split.validation))
     record["seconds"] = time.perf_counter() - start
     record["test"] = evaluate(model, split, split.test)  # read once, at the end
+    record["train"] = evaluate(model, split, split.train)
     record["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if isinstance(model, CometMLP):
         record["overlap_r_trained"] = overlap_similarity_correlation(model, split.test[0])
