@@ -323,7 +323,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _reproduce(args: argparse.Namespace) -> int:
     from hf_comet.io import destination_file, run_folder, write_failures
-    from hf_comet.reproduce import CLAIMS, reproduce
+    from hf_comet.reproduce import CLAIMS, MissingRuns, reproduce
 
     unknown = [claim for claim in args.claims if claim not in CLAIMS]
     if unknown:
@@ -340,7 +340,11 @@ def _reproduce(args: argparse.Namespace) -> int:
     page = page or Path("docs/results.md")
     destination_file(page, "results page")
     with write_failures(page, "results page or --cache"):  # a full disk or read-only place: one line
-        results = reproduce(args.claims or None, quick=args.quick, cache_dir=args.cache, page=page)
+        try:
+            results = reproduce(args.claims or None, quick=args.quick, cache_dir=args.cache, page=page,
+                                render=args.render)  # fmt: skip
+        except MissingRuns as error:
+            raise UserError(str(error)) from None
     for result in results:
         print(f"{result.name}: {result.verdict} ({result.seconds / 60:.1f} min)")
     print(f"results page written to {page}")
@@ -487,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--quick", action="store_true", help="tiny settings that check the pipeline, not results")
     reproduce.add_argument("--cache", default="runs/reproduce", help="folder of finished runs (resumed from)")
     reproduce.add_argument("--page", help="the results page to write (default docs/results.md; --quick: under --cache)")
+    reproduce.add_argument("--render", action="store_true", help="train nothing: re-render the page from the cached "
+                           "runs (the committed runs/reproduce/full/ give docs/results.md byte for byte)")  # fmt: skip
 
     card = commands.add_parser("card", help="write the model card (README.md) of a saved hf_comet checkpoint")
     card.add_argument("checkpoint")

@@ -267,9 +267,9 @@ def test_the_cli_refuses_a_cache_that_is_a_file_before_any_run(tmp_path, capsys)
 
 
 def test_the_sparsify_claim_judges_the_interval_against_the_margin():
-    from hf_comet.reproduce.sparsify_finetune_bert import verdict_of
+    from hf_comet.reproduce.stats import margin_verdict as verdict_of
 
-    assert verdict_of(-0.8, 0.5, 1.0) == "within the margin"  # the whole interval above minus the margin
-    assert verdict_of(-3.0, -1.2, 1.0) == "below the margin"  # the whole interval under it
+    assert verdict_of(-0.8, 0.5, 1.0) == "met"  # the whole interval above minus the margin
+    assert verdict_of(-3.0, -1.2, 1.0) == "not met"  # the whole interval under it
     assert verdict_of(-1.5, 0.2, 1.0) == "inconclusive"  # it straddles the margin
     assert verdict_of(float("nan"), float("nan"), 1.0) == "inconclusive"  # one seed: no interval

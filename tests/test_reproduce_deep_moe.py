@@ -86,16 +86,26 @@ def test_the_model_counts_its_constraint_phase_in_training_forwards_and_the_base
 
 
 def test_verdict_rules():
-    yes, no, against = (0.8, 0.001), (0.1, 0.4), (-0.5, 0.01)
+    from hf_comet.reproduce.stats import Comparison
+
+    def comparison(estimate, low, high, p, mde=0.05, claimed=deep_moe.CLAIMED_BITS):
+        return Comparison("c", estimate, low, high, p, mde, +1, claimed, 5, p_holm=p)
+
+    yes = comparison(0.8, 0.5, 1.1, 0.001)
+    open_ = comparison(0.1, -0.2, 0.4, 0.4)  # not significant, the interval still holds the claimed 0.1 bits
+    absent = comparison(0.01, -0.02, 0.04, 0.5)  # not significant, and the interval excludes 0.1 bits
+    against = comparison(-0.5, -0.8, -0.2, 0.01)
     assert deep_moe.specialisation_word(yes, yes, 14) == "reproduced"
-    assert deep_moe.specialisation_word(yes, yes, 6) == "partly reproduced"
-    assert deep_moe.specialisation_word(yes, no, 14) == "partly reproduced"
-    assert deep_moe.specialisation_word(no, no, 16) == "not reproduced"
-    assert deep_moe.specialisation_word(yes, against, 16) == "contradicted"
-    assert deep_moe.collapse_word((10.0, 0.001), 1.0) == "reproduced"
-    assert deep_moe.collapse_word((3.0, 0.01), 8.0) == "partly reproduced"
-    assert deep_moe.collapse_word((1.0, 0.3), 1.0) == "not reproduced"
-    assert deep_moe.collapse_word((-3.0, 0.01), 8.0) == "contradicted"
+    assert deep_moe.specialisation_word(yes, yes, 6) == "partly reproduced"  # the combinations are not used
+    assert deep_moe.specialisation_word(yes, open_, 14) == "partly reproduced"
+    assert deep_moe.specialisation_word(open_, absent, 16) == "inconclusive"
+    assert deep_moe.specialisation_word(absent, absent, 16) == "not reproduced"
+    assert deep_moe.specialisation_word(absent, against, 16) == "contradicted"
+    many = comparison(10.0, 8.0, 12.0, 0.001, claimed=deep_moe.CLAIMED_PAIRS)
+    assert deep_moe.collapse_word(many, 1.0) == "reproduced"
+    assert deep_moe.collapse_word(many, 8.0) == "partly reproduced"  # more pairs, but no collapse without it
+    assert deep_moe.collapse_word(comparison(0.2, -2.0, 2.4, 0.3, claimed=1.0), 1.0) == "inconclusive"
+    assert deep_moe.collapse_word(comparison(-3.0, -4.0, -2.0, 0.01, claimed=1.0), 8.0) == "contradicted"
 
 
 def test_the_quick_claim_renders_its_section_and_plot_from_four_cached_runs(quick_reproduction, tmp_path):

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 
 from ..io import staged_path
 from .core import CLAIMS, Claim, ClaimResult, MissingRuns, RunCache, code_version, register_claim, run_all
+from .stats import VERDICT_RULE
 
 # Each module registers its claim on import, and `CLAIMS` lists them in this order (the page's).
 # isort: off
@@ -33,12 +35,15 @@ def reproduce(
     quick: bool = False,
     cache_dir: str | os.PathLike = "runs/reproduce",
     page: str | os.PathLike | None = None,
+    render: bool = False,
 ) -> list[ClaimResult]:
     """Run ``claims`` (default: all of `CLAIMS`) from the cache onwards and write the results page and its plots
     (``<page folder>/results/``). Claims not asked for are rendered from the cache when all their runs are there, so
     running one claim keeps the others' sections. ``quick`` uses tiny settings, a separate cache and by default a page
     under the cache (``<cache>/quick/results.md``), never ``docs/results.md``; the page says its numbers are not
-    results. Returns the claims run."""
+    results. ``render`` trains nothing: it re-renders the page from the cached runs alone (the committed
+    ``runs/reproduce/full/*.jsonl`` give ``docs/results.md`` byte for byte) and raises `MissingRuns`, naming the claims,
+    when any asked-for claim's runs are missing or were made by other code. Returns the claims asked for."""
     names = list(CLAIMS) if not claims else claims
     unknown = [name for name in names if name not in CLAIMS]
     if unknown:
@@ -46,10 +51,21 @@ def reproduce(
     cache = Path(cache_dir) / ("quick" if quick else "full")
     page = Path(page) if page is not None else (cache / "results.md" if quick else Path("docs/results.md"))
     plots = page.parent / "results"
+    if render:  # find every missing run before writing anything
+        missing = []
+        with tempfile.TemporaryDirectory(prefix="hf_comet_render_") as scratch:
+            for name in names:
+                try:
+                    CLAIMS[name].run(cache, Path(scratch), quick, True)
+                except MissingRuns as error:
+                    missing.append(f"{name} ({error})")
+        if missing:
+            raise MissingRuns(f"cannot render from {cache} alone; missing runs: {'; '.join(missing)}. Run "
+                              "`hf-comet reproduce` for them first.")  # fmt: skip
     results, rendered = [], []
     for name, claim in CLAIMS.items():
         try:
-            result = claim.run(cache, plots, quick, name not in names)
+            result = claim.run(cache, plots, quick, render or name not in names)
         except MissingRuns:
             continue  # not asked for and not finished: listed as not run yet
         result.title = claim.title
@@ -70,10 +86,13 @@ def write_page(results: list[ClaimResult], page: Path, quick: bool) -> None:
     lines = ["# Results: the papers' claims, reproduced or not", ""]
     if quick:
         lines += ["> **Quick mode**: tiny settings that check the pipeline. These numbers are not results.", ""]
-    lines += ["Regenerate with `hf-comet reproduce` (about the time below per claim on a 2-core CPU; finished runs are "
-              "cached in `runs/reproduce/`, so an interrupted run continues). Choices are made on validation splits; "
-              "each run reads its test split once. How the tests and intervals are computed: `hf_comet/reproduce/"
-              "stats.py`.", "", "| claim | source | verdict | time |", "|---|---|---|---|"]  # fmt: skip
+    lines += ["Every number here is rendered from the committed run records in `runs/reproduce/full/` (one JSON line "
+              "per run): `hf-comet reproduce --render` rewrites this page from them, byte for byte, without training "
+              "(a test checks it). `hf-comet reproduce` reruns the claims (about the time below per claim on a 2-core "
+              "CPU; finished runs are kept, so an interrupted run continues; runs made by other run code are redone). "
+              "Choices are made on validation splits; each run reads its test split once. The statistics: "
+              "`hf_comet/reproduce/stats.py`.", "", VERDICT_RULE, "",
+              "| claim | source | verdict | time |", "|---|---|---|---|"]  # fmt: skip
     for result in results:
         claim = CLAIMS[result.name]
         lines.append(f"| [{claim.title}](#{_slug(claim.title)}) | {claim.source} | {result.verdict} | "
@@ -86,7 +105,8 @@ def write_page(results: list[ClaimResult], page: Path, quick: bool) -> None:
     for result in results:
         claim = CLAIMS[result.name]
         lines += [f"## {claim.title}", "", f"Source: {claim.source}. Command: "
-                  f"`hf-comet reproduce {result.name}`. Verdict: {result.verdict}.", "", result.markdown, ""]  # fmt: skip
+                  f"`hf-comet reproduce {result.name}`. Verdict: {result.verdict}.", "",
+                  f"At the paper's scale: {claim.paper_scale}", "", result.markdown, ""]  # fmt: skip
     with staged_path(page) as staging:  # a kill mid-write leaves the previous page
         staging.write_text("\n".join(lines))
 

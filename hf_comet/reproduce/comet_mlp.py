@@ -6,15 +6,32 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import mlp
 from .core import ClaimResult, RunCache, code_version, plot_curves, register_claim, run_all
-from .stats import SIGNIFICANCE, area_under_curve, format_interval, holm, mean_interval, paired_test, steps_to_reach
+from .stats import (
+    SIGNIFICANCE,
+    area_under_curve,
+    comparisons_table,
+    format_interval,
+    holm,
+    holm_family,
+    mean_interval,
+    paired_comparison,
+    paired_test,
+    steps_to_reach,
+    verdict_text,
+)
 
 SINGLE_KEEP_VARIANTS = ("top_k", "layer_wise", "example_tied_dropout")
+CLAIMED_ACCURACY = 0.01
+"""The claimed effect on accuracy (and on the validation-accuracy curve's mean): 1 point; the paper gives no size."""
+CLAIMED_RELATIVE = 0.01
+"""The claimed effect on an MSE (regression): 1 % of the dense model's."""
 
 
 @dataclass(frozen=True)
@@ -142,9 +159,6 @@ def mlp_claim(claim: str, dataset: str, settings: MLPSettings, cache_dir: Path, 
 
     better = {v: count(v, "test", 1) for v in comparisons}
     worse = {v: count(v, "test", -1) for v in comparisons}
-    faster = {v: count(v, "auc", 1) for v in comparisons}
-    slower = {v: count(v, "auc", -1) for v in comparisons}
-    settings_count = len(grid)
     header = "| width | keep | COMET test | " + " | ".join(f"Δ vs {v} (p)" for v in comparisons) + " |"
     table = [header, "|" + "---|" * (3 + len(comparisons))]
     auc_table = ["| width | keep | COMET val AUC | " + " | ".join(f"Δ vs {v} (p)" for v in comparisons) + " |",
@@ -171,8 +185,8 @@ def mlp_claim(claim: str, dataset: str, settings: MLPSettings, cache_dir: Path, 
     if dense:
         threshold = mean_interval([r["curve"][-1] for r in dense])[0] * (0.97 if higher else 1.03)
         lines += [f"**Width {width}, keep {keep:g}, every variant** (steps to reach 97 % of the dense model's final "
-                  f"validation {metric}, {'≥' if higher else '≤'} {threshold:.3f}: median over the seeds that reached "
-                  "it, and how many did):", "",
+                  f"validation {metric}, {'≥' if higher else '≤'} {threshold:.3f}: the median over all seeds, one that "
+                  "never got there counted as beyond the run, and how many got there):", "",
                   f"| variant | lr | trainable params | train {metric} | test {metric} | gap (train − test) | val AUC "
                   "| steps to dense quality | seconds |",
                   "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -181,8 +195,9 @@ def mlp_claim(claim: str, dataset: str, settings: MLPSettings, cache_dir: Path, 
             if not group:
                 continue
             reached = [steps_to_reach(r["curve_steps"], r["curve"], threshold, higher) for r in group]
-            hits = sorted(s for s in reached if s is not None)
-            median = f"{hits[len(hits) // 2]} ({len(hits)}/{len(group)})" if hits else f"not reached (0/{len(group)})"
+            hits = sum(s is not None for s in reached)
+            middle = statistics.median(math.inf if s is None else s for s in reached)  # every seed counted
+            median = f"{'not reached' if math.isinf(middle) else f'{middle:g}'} ({hits}/{len(group)})"
             lines.append(
                 f"| {variant} | {rates[variant]:g} | {group[0]['trainable_parameters']:,} | "
                 f"{format_interval([r['train'] for r in group])} | {format_interval([r['test'] for r in group])} | "
@@ -225,40 +240,50 @@ def mlp_claim(claim: str, dataset: str, settings: MLPSettings, cache_dir: Path, 
                            f"{pick('test', 1)}, worse in {pick('test', -1)} of {len(columns)} widths")  # fmt: skip
     if by_keep:
         lines += ["COMET against dense by keep rate (Holm-corrected): " + "; ".join(by_keep) + ".", ""]
-    # verdicts: counted on Holm-corrected tests, and a setting where COMET is significantly worse counts against
-    n = settings_count
-
-    def word(good: int, bad: int) -> str:
-        if n and good * 3 >= 2 * n and bad == 0:
-            return "reproduced"
-        if good > bad:
-            return "partly reproduced"
-        return "contradicted" if bad > good else "not reproduced"
-
-    learns, learns_worse = faster.get("dense", 0), slower.get("dense", 0)
-    generalises, generalises_worse = better.get("dense", 0), worse.get("dense", 0)
-    verdict = (f"faster learning per update than dense: **{word(learns, learns_worse)}** (significantly faster in "
-               f"{learns} of {n} settings, slower in {learns_worse}); better generalisation than dense: "
-               f"**{word(generalises, generalises_worse)}** (significantly better test {metric} in {generalises} of "
-               f"{n}, worse in {generalises_worse})")  # fmt: skip
+    # the verdicts: COMET against dense, Holm over the settings of each kind, judged by the shared rule
+    verdict_tests = {}
+    for kind, value in (("auc", auc), ("test", lambda r: r["test"])):
+        row = []
+        for width, keep in grid:
+            dense_runs, comet_runs = runs("dense", width, keep), runs("comet", width, keep)
+            scale = CLAIMED_ACCURACY if higher else CLAIMED_RELATIVE * sum(value(r) for r in dense_runs) / len(dense_runs)
+            row.append(paired_comparison(f"{kind} at width {width}, keep {keep:g}",
+                                         {r["spec"]["seed"]: value(r) for r in comet_runs},
+                                         {r["spec"]["seed"]: value(r) for r in dense_runs}, sign, scale))  # fmt: skip
+        verdict_tests[kind] = holm_family(row)
+    claimed_words = ("1 point of accuracy (validation-curve mean for speed, test accuracy for generalisation)" if higher
+                     else "1 % of the dense model's MSE")  # fmt: skip
+    lines += [f"**The comparisons the verdict rests on** (COMET minus dense; Holm over the {len(grid)} settings of each "
+              f"kind; claimed effect: {claimed_words}, in COMET's favour):", "",
+              *comparisons_table(verdict_tests["auc"] + verdict_tests["test"]), ""]  # fmt: skip
+    verdict = (f"faster learning per update than dense: {verdict_text(verdict_tests['auc'])}; better generalisation "
+               f"than dense: {verdict_text(verdict_tests['test'])}")  # fmt: skip
     others = ", ".join(f"{v}: better in {better[v]}, worse in {worse[v]} of {ran(v)}" for v in comparisons
                        if v != "dense")  # fmt: skip
     lines += [f"Against the other baselines (Holm-corrected significant test differences, of the settings each ran): "
               f"{others}.", "", "Read with care: each variant's learning rate was chosen on the validation split the "
               "curves use, at one width and seed; at keep 0.9 the top-1 mixtures have one expert (`int(1 / 0.9)`), so "
               "they are the `smaller` model; block-COMET keeps whole blocks of 16 units, so at keep 0.1 its active "
-              "units differ from COMET's (e.g. 16 vs 12 at width 128).", ""]  # fmt: skip
+              "units differ from COMET's (e.g. 16 vs 12 at width 128).", "",
+              "Where our setting differs from the paper's: Shaier et al. train the 4-layer MLP on CIFAR-10 (and "
+              "SARCOS for regression) at widths up to 3000 for 100 epochs with SGD; here the data are scikit-learn's "
+              f"bundled {dataset} (no download), widths {list(settings.widths)} and {settings.steps} Adam steps on a "
+              "2-core CPU. Adam with a learning rate tuned per variant is the fairer optimiser at this budget (SGD's "
+              "rate would need its own sweep per width); the paper-scale setting needs a GPU and the downloaded "
+              "datasets.", ""]  # fmt: skip
     lines.append("Tuning runs (seed 0; learning rate → final validation " + metric + "): " + "; ".join(
         f"{v}: " + ", ".join(f"{r['spec']['learning_rate']:g} → {r['curve'][-1]:.3f}" for r in tuning
                              if r["spec"]["variant"] == v) + f" (chose {rates[v]:g})" for v in settings.variants) + ".")  # fmt: skip
     del started
-    return ClaimResult(claim, "", verdict, "\n".join(lines), sum(r["seconds"] for r in records + tuning))
+    unique = {id(r): r for r in records + tuning}.values()  # the chosen rates' tuning runs are sweep runs too
+    return ClaimResult(claim, "", verdict, "\n".join(lines), sum(r["seconds"] for r in unique))
 
 
 @register_claim(
     "comet_mlp",
     "COMET learns faster per update and generalises better (4-layer MLP, digits)",
     "Shaier et al., ICLR 2025 (methods.md §1.6–1.7)",
+    'the paper trains the 4-layer MLP on CIFAR-10 (a download) at widths up to 3000 for 100 epochs of SGD; that needs the dataset and, to be quick, a GPU. Here: bundled digits, widths up to 512, 600 Adam steps on a CPU.',
 )
 def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) -> ClaimResult:
     return mlp_claim("comet_mlp", "digits", MLP_QUICK if quick else MLP_FULL, cache_dir, plots, quick, cached_only)

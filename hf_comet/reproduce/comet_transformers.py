@@ -144,6 +144,7 @@ def _family_section(family: str, rates: dict[str, float], tuning: list[dict], re
     "comet_transformers",
     "COMET on ViT (digits) and GPT-2 (bundled text) against the paper's baselines",
     "Shaier et al., ICLR 2025 (methods.md §1.5–1.7)",
+    "the paper's ViT and GPT runs (sizes and data not stated in the sources, methods.md §1.7) need a GPU and downloaded data; here tiny models (d 32–64, 2 layers) on bundled digits and text. Real-size step times are the speed page's.",
 )
 def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) -> ClaimResult:
     """Issue 14 §1 on ViT and GPT-2: COMET against dense, smaller, dropout, random and learned top-k, block-COMET."""

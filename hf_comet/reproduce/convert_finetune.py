@@ -32,6 +32,7 @@ def gaps_at_start(groups: dict[str, list[dict]]) -> float:
     "convert_finetune",
     "Convert a dense checkpoint, then fine-tune, without losing its quality",
     "ours (issue 14 §6; keep-rate schedule after Zhu & Gupta 2017)",
+    'no paper runs it; a real-size conversion needs a downloaded checkpoint and a GPU for the fine-tune; here a tiny GPT-2 pre-trained on 2 cores.',
 )
 def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) -> ClaimResult:
     started = time.perf_counter()

@@ -266,10 +266,13 @@ def _run(spec: dict, settings: BertSettings, folder: Path) -> dict:
     "convert_finetune_bert",
     "Convert a dense BERT checkpoint, then fine-tune it on a topic task, without losing its accuracy",
     "ours (issue 14 §6, BERT; keep-rate schedule after Zhu & Gupta 2017)",
+    "no paper runs it; the issue's setting is a downloaded BERT-base fine-tuned on a GPU, which the same code path takes (`hf-comet convert`); here a small byte-level BERT pre-trained on 2 cores.",
 )
 def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) -> ClaimResult:
     """The section of the results page: each variant's test accuracy against the dense fine-tune's, and the verdict."""
     import sys
+
+    from .stats import INCONCLUSIVE, margin_verdict
 
     settings = QUICK if quick else FULL
     cache = RunCache(cache_dir, "convert_finetune_bert", code_version(sys.modules[__name__], finetune))
@@ -304,8 +307,8 @@ def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) 
         tests = [r["test"] for r in group]
         gaps[variant] = gap, low, high, p = gap_in_points(tests, dense)
         start = "–" if variant == "scratch" else f"{mean_interval([r['masked_loss_start'] for r in group])[0]:.3f}"
-        lines.append(f"| {variant} | {start} | {format_interval([r['curve'][0] for r in group])} | "
-                     f"{format_interval(tests)} | {'–' if variant == 'dense' else f'{gap:+.1f} [{low:+.1f}, {high:+.1f}] ({p:.2g})'} | "
+        lines.append(f"| {variant} | {start} | {format_interval([r['curve'][0] for r in group], bounds=(0.0, 1.0))} | "
+                     f"{format_interval(tests, bounds=(0.0, 1.0))} | {'–' if variant == 'dense' else f'{gap:+.1f} [{low:+.1f}, {high:+.1f}] ({p:.2g})'} | "
                      f"{mean_interval([r['seconds'] for r in group])[0]:.0f} |")  # fmt: skip
     lines += ["", "The masked-byte loss at conversion is the converted masked LM's, on held-out documentation, "
               "before any fine-tuning: the damage of converting (scheduled COMET starts at keep 1.0, the dense "
@@ -315,12 +318,14 @@ def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) 
     plot_curves(groups, plot, "convert, then fine-tune (BERT, docstring topics)", "accuracy")
     lines += [f"![fine-tune curves]({os.path.relpath(plot, plots.parent)})", ""]
     comet_like = {v: g for v, g in gaps.items() if "comet" in v}
-    best = max(comet_like, key=lambda v: comet_like[v][0]) if comet_like else None
-    met = best is not None and comet_like[best][0] >= -GOAL_POINTS
-    verdict = f"goal (converted COMET within {GOAL_POINTS:g} accuracy points of the dense fine-tune): **{'met' if met else 'not met'}**"
+    # the variant judged is the one with the best final validation accuracy (mean over seeds), never chosen on test
+    best = max(comet_like, key=lambda v: mean_interval([r["curve"][-1] for r in groups[v]])[0]) if comet_like else None
+    word = margin_verdict(*comet_like[best][1:3], GOAL_POINTS) if best is not None else INCONCLUSIVE
+    verdict = (f"goal (converted COMET within {GOAL_POINTS:g} accuracy points of the dense fine-tune, judged on the "
+               f"interval's lower bound): **{word}**")  # fmt: skip
     if best is not None:
         gap, low, high, p = comet_like[best]
-        verdict += f", best {best} {gap:+.1f} points (95 % interval [{low:+.1f}, {high:+.1f}], p {p:.2g})"
+        verdict += f", {best} (chosen on validation) {gap:+.1f} points [{low:+.1f}, {high:+.1f}] (p {p:.2g})"
     if "comet" in groups and "comet_schedule" in groups:
         diff, p = paired_test([r["test"] for r in groups["comet_schedule"]], [r["test"] for r in groups["comet"]])
         helps = ("helps" if p < SIGNIFICANCE and diff > 0 else "hurts" if p < SIGNIFICANCE

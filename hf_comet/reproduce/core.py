@@ -21,20 +21,22 @@ class Claim:
     source: str
     run: Callable[[Path, Path, bool, bool], ClaimResult]
     """``run(cache folder, plots folder, quick, cached_only)``; ``cached_only`` raises `MissingRuns` rather than run."""
+    paper_scale: str = "runs on a CPU as it is; no paper reports this experiment."
+    """What the claim needs at the paper's scale (a GPU, downloaded data), said at the top of its section."""
 
 
 CLAIMS: dict[str, Claim] = {}
 """Claims ``hf-comet reproduce`` runs, in page order (the order their modules register)."""
 
 
-def register_claim(name: str, title: str, source: str) -> Callable[[Callable], Callable]:
+def register_claim(name: str, title: str, source: str, paper_scale: str | None = None) -> Callable[[Callable], Callable]:
     """Decorator registering ``run`` (``run(cache, plots, quick, cached_only) -> ClaimResult``) as claim ``name`` with
-    its page title and source; a name is registered once."""
+    its page title, source and what it needs at the paper's scale; a name is registered once."""
 
     def register(run: Callable[[Path, Path, bool, bool], ClaimResult]) -> Callable:
         if name in CLAIMS:
             raise ValueError(f"claim {name!r} is already registered (by {CLAIMS[name].run.__module__}).")
-        CLAIMS[name] = Claim(name, title, source, run)
+        CLAIMS[name] = Claim(name, title, source, run, *([paper_scale] if paper_scale else []))
         return run
 
     return register

@@ -21,6 +21,7 @@ MERGING_QUICK = merging.MergingSettings(steps_per_task=2, seeds=(0, 1), hidden_s
     "expert_merging",
     "Merging the most used experts at task boundaries: accuracy and forgetting",
     "Park 2024 (methods.md §3.5)",
+    'Park merges MoE-Adapters experts on a frozen CLIP over image benchmarks, which needs downloaded CLIP weights and datasets and a GPU; here a small ViT trains whole on bundled digits.',
 )
 def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) -> ClaimResult:
     settings = MERGING_QUICK if quick else MERGING_FULL

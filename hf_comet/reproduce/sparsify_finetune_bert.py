@@ -140,11 +140,14 @@ def _spec(variant: str, settings, seed: int) -> dict:
 
 
 # -- the claim: rendering below (not part of the runs' code hash) --------------------------------------------------
+from .stats import margin_verdict  # noqa: E402  (below the run code, so the runs' code hash ignores it)
+
+
 def keep_rate_verdicts(
     variants, groups: dict, gaps: dict, margins: dict, higher_is_better: bool, unit: str
 ) -> list[str]:
     """Per keep rate: the variant with the best mean final validation value (``groups``' curves), its gap
-    ``(mean, low, high, ...)`` from ``gaps`` and `verdict_of` against ``margins[keep]``, as one verdict each. ``unit``
+    ``(mean, low, high, ...)`` from ``gaps`` and `margin_verdict` against ``margins[keep]``, as one verdict each. ``unit``
     is ``"points"`` (accuracy, higher is better) or ``"%"`` (a loss in percent of dense, lower is better)."""
     verdicts = []
     for keep in KEEP_RATES:
@@ -154,28 +157,18 @@ def keep_rate_verdicts(
         final = {v: mean_interval([r["curve"][-1] for r in groups[v]])[0] for v in candidates}
         chosen = (max if higher_is_better else min)(candidates, key=final.get)
         gap, low, high = gaps[chosen][:3]
-        outcome = verdict_of(low, high, margins[keep]) if higher_is_better else verdict_of(-high, -low, margins[keep])
+        outcome = margin_verdict(low, high, margins[keep], higher_is_better)
         margin = f"{margins[keep]:g}-point margin" if unit == "points" else f"{margins[keep]:g} % margin"
         verdicts.append(f"keep {keep:g}: **{outcome}** ({margin}; {chosen}, chosen on validation, {gap:+.1f} "
                         f"{unit} [{low:+.1f}, {high:+.1f}])")  # fmt: skip
     return verdicts
 
 
-def verdict_of(low: float, high: float, margin: float) -> str:
-    """The issue's rule: within the margin, below it, or inconclusive, from the difference's 95 % interval."""
-    if low != low:  # NaN: one seed, no interval
-        return "inconclusive"
-    if low >= -margin:
-        return "within the margin"
-    if high < -margin:
-        return "below the margin"
-    return "inconclusive"
-
-
 @register_claim(
     "sparsify_finetune_bert",
     "A sparsified BERT keeps its dense source's accuracy after a short fine-tune",
     "ours (issue 20 §3; co-activation blocks and a fitted router after MoEfication, Zhang et al. 2022)",
+    'no paper runs it; at BERT-base size it needs the downloaded checkpoint and a GPU for the fine-tune (`hf-comet sparsify` takes it as is).',
 )
 def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) -> ClaimResult:
     """Each variant's test accuracy against the dense fine-tune's, the variant chosen per keep rate on validation,
@@ -213,8 +206,9 @@ def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) 
         tests = [r["test"] for r in group]
         gaps[variant] = gap, low, high, p = gap_in_points(tests, dense)
         cell = "–" if variant == "dense" else f"{gap:+.1f} [{low:+.1f}, {high:+.1f}] ({p:.2g})"
-        lines.append(f"| {variant} | {format_interval([r['curve'][0] for r in group])} | "
-                     f"{format_interval([r['curve'][-1] for r in group])} | {format_interval(tests)} | {cell} | "
+        lines.append(f"| {variant} | {format_interval([r['curve'][0] for r in group], bounds=(0.0, 1.0))} | "
+                     f"{format_interval([r['curve'][-1] for r in group], bounds=(0.0, 1.0))} | "
+                     f"{format_interval(tests, bounds=(0.0, 1.0))} | {cell} | "
                      f"{mean_interval([r['seconds'] for r in group])[0]:.0f} |")  # fmt: skip
     plot = plots / "sparsify_finetune_bert_curves.png"
     plot_curves(groups, plot, "sparsify, then fine-tune (BERT, docstring topics)", "accuracy")

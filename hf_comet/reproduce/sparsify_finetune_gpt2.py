@@ -89,6 +89,7 @@ def _spec(variant: str, settings, seed: int) -> dict:
     "sparsify_finetune_gpt2",
     "A sparsified GPT-2 keeps its dense source's held-out loss after a short fine-tune",
     "ours (issue 20 §3; co-activation blocks and a fitted router after MoEfication, Zhang et al. 2022)",
+    'no paper runs it; at GPT-2-small size it needs the downloaded checkpoint and a GPU for the fine-tune (`hf-comet sparsify` takes it as is).',
 )
 def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) -> ClaimResult:
     """Each variant's test loss against the dense fine-tune's (percent, paired by seed), the variant chosen per keep

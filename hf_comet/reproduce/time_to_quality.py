@@ -72,6 +72,7 @@ def step_times(settings: models.FamilySettings, pairs: list[tuple[str, float]], 
     "time_to_quality",
     "Time to the dense model's quality in wall-clock seconds",
     "ours (issue 14 §5; no paper claims it)",
+    'no paper claims it; at real sizes it needs a GPU and real data; the real-size step times are on the speed page.',
 )
 def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) -> ClaimResult:
     """Issue 14 §5: optimizer steps and seconds for each candidate to reach the dense model's final validation loss."""
