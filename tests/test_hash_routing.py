@@ -132,7 +132,7 @@ def test_activation_checkpointing_recompute_routes_as_the_forward():
         if checkpointing:
             model.activation_checkpointing_enable()
         block = model.moe_blocks()[0]
-        block.register_forward_pre_hook(lambda *args: calls.append(checkpointing))
+        block.register_forward_pre_hook(lambda *args, flag=checkpointing: calls.append(flag))
         model(**inputs).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert calls == [False, True, True]  # the checkpointed block ran again in backward, outside the routed forward
