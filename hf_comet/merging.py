@@ -99,10 +99,13 @@ def merge_block_experts(
     router learns the new expert's role afterwards); attentive key maps and LoRA factors merge with the experts.
     Returns the changed tensors (block-relative names) so the caller can reset their optimizer state."""
     if not block.learned:
-        raise ValueError(
-            f"layer {block.layer_idx} uses routing='comet': its experts are overlapping unit masks of one FFN with "
-            "no separate expert weights, so there is nothing to merge."
+        routing = block.router.routing
+        why = (
+            "its experts are overlapping unit masks of one FFN with no separate expert weights"
+            if routing == "comet"
+            else "its fixed routing has no trainable gate to learn the merged expert's role and keeps no selection counts"
         )
+        raise ValueError(f"layer {block.layer_idx} uses routing={routing!r}: {why}, so there is nothing to merge.")
     if how not in MERGE_METHODS:
         raise ValueError(f"how={how!r} is not a merge method; choose one of {', '.join(MERGE_METHODS)}.")
     num_experts = block.experts_module.num_experts

@@ -11,7 +11,7 @@ RECIPE_NAMES = ("vit_digits", "gpt2_text", "bert_mlm_cls")
 """The built-in recipes, in `hf_comet.training.recipes.RECIPES` order."""
 DEMO_RECIPE = "vit_digits"
 """The recipe ``hf-comet demo`` runs."""
-ROUTINGS = ("comet", "topk", "noisy_topk", "switch", "attentive", "deep")
+ROUTINGS = ("comet", "topk", "noisy_topk", "switch", "attentive", "deep", "hash")
 """`hf_comet.modeling.ROUTINGS`, the built-in routings (a recipe variant is one of them, ``dense`` or ``block_comet``)."""
 VARIANTS = ("dense", "block_comet", *ROUTINGS)
 """`hf_comet.training.recipes.variant_names()`: what ``hf-comet train --variants`` accepts."""

@@ -78,7 +78,7 @@ MULTIPLE_CHOICE_HEADS = ("AutoModelForMultipleChoice", "CometGPT2DoubleHeadsMode
 NUM_CHOICES = 2
 
 
-ROUTING_NAMES = ["comet", "block_comet", "topk", "noisy_topk", "switch", "attentive", "deep"]
+ROUTING_NAMES = ["comet", "block_comet", "topk", "noisy_topk", "switch", "attentive", "deep", "hash"]
 """Every router; ``block_comet`` is test shorthand for ``routing="comet", comet_block_size=BLOCK_SIZE``."""
 LEARNED = {"topk", "noisy_topk", "switch", "attentive", "deep"}
 BLOCK_SIZE = 16

@@ -41,7 +41,7 @@ def test_version_and_info(capsys):
     "args, message",
     [
         (["train", "vit_digits", "--steps", "0"], "steps=0"),
-        (["train", "vit_digits", "--variants", "dense,hash"], "'hash'"),
+        (["train", "vit_digits", "--variants", "dense,hashed"], "'hashed'"),
         (["train", "vit_digits", "--set", "comet_keep_rate=1.5"], "comet_keep_rate=1.5"),
         (["train", "vit_digits", "--set", "comet_keep_rate"], "KEY=VALUE"),
         (["train", "gpt2_text", "--setting", "epochs=3"], "epochs"),

@@ -233,7 +233,7 @@ CASES = [
     ("train-set-routing", ["train", "vit_digits", "--variants", "comet", "--set", "routing=topk"], "routing='topk'"),
     ("train-variants-empty", ["train", "vit_digits", "--variants", ""], "--variants '' has an empty name"),
     ("train-variants-item", ["train", "vit_digits", "--variants", "comet,"], "--variants 'comet,'"),
-    ("train-variant-unknown", ["train", "vit_digits", "--variants", "comet,hash"], "'hash'"),
+    ("train-variant-unknown", ["train", "vit_digits", "--variants", "comet,hashed"], "'hashed'"),
     ("train-variant-twice", ["train", "vit_digits", "--variants", "comet,comet"], "names comet twice"),
     ("train-set-nan", ["train", "vit_digits", "--set", "router_aux_loss_coef=NaN"], "router_aux_loss_coef='NaN'"),
     ("train-set-inf-text", ["train", "vit_digits", "--set", "comet_keep_rate=inf"], "comet_keep_rate='inf'"),

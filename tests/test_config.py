@@ -41,7 +41,7 @@ def test_config_json_round_trip(family, tmp_path):
 @pytest.mark.parametrize(
     "overrides, field",
     [
-        ({"routing": "hash"}, "routing"),
+        ({"routing": "hashed"}, "routing"),
         ({"comet_keep_rate": 0.0}, "comet_keep_rate"),
         ({"comet_keep_rate": -0.1}, "comet_keep_rate"),
         ({"comet_keep_rate": 1.01}, "comet_keep_rate"),

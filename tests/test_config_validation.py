@@ -24,7 +24,7 @@ BAD_BOOL = ["False", "True", 0, 1, 1.0, None, [True], {"a": 1}]
 BAD_STR = [1, True, None, ["comet"], {"a": 1}, 1.5, "COMET", "", " comet"]
 
 BAD_VALUES = {
-    "routing": [*BAD_STR, "hash", "top_k", "dense"],
+    "routing": [*BAD_STR, "hashed", "top_k", "dense"],
     "num_experts": [*BAD_INT, 0, -1, -4],
     "num_experts_per_tok": [*BAD_INT, 0, -1, 5],
     "norm_topk_prob": BAD_BOOL,
@@ -216,7 +216,7 @@ def test_a_field_the_routing_does_not_read_is_refused_naming_the_routings_that_d
 
 
 def test_readers_come_from_the_routers_config_fields():
-    assert set(routings_reading("num_experts")) == {"topk", "noisy_topk", "switch", "attentive", "deep"}
+    assert set(routings_reading("num_experts")) == {"topk", "noisy_topk", "switch", "attentive", "deep", "hash"}
     assert set(routings_reading("router_aux_loss_coef")) == {"topk", "noisy_topk", "switch", "attentive"}
     assert set(routings_reading("router_z_loss_coef")) == {"topk", "noisy_topk", "switch"}
     assert set(routings_reading("comet_keep_rate")) == {"comet"}

@@ -110,8 +110,8 @@ def test_the_registry_is_the_one_list_of_routings():
     assert tuple(ROUTINGS) == tuple(ROUTER_CLASSES)
     assert set(LEARNED_ROUTINGS) == {name for name, cls in ROUTER_CLASSES.items() if cls.has_trainable_gate}
     assert set(MIXTURE_ROUTINGS) == {"attentive", "deep"}
-    with pytest.raises(ValueError, match="routing='hash'.*one of 'comet', 'topk'"):
-        tiny_config("comet_vit", routing="hash")
+    with pytest.raises(ValueError, match="routing='hashed'.*one of 'comet', 'topk'"):
+        tiny_config("comet_vit", routing="hashed")
 
 
 @pytest.mark.parametrize("routing", list(ROUTER_CLASSES))

@@ -258,11 +258,12 @@ class CometMoEConfigMixin:
         routing: which router decides: a routing name registered with `register_router` (``ROUTER_CLASSES``;
             ``hf-comet info`` lists them). ``"comet"`` is a frozen random projection that keeps ``comet_keep_rate``
             of the FFN units per token (no trainable gate, no aux loss); learned routings gate ``num_experts``
-            experts.
-        num_experts: experts per MoE layer for learned routers (transformers' ``num_local_experts`` is accepted as an
-            alias, `MOE_FIELD_ALIASES`).
-        num_experts_per_tok: experts each token is sent to: set by ``topk`` and ``noisy_topk``; ``switch`` fixes it at
-            1 (the config reports 1; 1 and the default are accepted, anything else refused). ``attentive`` and
+            experts; ``"hash"`` sends each token to one of ``num_experts`` experts by a fixed hash of its input
+            token id (ViT: its patch position), with no router parameters and no aux loss (needs ``input_ids``).
+        num_experts: experts per MoE layer for learned routers and ``hash`` (transformers' ``num_local_experts`` is
+            accepted as an alias, `MOE_FIELD_ALIASES`).
+        num_experts_per_tok: experts each token is sent to: set by ``topk`` and ``noisy_topk``; ``switch`` and
+            ``hash`` fix it at 1 (the config reports 1; 1 and the default are accepted, anything else refused). ``attentive`` and
             ``deep`` choose with ``mixture_top_k`` instead; COMET has no experts in this sense (it keeps
             ``comet_keep_rate`` of the FFN units or blocks per token): both leave this field at its default, unread,
             and their cards do not list it.
@@ -281,9 +282,9 @@ class CometMoEConfigMixin:
         output_router_logits: return every MoE layer's gate logits as ``router_logits`` (``None`` for COMET, which
             has no gate) and transformers' load-balancing loss as ``aux_loss`` (``topk``, ``switch``), as
             transformers' native MoE models do.
-        routing_seed: seed of every random routing quantity: the COMET projections and the token pairs of the
-            similarity regulariser and the overlap statistic; recorded so a model built from this config routes the
-            same everywhere.
+        routing_seed: seed of every random routing quantity: the COMET projections, the per-layer hashes of
+            ``hash`` and the token pairs of the similarity regulariser and the overlap statistic; recorded so a model
+            built from this config routes the same everywhere.
         comet_block_size: COMET only. 1 (default) masks single FFN units, as in the paper. ``b > 1`` is block-COMET:
             the projection scores blocks of ``b`` consecutive units (experts = disjoint slices of the FFN), keeps the
             top ``comet_keep_rate`` fraction of blocks per token with weight 1 and runs only those. Must divide the

@@ -19,7 +19,7 @@ from transformers.utils import logging
 
 from .moe_block import RECORD_FIELDS, MoEBlock, active_collector, collect_routing, describe_record
 from .moe_experts import BUCKETED, PackedExperts
-from .moe_routers import CometRouter, Router
+from .moe_routers import ROUTER_CLASSES, CometRouter, Router
 
 logger = logging.get_logger(__name__)
 
@@ -249,8 +249,9 @@ def routed_forward(upstream_forward, output_class):
         if return_dict is None:
             return_dict = self.config.return_dict
         arguments = {**dict(zip(names, args, strict=False)), **kwargs}
+        ROUTER_CLASSES[self.config.routing].check_inputs(self.config, arguments)  # before any work (hash: input_ids)
 
-        with collect_routing(arguments.get("attention_mask")) as collector:
+        with collect_routing(arguments.get("attention_mask"), arguments.get("input_ids")) as collector:
             outputs = upstream_forward(self, *args, return_dict=True, **kwargs)
         router_aux_loss = collector.router_aux_loss()
         collector.commit(self.training)

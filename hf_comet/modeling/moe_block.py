@@ -26,10 +26,13 @@ from torch import nn
 from .configuration_comet import CometMoEConfigMixin
 from .moe_experts import PackedExperts
 from .moe_routers import (
+    HASH_MODULUS,
+    NEEDS_TOKEN_IDS,
     PAIR_SEED_OFFSET,
     ROUTER_CLASSES,
     Router,
     RoutingDecision,
+    hash31,
     masked_sum,
     mix_seed,
     mixtral_load_balancing_loss,
@@ -71,6 +74,7 @@ class MoEBlock(nn.Module):
         self._statistics: RoutingStatistics | None = None
         self._selection_counts: torch.Tensor | None = None
         self._recompute_token_mask: torch.Tensor | None = None
+        self._recompute_token_ids: torch.Tensor | None = None
         self.register_buffer("routing_record", self.expected_record(config), persistent=True)
 
     def expected_record(self, config) -> torch.Tensor:
@@ -127,11 +131,36 @@ class MoEBlock(nn.Module):
             self._recompute_token_mask = token_mask
         else:
             token_mask = self._token_mask_outside_a_routed_forward(batch_shape)
-        decision = self.router(tokens, token_mask=token_mask, experts=self.experts)
+        if self.router.reads_token_ids:
+            token_ids = self._token_ids(batch_shape, collector, tokens.device)
+            decision = self.router(tokens, token_mask=token_mask, experts=self.experts, token_ids=token_ids)
+        else:
+            decision = self.router(tokens, token_mask=token_mask, experts=self.experts)
         output = self.experts(tokens, decision)
         if collector is not None:
             collector.record(self, decision, batch_shape, tokens)
         return self.dropout(output.view(*batch_shape, self.hidden_size))
+
+    def _token_ids(
+        self, batch_shape: torch.Size, collector: RoutingCollector | None, device: torch.device
+    ) -> torch.Tensor:
+        """Flat (T,) int64 keys for a router that reads them (hash routing): the position index along the sequence
+        for a router keyed by position (ViT: CLS = 0), else the ``input_ids`` of the routed forward (the collector
+        holds them for exactly that forward; activation-checkpointing recompute reuses the last forward's, as for
+        the token mask). A block called outside a model forward has no ids: refused."""
+        if getattr(self.router, "keyed_by_position", False):
+            if len(batch_shape) != 2:
+                raise ValueError(f"routing by position needs (batch, sequence) tokens, got shape {tuple(batch_shape)}.")
+            return torch.arange(batch_shape[1], device=device).expand(batch_shape).reshape(-1)
+        if collector is not None:
+            token_ids = collector.token_ids(batch_shape)
+            self._recompute_token_ids = token_ids
+            return token_ids
+        token_ids = self._recompute_token_ids
+        if token_ids is None or token_ids.numel() != batch_shape.numel() or torch._C._current_graph_task_id() < 0:
+            raise ValueError(f"{NEEDS_TOKEN_IDS}, which reach the MoE blocks only inside the model's forward: call the "
+                             "model with input_ids, not the block on its own.")  # fmt: skip
+        return token_ids
 
     def _token_mask_outside_a_routed_forward(self, batch_shape: torch.Size) -> torch.Tensor | None:
         """Activation-checkpointing recompute (it runs inside backward, without the collector) must route as the
@@ -309,16 +338,8 @@ def describe_record(record: list[int]) -> dict[str, int | str]:
     return values
 
 
-_HASH_MODULUS = 2**31
-
-
-def _hash31(x: torch.Tensor) -> torch.Tensor:
-    """A 31-bit integer mixing hash of int64 ``x`` in [0, 2^31) (multiply-xorshift rounds; every product stays below
-    2^62, so int64 arithmetic never overflows). Uniform enough for sampling token pairs."""
-    for multiplier, increment, shift in ((1_103_515_245, 12_345, 16), (1_664_525, 1_013_904_223, 13), (69_069, 1, 16)):
-        x = (x * multiplier + increment) % _HASH_MODULUS
-        x = x ^ (x >> shift)
-    return x
+_HASH_MODULUS = HASH_MODULUS
+_hash31 = hash31  # the 31-bit mixing hash (moe_routers; hash routing uses it too)
 
 
 def _fresh_long(device) -> torch.Tensor:
@@ -336,12 +357,17 @@ class RoutingCollector:
         attention_mask: the model's (batch, seq) mask, or (batch, choices, seq) for multiple-choice heads, which run
             the encoder on (batch * choices, seq); positions equal to 0 are padding and are left out of every aux
             loss and statistic. ``None`` (or a 4-D custom mask) counts every token.
+        input_ids: the model call's token ids, flattened to (rows, seq) like the mask, for routers keyed by them
+            (hash routing); held for this forward only. With a KV cache they are the new tokens, as the blocks see.
     """
 
-    def __init__(self, attention_mask: torch.Tensor | None = None):
+    def __init__(self, attention_mask: torch.Tensor | None = None, input_ids: torch.Tensor | None = None):
         if attention_mask is not None and attention_mask.dim() == 3:  # multiple choice: flattened like input_ids
             attention_mask = attention_mask.reshape(-1, attention_mask.shape[-1])
         self.attention_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        if input_ids is not None and input_ids.dim() != 2:  # (seq,) or multiple choice (batch, choices, seq)
+            input_ids = input_ids.reshape(-1, input_ids.shape[-1])
+        self.input_ids = input_ids
         self.records: list[tuple[MoEBlock, RoutingDecision, torch.Size, torch.Tensor]] = []
         self._layer_losses: list[tuple[MoEBlock, dict[str, torch.Tensor]]] | None = None
 
@@ -355,6 +381,18 @@ class RoutingCollector:
             return None
         # With a KV cache the mask covers past + current tokens; the block sees only the current ones.
         return self.attention_mask[:, -batch_shape[1] :].reshape(-1).bool()
+
+    def token_ids(self, batch_shape: torch.Size) -> torch.Tensor:
+        """Flat (T,) int64 ids of a block input of shape ``batch_shape`` (refused when the call had none or they do
+        not line up with the block's tokens)."""
+        if self.input_ids is None:
+            raise ValueError(f"{NEEDS_TOKEN_IDS}; this forward had none (call the model with input_ids).")
+        if tuple(self.input_ids.shape) != tuple(batch_shape):
+            raise ValueError(
+                f"input_ids of shape {tuple(self.input_ids.shape)} do not line up with the MoE block's tokens "
+                f"{tuple(batch_shape)}: routing='hash' needs one id per token."
+            )
+        return self.input_ids.reshape(-1)
 
     def layer_losses(self) -> list[tuple[MoEBlock, dict[str, torch.Tensor]]]:
         """Per MoE layer that has any: the block and its unweighted aux losses over non-padding tokens (computed
@@ -461,9 +499,12 @@ def active_collector() -> RoutingCollector | None:
 
 
 @contextmanager
-def collect_routing(attention_mask: torch.Tensor | None = None) -> Iterator[RoutingCollector]:
-    """Collect the routing decisions of the MoE blocks that run inside this context."""
-    collector = RoutingCollector(attention_mask)
+def collect_routing(
+    attention_mask: torch.Tensor | None = None, input_ids: torch.Tensor | None = None
+) -> Iterator[RoutingCollector]:
+    """Collect the routing decisions of the MoE blocks that run inside this context (``input_ids``: for routers
+    keyed by the token ids, `RoutingCollector`)."""
+    collector = RoutingCollector(attention_mask, input_ids)
     token = _ACTIVE_COLLECTOR.set(collector)
     try:
         yield collector

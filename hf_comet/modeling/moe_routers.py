@@ -24,6 +24,9 @@ A router is one class that knows everything about its routing (the peft-style "o
   nothing); never during activation-checkpointing recompute.
 * ``expert_parameters()``: router tensors indexed by expert on dim 0 that belong to the experts (attentive key maps),
   so expert merging moves them with the experts.
+* ``reads_token_ids``: routers keyed by the token itself (``hash``) take ``forward(..., token_ids=(T,) int64)``; the
+  block hands them the model's ``input_ids`` (or the position index, for families without token ids) of the
+  routed forward, and ``check_inputs(config, arguments)`` refuses a model call that lacks them before any work.
 
 No router knows which model family hosts it. This file travels with saved checkpoints: torch and transformers only.
 """
@@ -72,6 +75,25 @@ def mix_seed(seed: int, layer_idx: int, offset: int = 0) -> int:
 
 PAIR_SEED_OFFSET = 7_919
 """`mix_seed` offset of the token-pair sampler of the similarity regulariser and the overlap statistic."""
+HASH_SEED_OFFSET = 104_729
+"""`mix_seed` offset of hash routing's per-layer hash (`HashRouter`)."""
+HASH_MODULUS = 2**31
+
+
+def hash31(x: torch.Tensor) -> torch.Tensor:
+    """A 31-bit integer mixing hash of int64 ``x`` in [0, 2^31) (multiply-xorshift rounds; every product stays below
+    2^62, so int64 arithmetic never overflows). Used for sampling token pairs and for hash routing."""
+    for multiplier, increment, shift in ((1_103_515_245, 12_345, 16), (1_664_525, 1_013_904_223, 13), (69_069, 1, 16)):
+        x = (x * multiplier + increment) % HASH_MODULUS
+        x = x ^ (x >> shift)
+    return x
+
+
+def hash_token_ids(token_ids: torch.Tensor, seed: int, num_buckets: int) -> torch.Tensor:
+    """``token_ids`` (any shape, integers) -> int64 buckets in [0, num_buckets): a fixed pseudo-random function of
+    (seed, id) alone, the same on every device and in every batch (Roller et al.'s "Random Hash")."""
+    keys = (seed % HASH_MODULUS + (token_ids.long() % HASH_MODULUS) * 2_654_435_761) % HASH_MODULUS
+    return hash31(keys) % num_buckets
 
 
 @dataclass
@@ -290,6 +312,9 @@ class Router(nn.Module):
     native_aux_loss: ClassVar[bool] = False
     """Whether this router trains transformers' load-balancing loss (Mixtral's ``load_balancing_loss_func``), so the
     outputs' ``aux_loss`` holds it as transformers' native MoE models do."""
+    reads_token_ids: ClassVar[bool] = False
+    """Whether ``forward`` takes ``token_ids`` (T,) int64, what each token is keyed by (``hash``): the block passes
+    them (see the module docstring)."""
 
     loss_weights: dict[str, float]
 
@@ -317,6 +342,11 @@ class Router(nn.Module):
     @classmethod
     def validate_config(cls, config: CometMoEConfigMixin) -> None:
         """Raise ``ValueError`` naming the first field this router reads that is out of range (none by default)."""
+
+    @classmethod
+    def check_inputs(cls, config: CometMoEConfigMixin, arguments: dict) -> None:
+        """Raise ``ValueError`` before a model forward whose ``arguments`` (name -> value) lack what this router
+        reads (nothing by default)."""
 
     @classmethod
     def describe(cls, config: CometMoEConfigMixin) -> str:
@@ -1057,6 +1087,105 @@ class DeepMoEGate(MixtureRouter):
         self.constraint_steps_done += on.long()
 
 
+
+NEEDS_TOKEN_IDS = (
+    "routing='hash' sends each token to the expert a fixed hash of its input token id picks, so the model needs "
+    "input_ids"
+)
+
+
+@register_router
+class HashRouter(Router):
+    """Hash routing (Roller et al. 2021, "Hash Layers"): each token goes to one expert picked by a fixed hash of its
+    input token id, with weight 1. No router parameters, no gate probabilities, no auxiliary loss, no gradient.
+
+    The hash (our choices, docs/decisions.md): Roller et al.'s "Random Hash", a fixed pseudo-random map
+    ``id -> expert``, computed as `hash_token_ids` of the id with the per-layer seed
+    ``mix_seed(routing_seed, layer_idx, HASH_SEED_OFFSET)``: a different hash in every layer, i.i.d. uniform over the
+    ``num_experts`` experts across ids (balanced in expectation over the vocabulary, not over token frequency; we do
+    not fit the paper's frequency-balanced variant, which needs corpus counts). It is a pure function of the config
+    and the id: nothing is stored in the checkpoint, every device agrees, and a cached ``generate`` (which feeds only
+    the new ids) routes each token as the uncached forward does.
+
+    What a token is keyed by: text families (GPT-2, BERT; any config with ``vocab_size``) use the ``input_ids`` of
+    the model call, which the routed forward hands to the blocks (`hf_comet.collect_routing`), so a call with
+    ``inputs_embeds`` and no ``input_ids`` is refused before any work. ViT has no token ids: there the key is the
+    patch position index (CLS = 0, patches 1..N in raster order), so routing is a fixed function of position.
+
+    ``num_experts_per_tok`` is fixed at 1 (top-1, as in the paper); the experts are ``num_experts`` experts of
+    ``moe_intermediate_size`` units (or an even split of the FFN). Selection counts for expert merging are not kept
+    (merging is for trainable gates).
+    """
+
+    routing = "hash"
+    citation = "Roller, S., Sukhbaatar, S., Szlam, A., Weston, J. *Hash Layers For Large Sparse Models.* NeurIPS 2021."
+    has_trainable_gate = False
+    gate_logits = False  # its one-hot scores are no gate: no router_logits in the outputs
+    reads_token_ids = True
+    fixed_fields = {"num_experts_per_tok": 1}  # top-1: the config reports it, as for switch
+    config_fields = ("num_experts", "moe_intermediate_size", "expert_output_bias")
+
+    def __init__(self, config: CometMoEConfigMixin, layer_idx: int, hidden_size: int):
+        super().__init__(config, layer_idx, hidden_size)
+        self.num_experts = config.num_experts
+        self.top_k = 1
+        self.seed = mix_seed(config.routing_seed, layer_idx, HASH_SEED_OFFSET)
+        self.keyed_by_position = self.keyed_by(config) == "position"
+
+    @staticmethod
+    def keyed_by(config: CometMoEConfigMixin) -> str:
+        """``"token"`` (the input token id) for families with a vocabulary, ``"position"`` (the patch index) for ViT."""
+        return "token" if getattr(config, "vocab_size", None) is not None else "position"
+
+    @classmethod
+    def validate_config(cls, config: CometMoEConfigMixin) -> None:
+        if config.moe_intermediate_size is None and config.ffn_width % config.num_experts:
+            raise ValueError(
+                f"num_experts={config.num_experts!r} does not divide the FFN width {config.ffn_width} "
+                f"({config._ffn_width_field}); pick num_experts dividing it or set moe_intermediate_size explicitly."
+            )
+
+    @classmethod
+    def check_inputs(cls, config: CometMoEConfigMixin, arguments: dict) -> None:
+        if cls.keyed_by(config) == "token" and arguments.get("input_ids") is None:
+            given = " (got inputs_embeds only)" if arguments.get("inputs_embeds") is not None else ""
+            raise ValueError(f"{NEEDS_TOKEN_IDS}{given}; call it with input_ids.")
+
+    @classmethod
+    def describe(cls, config: CometMoEConfigMixin) -> str:
+        key = "input token id" if cls.keyed_by(config) == "token" else "patch position (CLS = 0)"
+        return (
+            f"Hash routing in {_layers(config)} (Roller et al.): each token goes to one of "
+            f"{cls.describe_experts(config)}, picked by a fixed random hash of its {key} (seed {config.routing_seed}, "
+            "a different hash per layer), weight 1. No router parameters, no auxiliary loss."
+        )
+
+    def expert_of(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The expert (int64, same shape) each token id (or position) is routed to in this layer."""
+        return hash_token_ids(token_ids, self.seed, self.num_experts)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        experts: nn.Module | None = None,
+        token_ids: torch.Tensor | None = None,
+    ) -> RoutingDecision:
+        if token_ids is None:
+            raise ValueError(f"{NEEDS_TOKEN_IDS}: pass token_ids=<(tokens,) ids> (the model's forward does).")
+        if token_ids.shape != hidden_states.shape[:1]:
+            raise ValueError(
+                f"token_ids of shape {tuple(token_ids.shape)} do not match the {hidden_states.shape[0]} tokens routed."
+            )
+        index = self.expert_of(token_ids.to(hidden_states.device)).unsqueeze(-1)
+        return RoutingDecision(
+            router_logits=F.one_hot(index.squeeze(-1), self.num_experts).to(hidden_states.dtype),
+            top_k_index=index,
+            top_k_weights=torch.ones_like(index, dtype=hidden_states.dtype),
+        )
+
+
 __all__ = [
     "LEARNED_ROUTINGS",
     "MIXTURE_ROUTINGS",
@@ -1069,6 +1198,8 @@ __all__ = [
     "AttentiveRouter",
     "CometRouter",
     "DeepMoEGate",
+    "HASH_SEED_OFFSET",
+    "HashRouter",
     "NoisyTopKRouter",
     "Router",
     "RoutingDecision",
@@ -1076,6 +1207,7 @@ __all__ = [
     "TopKRouter",
     "comet_num_active",
     "cv_squared",
+    "hash_token_ids",
     "load_balancing_loss",
     "masked_mean",
     "masked_sum",

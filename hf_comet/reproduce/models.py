@@ -10,6 +10,9 @@ documentation text, each trained from scratch as (p is the keep rate, F the FFN 
 * ``comet``: ``routing="comet"``, unit level, keep p; ``block_comet``: blocks of 16 units (``comet_block_size``).
 * ``random_top1``: ``E = max(1, int(1 / p))`` experts of width ``int(p F)`` and a frozen random gate, hard top-1
   (``routing="topk"``, k = 1, the weight renormalised to 1, no balance loss).
+* ``hash``: the same experts, ``routing="hash"`` (Roller et al. 2021): each token goes to the expert a fixed
+  hash of its token id picks (ViT: of its patch position), weight 1, no router parameters, no balance loss; a
+  second fixed-routing baseline beside ``random_top1`` whose routing ignores the hidden state.
 * ``learned_top1``: the same experts, ``routing="switch"`` (the output scaled by the gate probability, so the gate
   learns); ``learned_top2``: ``max(2, int(2 / p))`` experts of width ``int(p F / 2)``, ``routing="topk"``, k = 2.
   Both with the Switch balance loss (0.01).
@@ -34,7 +37,9 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
-MODEL_VARIANTS = ("dense", "smaller", "dropout", "comet", "block_comet", "random_top1", "learned_top1", "learned_top2")
+MODEL_VARIANTS = (
+    "dense", "smaller", "dropout", "comet", "block_comet", "random_top1", "hash", "learned_top1", "learned_top2",
+)  # fmt: skip
 BLOCK_SIZE = 16
 
 
@@ -105,9 +110,11 @@ def moe_fields(variant: str, keep: float, ffn: int) -> dict:
     """The MoE config fields of a routed variant at keep rate ``keep`` (FFN width ``ffn``)."""
     if variant in ("comet", "block_comet"):
         return dict(routing="comet", comet_keep_rate=keep, comet_block_size=BLOCK_SIZE if variant == "block_comet" else 1)
-    if variant in ("random_top1", "learned_top1"):
+    if variant in ("random_top1", "hash", "learned_top1"):
         experts = max(1, int(1 / keep))
         fields = dict(num_experts=experts, moe_intermediate_size=max(1, int(keep * ffn)))
+        if variant == "hash":  # top-1 by a fixed token-id hash: no router parameters, no aux loss to weight
+            return fields | dict(routing="hash", num_experts_per_tok=1)
         if variant == "random_top1":
             return fields | dict(routing="topk", num_experts_per_tok=1, router_aux_loss_coef=0.0)
         return fields | dict(routing="switch", router_aux_loss_coef=0.01)

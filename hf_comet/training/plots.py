@@ -95,7 +95,7 @@ def overlap_vs_similarity(model, inputs: dict[str, torch.Tensor], num_pairs: int
     was_training = model.training
     model.eval()
     try:
-        with statistics_paused(model), collect_routing(inputs.get("attention_mask")) as collector:
+        with statistics_paused(model), collect_routing(inputs.get("attention_mask"), inputs.get("input_ids")) as collector:
             model(**{k: v for k, v in inputs.items() if k != "labels"})
     finally:
         model.train(was_training)
