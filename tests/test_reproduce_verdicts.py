@@ -12,7 +12,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from hf_comet import cli
-from hf_comet.reproduce import CLAIMS, MissingRuns, RunCache, code_version, merging, reproduce
+from hf_comet.reproduce import CLAIMS, MissingRuns, RunCache, code_version, merging, replace_readme_results, reproduce
 from hf_comet.reproduce.expert_merging import MERGING_FULL
 from hf_comet.reproduce.stats import (
     Comparison,
@@ -152,7 +152,9 @@ def test_the_committed_page_is_rendered_byte_for_byte_from_the_committed_runs(tm
     committed = REPO / "runs" / "reproduce" / "full"
     shutil.copytree(committed, tmp_path / "full", ignore=shutil.ignore_patterns("checkpoints"))
     page = tmp_path / "docs" / "results.md"
-    reproduce(cache_dir=tmp_path, page=page, render=True)
+    results = reproduce(cache_dir=tmp_path, page=page, render=True)
     assert page.read_text() == (REPO / "docs" / "results.md").read_text()
+    readme = (REPO / "README.md").read_text()  # and the README's list of verdicts is the page's
+    assert replace_readme_results(readme, results) == readme
     assert sorted(p.name for p in (page.parent / "results").glob("*.png")) >= sorted(
         f"{name}_curves.png" for name in CLAIMS)

@@ -73,7 +73,45 @@ def reproduce(
         if name in names:
             results.append(result)
     write_page(rendered, page, quick)
+    readme = Path("README.md")
+    if not quick and page.resolve() == Path("docs/results.md").resolve() and readme.exists():
+        text = readme.read_text()
+        if README_START in text:  # the repository's own page: its README lists the verdicts too
+            with staged_path(readme) as staging:
+                staging.write_text(replace_readme_results(text, rendered))
     return results
+
+
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def _drop_parentheses(text: str) -> str:
+    """``text`` without its parenthesised asides (nested ones included) and the spaces before them."""
+    out, depth = [], 0
+    for char in text:
+        depth += char == "("
+        if not depth:
+            out.append(char)
+        depth -= char == ")" and depth > 0
+    return re.sub(r" +([,;.:])", r"\1", re.sub(r" {2,}", " ", "".join(out))).strip()
+
+
+def readme_results(results: list[ClaimResult]) -> str:
+    """The README's list of verdicts: one row per claim on the page, its verdict without the page's asides, linked
+    to its section."""
+    lines = ["| claim | verdict |", "|---|---|"]
+    for result in results:
+        claim = CLAIMS[result.name]
+        lines.append(f"| [{claim.title}](docs/results.md#{_slug(claim.title)}) | {_drop_parentheses(result.verdict)} |")
+    return "\n".join(lines)
+
+
+def replace_readme_results(readme: str, results: list[ClaimResult]) -> str:
+    """``readme`` with the text between `README_START` and `README_END` replaced by `readme_results`."""
+    start, end = readme.find(README_START), readme.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"the README has no {README_START} ... {README_END} section to regenerate")
+    return readme[: start + len(README_START)] + "\n" + readme_results(results) + "\n" + readme[end:]
 
 
 def _slug(title: str) -> str:
@@ -111,5 +149,5 @@ def write_page(results: list[ClaimResult], page: Path, quick: bool) -> None:
         staging.write_text("\n".join(lines))
 
 
-__all__ = ["CLAIMS", "Claim", "ClaimResult", "MissingRuns", "RunCache", "code_version", "register_claim", "reproduce", "run_all",
-           "write_page"]  # fmt: skip
+__all__ = ["CLAIMS", "Claim", "ClaimResult", "MissingRuns", "README_END", "README_START", "RunCache", "code_version",
+           "readme_results", "register_claim", "replace_readme_results", "reproduce", "run_all", "write_page"]  # fmt: skip
