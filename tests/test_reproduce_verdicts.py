@@ -20,6 +20,7 @@ from hf_comet.reproduce.stats import (
     claim_verdict,
     comparison_outcome,
     holm_family,
+    interval_mde,
     margin_verdict,
     mean_interval,
     minimum_detectable_effect,
@@ -76,6 +77,8 @@ def test_the_minimum_detectable_effect_has_the_power_it_claims(n):
     power = scipy_stats.nct.sf(critical, n - 1, noncentrality) + scipy_stats.nct.cdf(-critical, n - 1, noncentrality)
     assert 0.78 < power < 0.83
     assert math.isnan(minimum_detectable_effect([1.0]))
+    _, low, high = mean_interval(differences)  # the same MDE from the interval alone (the margin claims' tables)
+    assert interval_mde(low, high, n) == pytest.approx(mde)
 
 
 def test_intervals_are_clipped_to_the_quantity_s_range():

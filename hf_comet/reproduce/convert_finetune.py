@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import finetune
 from .core import ClaimResult, RunCache, code_version, plot_curves, register_claim, run_all
-from .stats import INCONCLUSIVE, SIGNIFICANCE, format_interval, margin_verdict, mean_interval, paired_test
+from .stats import INCONCLUSIVE, SIGNIFICANCE, format_interval, interval_mde, margin_verdict, mean_interval, paired_test
 
 FINETUNE_FULL = finetune.FinetuneSettings(
     hidden_size=64, layers=2, seq_len=64, pretrain_steps=600, finetune_steps=300, eval_every=50, seeds=(0, 1, 2, 3, 4)
@@ -81,7 +81,7 @@ def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) 
         word = margin_verdict(low, high, FINETUNE_GOAL, higher_is_better=False)
         verdict = (f"goal (converted COMET within {FINETUNE_GOAL:.0%} of the dense fine-tune's test loss, judged on the "
                    f"interval's upper bound): **{word}**, {best} (chosen on validation) {mean:+.1%} [{low:+.1%}, "
-                   f"{high:+.1%}]")  # fmt: skip
+                   f"{high:+.1%}] (MDE {interval_mde(low, high, len(relative)):.1%} over {len(relative)} seeds)")  # fmt: skip
     if "comet" in groups and "comet_schedule" in groups:
         diff, p = paired_test([r["test"] for r in groups["comet_schedule"]], [r["test"] for r in groups["comet"]])
         helps = "helps" if p < SIGNIFICANCE and diff < 0 else "hurts" if p < SIGNIFICANCE else "makes no significant difference"

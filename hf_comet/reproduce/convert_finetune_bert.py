@@ -272,7 +272,7 @@ def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) 
     """The section of the results page: each variant's test accuracy against the dense fine-tune's, and the verdict."""
     import sys
 
-    from .stats import INCONCLUSIVE, margin_verdict
+    from .stats import INCONCLUSIVE, interval_mde, margin_verdict
 
     settings = QUICK if quick else FULL
     cache = RunCache(cache_dir, "convert_finetune_bert", code_version(sys.modules[__name__], finetune))
@@ -325,7 +325,9 @@ def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) 
                f"interval's lower bound): **{word}**")  # fmt: skip
     if best is not None:
         gap, low, high, p = comet_like[best]
-        verdict += f", {best} (chosen on validation) {gap:+.1f} points [{low:+.1f}, {high:+.1f}] (p {p:.2g})"
+        mde = interval_mde(low, high, len(groups[best]))
+        verdict += (f", {best} (chosen on validation) {gap:+.1f} points [{low:+.1f}, {high:+.1f}] (p {p:.2g}; MDE "
+                    f"{mde:.1f} points over {len(groups[best])} seeds)")  # fmt: skip
     if "comet" in groups and "comet_schedule" in groups:
         diff, p = paired_test([r["test"] for r in groups["comet_schedule"]], [r["test"] for r in groups["comet"]])
         helps = ("helps" if p < SIGNIFICANCE and diff > 0 else "hurts" if p < SIGNIFICANCE

@@ -140,7 +140,7 @@ def _spec(variant: str, settings, seed: int) -> dict:
 
 
 # -- the claim: rendering below (not part of the runs' code hash) --------------------------------------------------
-from .stats import margin_verdict  # noqa: E402  (below the run code, so the runs' code hash ignores it)
+from .stats import interval_mde, margin_verdict  # noqa: E402  (below the run code, so the runs' code hash ignores it)
 
 
 def keep_rate_verdicts(
@@ -159,8 +159,9 @@ def keep_rate_verdicts(
         gap, low, high = gaps[chosen][:3]
         outcome = margin_verdict(low, high, margins[keep], higher_is_better)
         margin = f"{margins[keep]:g}-point margin" if unit == "points" else f"{margins[keep]:g} % margin"
+        mde = interval_mde(low, high, len(groups[chosen]))
         verdicts.append(f"keep {keep:g}: **{outcome}** ({margin}; {chosen}, chosen on validation, {gap:+.1f} "
-                        f"{unit} [{low:+.1f}, {high:+.1f}])")  # fmt: skip
+                        f"{unit} [{low:+.1f}, {high:+.1f}], MDE {mde:.1f} {unit} over {len(groups[chosen])} seeds)")  # fmt: skip
     return verdicts
 
 

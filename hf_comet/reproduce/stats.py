@@ -99,6 +99,16 @@ def minimum_detectable_effect(differences: Sequence[float], power: float = POWER
     return float(quantiles * array.std(ddof=1) / math.sqrt(array.size))
 
 
+def interval_mde(low: float, high: float, n: int, power: float = POWER, level: float = SIGNIFICANCE) -> float:
+    """`minimum_detectable_effect` recovered from a paired difference's 95 % t-interval ``[low, high]`` over ``n``
+    pairs (its half-width is t_{0.975} sd / sqrt(n)); NaN without an interval."""
+    if n < 2 or math.isnan(low) or math.isnan(high):
+        return math.nan
+    critical = scipy_stats.t.ppf(0.975, n - 1)
+    quantiles = scipy_stats.t.ppf(1 - level / 2, n - 1) + scipy_stats.t.ppf(power, n - 1)
+    return float(quantiles * (high - low) / 2 / critical)
+
+
 # -- the verdict rule ----------------------------------------------------------------------------------------------
 REPRODUCED, PARTLY, INCONCLUSIVE, NOT_REPRODUCED, CONTRADICTED = (
     "reproduced", "partly reproduced", "inconclusive", "not reproduced", "contradicted")  # fmt: skip
@@ -246,6 +256,6 @@ def bootstrap_ratio(numerator: Sequence[float], denominator: Sequence[float], st
 __all__ = [
     "CONTRADICTED", "INCONCLUSIVE", "MET", "NOT_MET", "NOT_REPRODUCED", "PARTLY", "POWER", "REPRODUCED", "VERDICT_RULE",
     "Comparison", "bootstrap_ratio", "claim_verdict", "comparison_outcome", "comparisons_table", "holm_family",
-    "margin_verdict", "minimum_detectable_effect", "paired_comparison", "verdict_text",
+    "interval_mde", "margin_verdict", "minimum_detectable_effect", "paired_comparison", "verdict_text",
     "SIGNIFICANCE", "area_under_curve", "format_interval", "gap_in_points", "holm", "mean_interval", "paired_test", "steps_to_reach",
 ]
