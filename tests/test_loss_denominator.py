@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from hf_comet.data import digits_images
 from hf_comet.training import CometTrainer
 from hf_comet.training.recipes import RECIPES, run_recipe
 from hf_comet.training.recipes.base import mean_label_loss, torch_dataset
@@ -34,6 +35,17 @@ def test_gpt2_text_reports_its_reloaded_checkpoints_loss_for_dense_and_comet(tmp
         assert (variant == "dense") == (type(model).__name__ == "GPT2LMHeadModel")
         reloaded = shifted_mean_cross_entropy(model, evaluation)
         assert entry["metrics"]["val_loss"] == pytest.approx(reloaded, abs=1e-5), variant
+
+
+def test_vit_digits_reports_its_reloaded_checkpoints_test_loss_for_dense_and_comet(tmp_path):
+    summary = run_recipe("vit_digits", tmp_path, fast=True, variants=["dense", "comet"], settings={"steps": 2},
+                         progress=False, log=lambda line: None)  # fmt: skip
+    _, test = digits_images(seed=summary["seed"])
+    for variant, entry in summary["variants"].items():
+        model = transformers.AutoModelForImageClassification.from_pretrained(entry["checkpoint"]).eval()
+        with torch.no_grad():
+            reloaded = float(F.cross_entropy(model(pixel_values=test["pixel_values"]).logits, test["labels"]))
+        assert entry["metrics"]["test_loss"] == pytest.approx(reloaded, abs=1e-5), variant
 
 
 def _trainer(model, data, tmp_path, **args):
