@@ -9,8 +9,8 @@ import transformers
 
 from hf_comet.data import digits_images
 from hf_comet.training import CometTrainer
-from hf_comet.training.recipes import RECIPES, run_recipe
-from hf_comet.training.recipes.base import mean_label_loss, torch_dataset
+from hf_comet.training.recipes import RECIPES, mean_label_loss, run_recipe
+from hf_comet.training.recipes.base import torch_dataset
 from hf_comet.training.recipes.text_data import text_windows
 
 TINY_GPT2 = dict(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
