@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from ..io import atomic_write_text, loads_json
 from ..modeling.modeling_comet_common import aux_loss_share, loss_item_share
@@ -118,6 +119,57 @@ def _read_routing_state(path: str, model) -> dict[int, tuple[int, torch.Tensor]]
     return restored
 
 
+def is_causal_lm(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (a transformers model, or a PEFT wrapper of one) is a decoder-only causal LM, whose loss
+    scores position ``t``'s logits against label ``t + 1``: its ``loss_type`` is ``"ForCausalLM"``, or its class is
+    one of transformers' causal-LM heads (``GPT2LMHeadModel`` has ``loss_type=None``: its name matches no loss)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(getattr(base, "config", None), "is_encoder_decoder", False):
+        return False
+    return (
+        getattr(base, "loss_type", None) == "ForCausalLM"
+        or type(base).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+    )
+
+
+def _our_head_on(stock: type) -> type | None:
+    """Our MoE class built directly on the upstream class ``stock`` (``CometGPT2ForCausalLM`` on
+    ``GPT2LMHeadModel``), or ``None``."""
+    from ..modeling import FAMILY_ADAPTERS
+
+    for adapter in FAMILY_ADAPTERS.values():
+        for ours in (*adapter.auto_classes.values(), *adapter.other_classes):
+            if stock in ours.__bases__:
+                return ours
+    return None
+
+
+def align_loss_contract(model: torch.nn.Module | None) -> None:
+    """Give a stock transformers model the loss contract of our MoE head built on it, so Trainer normalises the
+    dense baseline's loss exactly as it normalises ours (in place; our own models are left as they are).
+
+    * A causal LM whose ``loss_type`` is ``None`` (``GPT2LMHeadModel``, ``BertLMHeadModel``) gets ``"ForCausalLM"``,
+      the loss its ``loss_function`` already falls back to. Without it Trainer counts ``num_items_in_batch`` over the
+      unshifted labels (64 per 64-token window) while the loss sums 63 shifted positions: the dense loss, trained and
+      evaluated, came out 63/64 of the mean (ours, named ``...ForCausalLM``, were counted right).
+    * A head whose ``forward`` takes ``**kwargs`` but ignores ``num_items_in_batch`` (a per-batch mean:
+      ``GPT2ForSequenceClassification``, ``BertForMaskedLM``...) gets our head's ``accepts_loss_kwargs = False``;
+      otherwise Trainer, believing the loss normalised over the accumulated batch, does not divide it by the
+      gradient-accumulation steps, and the dense loss and gradients came out that many times ours.
+
+    docs/decisions.md, "One loss denominator"."""
+    if model is None:
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not isinstance(base, torch.nn.Module):
+        return
+    if getattr(base, "loss_type", "") is None and is_causal_lm(base):
+        base.loss_type = "ForCausalLM"
+    ours = _our_head_on(type(base))
+    if ours is not None and "accepts_loss_kwargs" in vars(ours) and not hasattr(base, "accepts_loss_kwargs"):
+        base.accepts_loss_kwargs = ours.accepts_loss_kwargs
+
+
 class CometTrainer(Trainer):
     """`Trainer` that logs the routers' telemetry every ``logging_steps``.
 
@@ -128,6 +180,9 @@ class CometTrainer(Trainer):
     between token pairs with its correlation to their input similarity (COMET's claim). The window then restarts.
     ``routing_history`` keeps, per logging step, each layer's tokens per expert (for load heatmaps). Evaluation does
     not count into the training window.
+
+    A stock transformers model (the dense baseline) is first given our head's loss contract
+    (`align_loss_contract`), so Trainer divides its loss by the same denominator as ours, in training and evaluation.
 
     When a label smoother or ``compute_loss_func`` replaces the model's loss, the aux loss is added back (weighted
     like the model does), so label smoothing does not silently drop load balancing.
@@ -175,6 +230,7 @@ class CometTrainer(Trainer):
             raise ValueError("distillation= was given without teacher_model=: pass the model to distil from.")
         if teacher_model is not None:
             check_teacher(kwargs.get("model", args[0] if args else None), teacher_model)
+        align_loss_contract(kwargs.get("model", args[0] if args else None))  # before Trainer inspects the model
         super().__init__(*args, **kwargs)
         warn_if_launch_collapsed(self.accelerator.num_processes)
         self.routing_logging = routing_logging
@@ -190,6 +246,12 @@ class CometTrainer(Trainer):
             teacher_model.eval()
             student_parameter = next(self.model.parameters(), None) if self.model is not None else None
             self._place_teacher(student_parameter.device if student_parameter is not None else self.args.device)
+
+    def call_model_init(self, trial=None):
+        """Upstream ``call_model_init``, the model given the stock loss contract (`align_loss_contract`)."""
+        model = super().call_model_init(trial)
+        align_loss_contract(model)
+        return model
 
     # -- loss ----------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -455,4 +517,11 @@ class CometTrainer(Trainer):
             return super().predict(*args, **kwargs)
 
 
-__all__ = ["ROUTING_LOGGING", "CometTrainer", "flatten_routing_statistics", "reduce_routing_statistics"]
+__all__ = [
+    "ROUTING_LOGGING",
+    "CometTrainer",
+    "align_loss_contract",
+    "flatten_routing_statistics",
+    "is_causal_lm",
+    "reduce_routing_statistics",
+]

@@ -11,6 +11,7 @@ Each recipe is one `Recipe` object in its own module (``vit_digits``, ``gpt2_tex
 ``run_recipe(..., dataset=DatasetSource(PATH, ...))`` (``hf-comet train NAME --dataset PATH``) trains on a user's
 data instead: a saved `datasets` folder or a json/csv file (`data_sources`). Data are `datasets.Dataset` objects
 (texts tokenised with ``Dataset.map``), and accuracy comes from the `evaluate` module shipped in `hf_comet.metrics`.
+Every reported loss is `mean_label_loss` (one denominator for the dense baseline and the MoE variants).
 
 Recipes: ``vit_digits`` (image classification on scikit-learn's digits; the demo), ``gpt2_text`` (byte-level causal
 LM on CPython's bundled English documentation, validation perplexity), ``bert_mlm_cls`` (byte-level masked-LM
@@ -39,6 +40,7 @@ from .base import (
     build_model,
     check_recipe_outputs,
     load_recipe_data,
+    mean_label_loss,
     recipe_outputs,
     register_recipe,
     run_recipe,
@@ -74,6 +76,7 @@ __all__ = [
     "build_model",
     "check_recipe_outputs",
     "load_recipe_data",
+    "mean_label_loss",
     "recipe_outputs",
     "register_recipe",
     "run_recipe",

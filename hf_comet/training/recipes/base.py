@@ -43,7 +43,8 @@ from ...modeling import FAMILY_ADAPTERS, configuration_comet
 from ...names import PROVENANCE_FIELDS
 from ..callbacks import DeepConstraintCallback
 from ..plots import plot_expert_load, plot_loss_curves, plot_overlap_vs_similarity
-from ..trainer import ROUTING_LOGGING, CometTrainer
+from ..statistics import statistics_paused
+from ..trainer import ROUTING_LOGGING, CometTrainer, is_causal_lm
 
 
 @dataclass
@@ -416,6 +417,40 @@ def accuracy(prediction) -> dict[str, float]:
         predictions = predictions.argmax(-1)
     valid = labels != -100
     return load_metric("accuracy").compute(predictions=predictions[valid], references=labels[valid])
+
+
+def mean_label_loss(model: torch.nn.Module, dataset, *, batch_size: int = 64) -> float:
+    """The mean cross-entropy of ``model`` over every scored label position of ``dataset`` (rows of model inputs and
+    ``labels``; ``-100`` is not scored), in eval mode and without touching the routing-statistics windows.
+
+    Every recipe reports its losses with this one function, so the dense baseline and every MoE variant share one
+    denominator whatever their heads or Trainer do: for a causal LM (`~hf_comet.training.trainer.is_causal_lm`)
+    position ``t``'s logits are scored against label ``t + 1`` (63 positions per 64-token window), otherwise each
+    position (or example) against its own label; the summed cross-entropy is divided once by the count of scored
+    positions over the whole set (not a mean of per-batch means). docs/decisions.md, "One loss denominator"."""
+    causal = is_causal_lm(model)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=transformers.default_data_collator)
+    device = next(model.parameters()).device
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), statistics_paused(model):
+            for batch in loader:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                labels = batch.pop("labels")
+                logits = model(**batch).logits.float()
+                if causal:
+                    logits, labels = logits[..., :-1, :], labels[..., 1:]
+                logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+                loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+                total += loss.double().cpu()
+                count += int((labels != -100).sum())
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("mean_label_loss: the dataset has no scored label (every label is -100, or no rows).")
+    return float(total / count)
 
 
 class TrainingDiverged(UserError):

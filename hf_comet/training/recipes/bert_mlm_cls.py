@@ -20,6 +20,7 @@ from .base import (
     VariantJob,
     VariantRun,
     accuracy,
+    mean_label_loss,
     register_recipe,
     torch_dataset,
 )
@@ -117,6 +118,7 @@ def run(job: VariantJob) -> VariantRun:
         data_collator=MaskingCollator(seed),
         preprocess_logits=_argmax_logits,
     )
+    mlm_loss = mean_label_loss(trainer.model, eval_masked)  # the denominator every variant shares
     # fine-tune the pre-trained encoder on a real labelled text task: the topic of a standard-library docstring
     pretrained = job.workdir / "mlm_checkpoint"
     model.save_pretrained(pretrained)
@@ -138,10 +140,10 @@ def run(job: VariantJob) -> VariantRun:
     )
     shutil.rmtree(pretrained, ignore_errors=True)
     results = {
-        "mlm_val_loss": mlm_metrics["eval_loss"],
+        "mlm_val_loss": mlm_loss,
         "mlm_masked_accuracy": mlm_metrics["eval_accuracy"],
         "topic_test_accuracy": cls_metrics["eval_accuracy"],
-        "topic_test_loss": cls_metrics["eval_loss"],
+        "topic_test_loss": mean_label_loss(trainer_cls.model, cls_test),
     }
     trainer_cls.state.log_history = [  # one curve: pre-training steps, then fine-tuning steps after them
         *trainer.state.log_history,

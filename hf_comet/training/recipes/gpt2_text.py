@@ -5,7 +5,17 @@ from __future__ import annotations
 
 import math
 
-from .base import DatasetSource, Recipe, RecipeData, Settings, VariantJob, VariantRun, register_recipe, torch_dataset
+from .base import (
+    DatasetSource,
+    Recipe,
+    RecipeData,
+    Settings,
+    VariantJob,
+    VariantRun,
+    mean_label_loss,
+    register_recipe,
+    torch_dataset,
+)
 from .text_data import TEXT_COLUMN, byte_tokenize, check_text_settings, load_text_data, text_windows
 
 
@@ -33,8 +43,9 @@ def run(job: VariantJob) -> VariantRun:
         )
         sample = {k: v for k, v in evaluation[:32].items() if k != "labels"}
     model = job.build_model("AutoModelForCausalLM")
-    trainer, metrics, seconds = job.train(model, train, evaluation)
-    results = {"val_loss": metrics["eval_loss"], "val_perplexity": math.exp(metrics["eval_loss"])}
+    trainer, _, seconds = job.train(model, train, evaluation)
+    loss = mean_label_loss(trainer.model, evaluation)  # the denominator every variant shares
+    results = {"val_loss": loss, "val_perplexity": math.exp(loss)}
     return VariantRun(trainer, results, seconds, sample)
 
 

@@ -20,6 +20,7 @@ from .base import (
     VariantJob,
     VariantRun,
     accuracy,
+    mean_label_loss,
     register_recipe,
     torch_dataset,
 )
@@ -79,9 +80,8 @@ def run(job: VariantJob) -> VariantRun:
     model = job.build_model(HEAD)
     trainer, metrics, seconds = job.train(model, train, test, compute_metrics=accuracy)
     sample = {"pixel_values": test[:256]["pixel_values"]}
-    return VariantRun(
-        trainer, {"test_accuracy": metrics["eval_accuracy"], "test_loss": metrics["eval_loss"]}, seconds, sample
-    )
+    loss = mean_label_loss(trainer.model, test)  # the denominator every variant shares
+    return VariantRun(trainer, {"test_accuracy": metrics["eval_accuracy"], "test_loss": loss}, seconds, sample)
 
 
 def check_reload(summary: dict) -> list[ReloadCheck]:
