@@ -218,6 +218,10 @@ def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) 
     lines += ["", "Read with care: the variant judged at each keep rate is the one with the best mean final "
               "validation accuracy, so the test gap is not selected on test data; the interval is over "
               f"{len(settings.seeds)} seeds. Where this differs from the issue's goal: a small byte-level BERT "
-              "pre-trained briefly on 2 CPU cores, not a downloaded BERT-base (the same code path takes one).", ""]  # fmt: skip
+              "pre-trained briefly on 2 CPU cores, not a downloaded BERT-base (the same code path takes one).", "",
+              "Speed: the same conversion's speed at keep 0.5 and 0.25 at real sizes (BERT-base among them, against "
+              "the stock model it came from) is measured by `hf-comet bench sparse` on [the speed page]"
+              "(speed.md#converted-models-against-their-source-at-real-sizes); quality is what this section measures, "
+              "on the tiny model.", ""]  # fmt: skip
     seconds = sum(r["seconds"] for r in records)
     return ClaimResult("sparsify_finetune_bert", "", "; ".join(verdicts), "\n".join(lines), seconds)

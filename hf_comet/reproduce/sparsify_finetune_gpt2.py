@@ -134,6 +134,10 @@ def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) 
     verdicts = keep_rate_verdicts(settings.variants, groups, gaps, MARGINS, higher_is_better=False, unit="%")
     lines += ["", "Read with care: the variant judged at each keep rate has the lowest mean final validation loss, "
               "so the test gap is not selected on test data. Where this differs from the issue's goal: a small "
-              "byte-level GPT-2 pre-trained briefly on 2 CPU cores, not a downloaded GPT-2.", ""]  # fmt: skip
+              "byte-level GPT-2 pre-trained briefly on 2 CPU cores, not a downloaded GPT-2.", "",
+              "Speed: the same conversion's speed at keep 0.5 and 0.25 at real sizes (GPT-2 small among them, against "
+              "the stock model it came from) is measured by `hf-comet bench sparse` on [the speed page]"
+              "(speed.md#converted-models-against-their-source-at-real-sizes); quality is what this section measures, "
+              "on the tiny model.", ""]  # fmt: skip
     return ClaimResult("sparsify_finetune_gpt2", "", "; ".join(verdicts), "\n".join(lines),
                        sum(r["seconds"] for r in records))  # fmt: skip
