@@ -81,8 +81,10 @@ def test_distillation_freezes_the_experts_and_starts_the_plain_gate_from_the_att
 def test_the_quick_claim_renders_the_table_and_a_verdict_and_reuses_its_runs(quick_reproduction, tmp_path, monkeypatch):
     cache = quick_reproduction[0] / "cache" / "quick"  # the session's quick run: these runs are there
     result = ag.claim(cache, tmp_path / "results", quick=True)
-    assert any(word in result.verdict for word in ("**reproduced**", "**partly reproduced**", "**not reproduced**",
-                                                   "**contradicted**"))  # fmt: skip
+    from hf_comet.reproduce.stats import CONTRADICTED, INCONCLUSIVE, NOT_REPRODUCED, PARTLY, REPRODUCED
+
+    assert any(f"**{word}**" in result.verdict
+               for word in (REPRODUCED, PARTLY, INCONCLUSIVE, NOT_REPRODUCED, CONTRADICTED))  # fmt: skip
     for label in ag.LABELS.values():
         assert f"| {label} |" in result.markdown
     assert "0.038" in result.markdown  # the paper's original-gate MNIST error beside ours

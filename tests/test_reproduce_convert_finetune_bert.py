@@ -81,7 +81,7 @@ def test_masked_and_topic_accuracy_match_a_hand_count():
 def test_the_quick_claim_renders_its_verdict_and_plot_and_reruns_from_the_cache(quick_reproduction, tmp_path):
     cache = quick_reproduction[0] / "cache" / "quick"  # the session's quick run: these runs are there
     result = bert.claim(cache, tmp_path / "plots", quick=True)
-    assert "**met**" in result.verdict or "**not met**" in result.verdict
+    assert any(f"**{word}**" in result.verdict for word in ("met", "not met", "inconclusive"))  # a margin's words
     assert (tmp_path / "plots" / "convert_finetune_bert_curves.png").stat().st_size > 0
     entries = [json.loads(line) for line in (cache / "convert_finetune_bert.jsonl").read_text().splitlines()]
     assert len(entries) == 1 + len(bert.QUICK.variants) * len(bert.QUICK.seeds)
