@@ -125,6 +125,7 @@ def mlp_claim(claim: str, dataset: str, settings: MLPSettings, cache_dir: Path, 
         return area_under_curve(record["curve_steps"], record["curve"])
 
     sign = 1 if higher else -1
+    bounds = (0.0, 1.0) if higher else (0.0, math.inf)  # an accuracy, or an MSE
     single = [v for v in settings.variants if v in settings.single_keep_variants]
     lines = [f"Data: scikit-learn's {dataset} (bundled), fixed 60/20/20 train/validation/test split (seed 0); "
              f"seeds {list(settings.seeds)} (initial weights and batch order; runs pair by seed). Adam, batch 32, "
@@ -171,8 +172,8 @@ def mlp_claim(claim: str, dataset: str, settings: MLPSettings, cache_dir: Path, 
                 diff, p = tests[variant, kind][index]
                 star = " *" if adjusted[variant, kind][index] < SIGNIFICANCE else ""
                 row.append("—" if math.isnan(p) and math.isnan(diff) else f"{diff:+.3f} ({p:.2g}){star}")
-        table.append(f"| {width} | {keep:g} | {format_interval([r['test'] for r in comet])} | " + " | ".join(cells) + " |")
-        auc_table.append(f"| {width} | {keep:g} | {format_interval([auc(r) for r in comet])} | " + " | ".join(auc_cells)
+        table.append(f"| {width} | {keep:g} | {format_interval([r['test'] for r in comet], bounds=bounds)} | " + " | ".join(cells) + " |")
+        auc_table.append(f"| {width} | {keep:g} | {format_interval([auc(r) for r in comet], bounds=bounds)} | " + " | ".join(auc_cells)
                          + " |")  # fmt: skip
     lines += [f"**Final test {metric}**: COMET's mean [95 % interval] and COMET minus each baseline (paired t-test p "
               f"over seeds, uncorrected; * = significant at {SIGNIFICANCE} after Holm's correction over the "
@@ -200,9 +201,10 @@ def mlp_claim(claim: str, dataset: str, settings: MLPSettings, cache_dir: Path, 
             median = f"{'not reached' if math.isinf(middle) else f'{middle:g}'} ({hits}/{len(group)})"
             lines.append(
                 f"| {variant} | {rates[variant]:g} | {group[0]['trainable_parameters']:,} | "
-                f"{format_interval([r['train'] for r in group])} | {format_interval([r['test'] for r in group])} | "
+                f"{format_interval([r['train'] for r in group], bounds=bounds)} | "
+                f"{format_interval([r['test'] for r in group], bounds=bounds)} | "
                 f"{format_interval([r['train'] - r['test'] for r in group])} | "
-                f"{format_interval([auc(r) for r in group])} | {median} | "
+                f"{format_interval([auc(r) for r in group], bounds=bounds)} | {median} | "
                 f"{mean_interval([r['seconds'] for r in group])[0]:.1f} |"
             )
         lines.append("")

@@ -3,6 +3,7 @@ keep-rate schedule after Zhu & Gupta 2017). The runs are `finetune`'s (whose sou
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -61,9 +62,9 @@ def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) 
         tests = [r["test"] for r in group]
         diff, p = paired_test(tests, dense)
         gaps[variant] = diff / mean_interval(dense)[0]
-        start = format_interval([r["curve"][0] for r in group])
-        lines.append(f"| {variant} | {start} | {format_interval([r['curve'][-1] for r in group])} | "
-                     f"{format_interval(tests)} | {diff:+.4f} ({p:.2g}) | "
+        start = format_interval([r["curve"][0] for r in group], bounds=(0.0, math.inf))
+        lines.append(f"| {variant} | {start} | {format_interval([r['curve'][-1] for r in group], bounds=(0.0, math.inf))} | "
+                     f"{format_interval(tests, bounds=(0.0, math.inf))} | {diff:+.4f} ({p:.2g}) | "
                      f"{gaps[variant]:+.1%} | {mean_interval([r['seconds'] for r in group])[0]:.0f} |")  # fmt: skip
     lines.append("")
     plot = plots / "convert_finetune_curves.png"

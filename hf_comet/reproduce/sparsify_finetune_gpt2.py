@@ -11,6 +11,7 @@ is below the margin, above it when the whole interval is, inconclusive otherwise
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import replace
@@ -125,8 +126,8 @@ def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) 
         gaps[variant] = mean_interval(relative)
         gap, low, high = gaps[variant]
         cell = "–" if variant == "dense" else f"{gap:+.1f} [{low:+.1f}, {high:+.1f}]"
-        lines.append(f"| {variant} | {format_interval([r['curve'][0] for r in group])} | "
-                     f"{format_interval([r['curve'][-1] for r in group])} | {format_interval(tests)} | {cell} | "
+        lines.append(f"| {variant} | {format_interval([r['curve'][0] for r in group], bounds=(0.0, math.inf))} | "
+                     f"{format_interval([r['curve'][-1] for r in group], bounds=(0.0, math.inf))} | {format_interval(tests, bounds=(0.0, math.inf))} | {cell} | "
                      f"{mean_interval([r['seconds'] for r in group])[0]:.0f} |")  # fmt: skip
     plot = plots / "sparsify_finetune_gpt2_curves.png"
     plot_curves(groups, plot, "sparsify, then fine-tune (GPT-2, held-out topics)", "loss")
