@@ -16,7 +16,7 @@ from hf_comet.reproduce import CLAIMS, MissingRuns, RunCache, code_version, merg
 from hf_comet.reproduce.expert_merging import MERGING_FULL
 from hf_comet.reproduce.stats import (
     Comparison,
-    bootstrap_ratio,
+    bootstrap_median,
     claim_verdict,
     comparison_outcome,
     holm_family,
@@ -87,12 +87,14 @@ def test_intervals_are_clipped_to_the_quantity_s_range():
     assert mean_interval([0.01, 0.0, 0.03], bounds=(0.0, math.inf))[1] == 0.0
 
 
-def test_the_bootstrap_ratio_keeps_seeds_that_never_got_there():
-    point, low, high = bootstrap_ratio([50.0, 60.0, 55.0, 65.0], [100.0, 110.0, 105.0, 120.0])
-    assert point == pytest.approx(57.5 / 107.5) and low < point < high < 1.0
-    # a variant that never reaches the target in most seeds has no finite median, nor an upper bound
-    point, _, high = bootstrap_ratio([math.inf, math.inf, 60.0], [100.0, 100.0, 100.0])
-    assert math.isinf(point) and math.isinf(high)
+def test_the_bootstrap_median_keeps_seeds_that_never_got_there():
+    point, low, high = bootstrap_median([0.5, 0.6, 0.55, 0.65, 0.7])
+    assert point == 0.6 and 0.5 <= low < point < high <= 0.7
+    # two of five seeds never got there: the median is finite, its upper bound is not
+    point, low, high = bootstrap_median([0.5, 0.6, 0.55, math.inf, math.inf])
+    assert point == 0.6 and low >= 0.5 and math.isinf(high)
+    # most seeds never got there: no finite median
+    assert math.isinf(bootstrap_median([0.5, math.inf, math.inf])[0])
 
 
 def test_holm_family_adjusts_within_the_family_only():

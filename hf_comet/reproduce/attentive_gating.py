@@ -440,7 +440,7 @@ def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) 
     lines += [
         f"Distilled gate against the original gate: test error {distilled_err:+.3f} (p {adjusted['error']['distilled']:.2g}, "
         f"uncorrected {distilled_p:.2g}); as top-1 (one expert run per input) its error is "
-        f"{format_interval(values('distilled', 'top1_error'))}. "
+        f"{format_interval(values('distilled', 'top1_error'), bounds=(0.0, 1.0))}. "
         + (("Distilled gates that did not learn to route (training error > 0.2): " + ", ".join(
             f"seed {s} (train {d['train_error']:.3f}, test {d['test']['error']:.3f})" for s, d in failed)
             + (f"; the other seeds' mean test error is {sum(kept) / len(kept):.3f}." if kept else "."))

@@ -76,6 +76,20 @@ def steps_to_reach(steps: Sequence[int], values: Sequence[float], threshold: flo
     return None
 
 
+def steps_to_seed_target(runs: Sequence[dict], reference: dict[int, dict], tolerance: float,
+                         higher_is_better: bool = False) -> list[float]:  # fmt: skip
+    """Per run, the first evaluated step its curve is within ``tolerance`` (relative) of the final value of the
+    ``reference`` run of the same seed (``{seed: run}``; the dense model), ``inf`` when it never is: every seed counted,
+    each against its own pair (seeds' final values vary as much as variants differ)."""
+    steps = []
+    for run in runs:
+        final = reference[run["spec"]["seed"]]["curve"][-1]
+        target = final * (1 - tolerance) if higher_is_better else final * (1 + tolerance)
+        step = steps_to_reach(run["curve_steps"], run["curve"], target, higher_is_better)
+        steps.append(math.inf if step is None else float(step))
+    return steps
+
+
 def format_interval(values: Sequence[float], digits: int = 3, bounds: tuple[float, float] = (-math.inf, math.inf)) -> str:
     """``mean [low, high]`` for a table cell, the interval clipped to ``bounds``."""
     mean, low, high = mean_interval(values, bounds)
@@ -238,24 +252,20 @@ def verdict_text(comparisons: Sequence[Comparison], settings: str = "settings") 
             f"{settings}, against in {count['against']}, open in {count['open']})")
 
 
-def bootstrap_ratio(numerator: Sequence[float], denominator: Sequence[float], statistic=np.median,
-                    resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:  # fmt: skip
-    """``statistic(numerator) / statistic(denominator)`` and its 95 % percentile-bootstrap interval, resampling the
-    seeds (pairs) together; values may be ``inf`` (a seed that never got there), and so may the ratio and bounds."""
-    a, b = np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        point = float(statistic(a) / statistic(b))
-        rng = np.random.default_rng(seed)
-        index = rng.integers(0, len(a), size=(resamples, len(a)))
-        ratios = statistic(a[index], axis=1) / statistic(b[index], axis=1)
-    ratios = np.where(np.isnan(ratios), np.inf, ratios)  # inf / inf: neither got there, counted as unbounded
-    # order statistics, not interpolation, so an infinite ratio stays an unbounded (not a NaN) bound
-    return point, float(np.quantile(ratios, 0.025, method="lower")), float(np.quantile(ratios, 0.975, method="higher"))
+def bootstrap_median(values: Sequence[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """The median of ``values`` and its 95 % percentile-bootstrap interval (resampling the values, i.e. the seeds);
+    values may be ``inf`` (a seed that never got there), and so may the median and the bounds (order statistics, not
+    interpolation, so an infinite value stays an unbounded bound rather than a NaN)."""
+    array = np.asarray(values, dtype=float)
+    index = np.random.default_rng(seed).integers(0, len(array), size=(resamples, len(array)))
+    medians = np.median(array[index], axis=1)  # inf when the middle value(s) are: most seeds never got there
+    return (float(np.median(array)), float(np.quantile(medians, 0.025, method="lower")),
+            float(np.quantile(medians, 0.975, method="higher")))  # fmt: skip
 
 
 __all__ = [
     "CONTRADICTED", "INCONCLUSIVE", "MET", "NOT_MET", "NOT_REPRODUCED", "PARTLY", "POWER", "REPRODUCED", "VERDICT_RULE",
-    "Comparison", "bootstrap_ratio", "claim_verdict", "comparison_outcome", "comparisons_table", "holm_family",
-    "interval_mde", "margin_verdict", "minimum_detectable_effect", "paired_comparison", "verdict_text",
+    "Comparison", "bootstrap_median", "claim_verdict", "comparison_outcome", "comparisons_table", "holm_family",
+    "interval_mde", "margin_verdict", "minimum_detectable_effect", "paired_comparison", "steps_to_seed_target", "verdict_text",
     "SIGNIFICANCE", "area_under_curve", "format_interval", "gap_in_points", "holm", "mean_interval", "paired_test", "steps_to_reach",
 ]
