@@ -152,3 +152,16 @@ def test_the_reproduce_hash_variant_has_random_top1s_experts_and_routes_by_hash(
     model = reproduce_models.build(settings, "hash", 0.25, seed=0)
     assert model.config.routing == "hash" and model.config.num_experts == 4
     assert not any(".router." in f".{name}" for name, _ in model.named_parameters())
+
+
+def test_a_caller_s_collect_routing_sees_the_hashed_experts():
+    # inside the caller's own collector the forward hands over its ids (and mask) for the duration of the call
+    model = tiny_model("comet_gpt2", "AutoModelForCausalLM", routing="hash").eval()
+    ids = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(3))
+    with collect_routing() as collector:
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    assert collector.input_ids is None and collector.attention_mask is None  # the caller's (empty) inputs restored
+    scores = collector.scores()
+    assert len(scores) == len(model.moe_blocks())
+    for score, block in zip(scores, model.moe_blocks(), strict=True):
+        assert torch.equal(score.argmax(-1), block.router.expert_of(ids).reshape(-1))

@@ -52,16 +52,17 @@ def test_outputs_carry_moe_fields(family, head, routing):
     inputs = tiny_inputs(family, head)
     out = model(**inputs, output_router_logits=True)
     tokens = 3 * (5 if family == "comet_vit" else 7)
-    if routing in ("comet", "block_comet"):  # no gate over experts: no router logits (docs/decisions.md)
+    if routing in ("comet", "block_comet", "hash"):  # no gate over experts: no router logits (docs/decisions.md)
         assert out.router_logits is None
-        with collect_routing() as collector:  # COMET's own scores, per unit or block
+        with collect_routing() as collector:  # COMET's own scores, per unit or block; hash's one-hot choice
             model(**inputs)
         scores = collector.scores()
-        assert len(scores) == 1 and scores[0].shape == (tokens, {"comet": 128, "block_comet": 128 // BLOCK_SIZE}[routing])
+        width = {"comet": 128, "block_comet": 128 // BLOCK_SIZE, "hash": 4}[routing]
+        assert len(scores) == 1 and scores[0].shape == (tokens, width)
     else:
         assert len(out.router_logits) == 1  # only block 1 is MoE
         assert out.router_logits[0].shape == (tokens, 4)  # transformers' contract: (tokens, num_experts)
-    assert (out.router_aux_loss is None) == (routing in ("comet", "block_comet", "deep"))
+    assert (out.router_aux_loss is None) == (routing in ("comet", "block_comet", "deep", "hash"))
     assert (out.aux_loss is None) == (routing not in ("topk", "switch"))  # transformers' loss, where it is trained
     assert "router_logits" not in model(**inputs)  # off unless requested (config.output_router_logits)
     as_tuple = model(**inputs, return_dict=False)

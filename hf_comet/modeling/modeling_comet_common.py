@@ -241,8 +241,12 @@ def routed_forward(upstream_forward, output_class):
     @functools.wraps(upstream_forward)
     def forward(self, *args, **kwargs):
         output_router_logits = kwargs.pop("output_router_logits", None)
-        if active_collector() is not None:
-            return upstream_forward(self, *args, **kwargs)
+        outer = active_collector()
+        if outer is not None:  # a caller collects (collect_routing): it gets this forward's ids and mask too
+            arguments = {**dict(zip(names, args, strict=False)), **kwargs}
+            ROUTER_CLASSES[self.config.routing].check_inputs(self.config, arguments)
+            with outer.forward_inputs(arguments.get("attention_mask"), arguments.get("input_ids")):
+                return upstream_forward(self, *args, **kwargs)
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         return_dict = kwargs.pop("return_dict", None)

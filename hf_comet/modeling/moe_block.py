@@ -382,6 +382,18 @@ class RoutingCollector:
         # With a KV cache the mask covers past + current tokens; the block sees only the current ones.
         return self.attention_mask[:, -batch_shape[1] :].reshape(-1).bool()
 
+    @contextmanager
+    def forward_inputs(self, attention_mask: torch.Tensor | None, input_ids: torch.Tensor | None) -> Iterator[None]:
+        """For one model forward inside a caller's `collect_routing`: that forward's padding mask and ids, where the
+        caller gave none (so hash routing and padding-aware statistics work inside it too), restored after."""
+        before = self.attention_mask, self.input_ids
+        self.attention_mask = attention_mask if before[0] is None else before[0]
+        self.input_ids = input_ids if before[1] is None else before[1]
+        try:
+            yield
+        finally:
+            self.attention_mask, self.input_ids = before
+
     def token_ids(self, batch_shape: torch.Size) -> torch.Tensor:
         """Flat (T,) int64 ids of a block input of shape ``batch_shape`` (refused when the call had none or they do
         not line up with the block's tokens)."""

@@ -80,12 +80,14 @@ def steps_to_seed_target(runs: Sequence[dict], reference: dict[int, dict], toler
                          higher_is_better: bool = False) -> list[float]:  # fmt: skip
     """Per run, the first evaluated step its curve is within ``tolerance`` (relative) of the final value of the
     ``reference`` run of the same seed (``{seed: run}``; the dense model), ``inf`` when it never is: every seed counted,
-    each against its own pair (seeds' final values vary as much as variants differ)."""
+    each against its own pair (seeds' final values vary as much as variants differ). The evaluation at step 0 (before
+    any update) does not count, so a time is never 0."""
     steps = []
     for run in runs:
         final = reference[run["spec"]["seed"]]["curve"][-1]
         target = final * (1 - tolerance) if higher_is_better else final * (1 + tolerance)
-        step = steps_to_reach(run["curve_steps"], run["curve"], target, higher_is_better)
+        trained = [(s, v) for s, v in zip(run["curve_steps"], run["curve"], strict=True) if s > 0]
+        step = steps_to_reach([s for s, _ in trained], [v for _, v in trained], target, higher_is_better)
         steps.append(math.inf if step is None else float(step))
     return steps
 
