@@ -154,14 +154,18 @@ def test_the_reproduce_hash_variant_has_random_top1s_experts_and_routes_by_hash(
     assert not any(".router." in f".{name}" for name, _ in model.named_parameters())
 
 
-def test_a_caller_s_collect_routing_sees_the_hashed_experts():
-    # inside the caller's own collector the forward hands over its ids (and mask) for the duration of the call
-    model = tiny_model("comet_gpt2", "AutoModelForCausalLM", routing="hash").eval()
-    ids = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(3))
+@pytest.mark.parametrize(("family", "head"), [("comet_gpt2", "AutoModelForCausalLM"),
+                                              ("comet_bert", "AutoModelForMultipleChoice")])
+def test_a_caller_s_collect_routing_sees_the_hashed_experts(family, head):
+    # inside the caller's own collector the forward hands over its ids (and mask) for the duration of the call,
+    # flattened as the encoder sees them (multiple choice: batch x choices rows)
+    model = tiny_model(family, head, routing="hash").eval()
+    inputs = tiny_inputs(family, head)
     with collect_routing() as collector:
-        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        model(**inputs)
     assert collector.input_ids is None and collector.attention_mask is None  # the caller's (empty) inputs restored
     scores = collector.scores()
     assert len(scores) == len(model.moe_blocks())
+    ids = inputs["input_ids"].reshape(-1)
     for score, block in zip(scores, model.moe_blocks(), strict=True):
-        assert torch.equal(score.argmax(-1), block.router.expert_of(ids).reshape(-1))
+        assert torch.equal(score.argmax(-1), block.router.expert_of(ids))

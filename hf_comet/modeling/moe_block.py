@@ -203,8 +203,8 @@ class MoEBlock(nn.Module):
         elif self._pair_draws.device != device:
             self._pair_draws = self._pair_draws.to(device)
         index = torch.arange(2 * num_pairs, device=device, dtype=torch.long)
-        keys = (self._pair_seed % _HASH_MODULUS) + (self._pair_draws * (2 * num_pairs) + index) * 2_654_435_761
-        draws = _hash31(keys % _HASH_MODULUS)
+        keys = (self._pair_seed % HASH_MODULUS) + (self._pair_draws * (2 * num_pairs) + index) * 2_654_435_761
+        draws = hash31(keys % HASH_MODULUS)
         self._pair_draws += 1
         first = draws[:num_pairs] % num_tokens
         second = (first + 1 + draws[num_pairs:] % (num_tokens - 1)) % num_tokens
@@ -338,8 +338,6 @@ def describe_record(record: list[int]) -> dict[str, int | str]:
     return values
 
 
-_HASH_MODULUS = HASH_MODULUS
-_hash31 = hash31  # the 31-bit mixing hash (moe_routers; hash routing uses it too)
 
 
 def _fresh_long(device) -> torch.Tensor:
@@ -362,12 +360,7 @@ class RoutingCollector:
     """
 
     def __init__(self, attention_mask: torch.Tensor | None = None, input_ids: torch.Tensor | None = None):
-        if attention_mask is not None and attention_mask.dim() == 3:  # multiple choice: flattened like input_ids
-            attention_mask = attention_mask.reshape(-1, attention_mask.shape[-1])
-        self.attention_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-        if input_ids is not None and input_ids.dim() != 2:  # (seq,) or multiple choice (batch, choices, seq)
-            input_ids = input_ids.reshape(-1, input_ids.shape[-1])
-        self.input_ids = input_ids
+        self.attention_mask, self.input_ids = self._rows(attention_mask, input_ids)
         self.records: list[tuple[MoEBlock, RoutingDecision, torch.Size, torch.Tensor]] = []
         self._layer_losses: list[tuple[MoEBlock, dict[str, torch.Tensor]]] | None = None
 
@@ -382,13 +375,27 @@ class RoutingCollector:
         # With a KV cache the mask covers past + current tokens; the block sees only the current ones.
         return self.attention_mask[:, -batch_shape[1] :].reshape(-1).bool()
 
+    @staticmethod
+    def _rows(attention_mask: torch.Tensor | None, input_ids: torch.Tensor | None
+              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+        """The mask and ids as (rows, seq), as the encoder sees them: multiple choice's (batch, choices, seq)
+        flattened, a (seq,) call made one row; a mask of any other shape (4-D custom) counts every token (None)."""
+        if attention_mask is not None and attention_mask.dim() == 3:
+            attention_mask = attention_mask.reshape(-1, attention_mask.shape[-1])
+        if attention_mask is not None and attention_mask.dim() != 2:
+            attention_mask = None
+        if input_ids is not None and input_ids.dim() != 2:
+            input_ids = input_ids.reshape(-1, input_ids.shape[-1])
+        return attention_mask, input_ids
+
     @contextmanager
     def forward_inputs(self, attention_mask: torch.Tensor | None, input_ids: torch.Tensor | None) -> Iterator[None]:
         """For one model forward inside a caller's `collect_routing`: that forward's padding mask and ids, where the
         caller gave none (so hash routing and padding-aware statistics work inside it too), restored after."""
         before = self.attention_mask, self.input_ids
-        self.attention_mask = attention_mask if before[0] is None else before[0]
-        self.input_ids = input_ids if before[1] is None else before[1]
+        mask, ids = self._rows(attention_mask, input_ids)
+        self.attention_mask = mask if before[0] is None else before[0]
+        self.input_ids = ids if before[1] is None else before[1]
         try:
             yield
         finally:
