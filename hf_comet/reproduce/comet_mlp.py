@@ -14,6 +14,9 @@ from pathlib import Path
 from . import mlp
 from .core import ClaimResult, RunCache, code_version, plot_curves, register_claim, run_all
 from .stats import (
+    CLAIMED_ACCURACY,
+    CLAIMED_RELATIVE,
+    DENSE_QUALITY,
     SIGNIFICANCE,
     area_under_curve,
     comparisons_table,
@@ -28,10 +31,7 @@ from .stats import (
 )
 
 SINGLE_KEEP_VARIANTS = ("top_k", "layer_wise", "example_tied_dropout")
-CLAIMED_ACCURACY = 0.01
-"""The claimed effect on accuracy (and on the validation-accuracy curve's mean): 1 point; the paper gives no size."""
-CLAIMED_RELATIVE = 0.01
-"""The claimed effect on an MSE (regression): 1 % of the dense model's."""
+
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,7 @@ def mlp_claim(claim: str, dataset: str, settings: MLPSettings, cache_dir: Path, 
     if dense:
         dense_by_seed = {r["spec"]["seed"]: r for r in dense}
         lines += [f"**Width {width}, keep {keep:g}, every variant** (steps to dense quality: the first validation "
-                  f"within 3 % of the final validation {metric} of the dense run of the same seed, the median over all "
+                  f"within {DENSE_QUALITY:.0%} of the final validation {metric} of the dense run of the same seed, the median over all "
                   "seeds, one that never got there counted as beyond the run, and how many got there):", "",
                   f"| variant | lr | trainable params | train {metric} | test {metric} | gap (train − test) | val AUC "
                   "| steps to dense quality | seconds |",
@@ -195,7 +195,7 @@ def mlp_claim(claim: str, dataset: str, settings: MLPSettings, cache_dir: Path, 
             group = runs(variant, width, keep)
             if not group:
                 continue
-            reached = steps_to_seed_target(group, dense_by_seed, 0.03, higher)
+            reached = steps_to_seed_target(group, dense_by_seed, DENSE_QUALITY, higher)
             hits = sum(not math.isinf(s) for s in reached)
             middle = statistics.median(reached)  # every seed counted
             median = f"{'not reached' if math.isinf(middle) else f'{middle:g}'} ({hits}/{len(group)})"

@@ -11,6 +11,9 @@ from pathlib import Path
 from . import models
 from .core import ClaimResult, plot_curves, register_claim
 from .stats import (
+    CLAIMED_ACCURACY,
+    CLAIMED_RELATIVE,
+    DENSE_QUALITY,
     SIGNIFICANCE,
     Comparison,
     comparisons_table,
@@ -21,13 +24,6 @@ from .stats import (
     verdict_text,
 )
 from .transformer_claims import FULL, NAMES, QUICK, auc, describe, family_runs, runs_of
-
-CLAIMED_ACCURACY = 0.01
-"""The claimed effect on an accuracy: 1 point (the paper gives no size; a smaller gain would not be a reason to use it)."""
-CLAIMED_RELATIVE = 0.01
-"""The claimed effect on a loss (or its curve's mean): 1 % of the dense model's mean."""
-TOLERANCE = 0.03
-"""Dense quality: a validation loss within 3 % of the final one of the dense run of the same seed."""
 
 
 def _by_seed(group: list[dict], value) -> dict[int, float]:
@@ -87,7 +83,7 @@ def _family_section(family: str, rates: dict[str, float], tuning: list[dict], re
     middle = settings.keep_rates[len(settings.keep_rates) // 2]
     dense_by_seed = {r["spec"]["seed"]: r for r in dense}
     lines += [f"**Keep {middle:g}, every variant** (its own learning rate; steps to dense quality: the first validation "
-              "within 3 % of the final validation loss of the dense run of the same seed, the median over all its "
+              f"within {DENSE_QUALITY:.0%} of the final validation loss of the dense run of the same seed, the median over all its "
               "seeds, a seed that never got there counted as beyond the run, and how many got there; train "
               f"{metric} on {settings.eval_items} fixed training items):", "",
               f"| variant | lr | trainable params | train {metric} | test {metric} | gap (train − test) | val loss AUC | "
@@ -99,7 +95,7 @@ def _family_section(family: str, rates: dict[str, float], tuning: list[dict], re
         if not group:
             continue
         curves[variant] = group
-        reached = steps_to_seed_target(group, dense_by_seed, TOLERANCE)
+        reached = steps_to_seed_target(group, dense_by_seed, DENSE_QUALITY)
         hits = sum(not math.isinf(s) for s in reached)
         median = statistics.median(reached)
         steps = f"{'not reached' if math.isinf(median) else f'{median:g}'} ({hits}/{len(group)})"

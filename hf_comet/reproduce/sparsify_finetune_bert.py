@@ -143,6 +143,13 @@ def _spec(variant: str, settings, seed: int) -> dict:
 from .stats import interval_mde, margin_verdict  # noqa: E402  (below the run code, so the runs' code hash ignores it)
 
 
+def speed_note(model: str) -> str:
+    """Where the speed of the conversion a sparsify claim judges for quality is measured."""
+    return (f"Speed: the same conversion's speed at keep 0.5 and 0.25 at real sizes ({model} among them, against the "
+            "stock model it came from) is measured by `hf-comet bench sparse` on [the speed page](speed.md#converted-"
+            "models-against-their-source-at-real-sizes); quality is what this section measures, on the tiny model.")
+
+
 def keep_rate_verdicts(
     variants, groups: dict, gaps: dict, margins: dict, higher_is_better: bool, unit: str
 ) -> list[str]:
@@ -219,9 +226,6 @@ def claim(cache_dir: Path, plots: Path, quick: bool, cached_only: bool = False) 
               "validation accuracy, so the test gap is not selected on test data; the interval is over "
               f"{len(settings.seeds)} seeds. Where this differs from the issue's goal: a small byte-level BERT "
               "pre-trained briefly on 2 CPU cores, not a downloaded BERT-base (the same code path takes one).", "",
-              "Speed: the same conversion's speed at keep 0.5 and 0.25 at real sizes (BERT-base among them, against "
-              "the stock model it came from) is measured by `hf-comet bench sparse` on [the speed page]"
-              "(speed.md#converted-models-against-their-source-at-real-sizes); quality is what this section measures, "
-              "on the tiny model.", ""]  # fmt: skip
+              speed_note("BERT-base"), ""]  # fmt: skip
     seconds = sum(r["seconds"] for r in records)
     return ClaimResult("sparsify_finetune_bert", "", "; ".join(verdicts), "\n".join(lines), seconds)

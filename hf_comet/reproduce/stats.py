@@ -102,6 +102,19 @@ def format_interval(values: Sequence[float], digits: int = 3, bounds: tuple[floa
 
 POWER = 0.8
 """The power at which each section's minimum detectable effect is given."""
+CLAIMED_ACCURACY = 0.01
+"""The claimed effect of COMET's claims on an accuracy (or its validation curve's mean): 1 point. The paper gives no
+size; a smaller gain would not be a reason to switch."""
+CLAIMED_RELATIVE = 0.01
+"""The claimed effect of COMET's claims on a loss or an MSE (or its curve's mean): 1 % of the dense model's mean."""
+DENSE_QUALITY = 0.03
+"""Reaching the dense model's quality: within 3 % of the final validation value of the dense run of the same seed
+(`steps_to_seed_target`)."""
+
+
+def _mde_factor(n: int, power: float, level: float) -> float:
+    """``t_{1-level/2} + t_{power}`` with n - 1 degrees of freedom: the MDE in units of the standard error."""
+    return float(scipy_stats.t.ppf(1 - level / 2, n - 1) + scipy_stats.t.ppf(power, n - 1))
 
 
 def minimum_detectable_effect(differences: Sequence[float], power: float = POWER, level: float = SIGNIFICANCE) -> float:
@@ -111,18 +124,16 @@ def minimum_detectable_effect(differences: Sequence[float], power: float = POWER
     array = np.asarray(differences, dtype=float)
     if array.size < 2:
         return math.nan
-    quantiles = scipy_stats.t.ppf(1 - level / 2, array.size - 1) + scipy_stats.t.ppf(power, array.size - 1)
-    return float(quantiles * array.std(ddof=1) / math.sqrt(array.size))
+    return _mde_factor(array.size, power, level) * float(array.std(ddof=1)) / math.sqrt(array.size)
 
 
 def interval_mde(low: float, high: float, n: int, power: float = POWER, level: float = SIGNIFICANCE) -> float:
     """`minimum_detectable_effect` recovered from a paired difference's 95 % t-interval ``[low, high]`` over ``n``
-    pairs (its half-width is t_{0.975} sd / sqrt(n)); NaN without an interval."""
+    pairs (its half-width is t_{0.975} times the standard error); NaN without an interval."""
     if n < 2 or math.isnan(low) or math.isnan(high):
         return math.nan
-    critical = scipy_stats.t.ppf(0.975, n - 1)
-    quantiles = scipy_stats.t.ppf(1 - level / 2, n - 1) + scipy_stats.t.ppf(power, n - 1)
-    return float(quantiles * (high - low) / 2 / critical)
+    standard_error = (high - low) / 2 / float(scipy_stats.t.ppf(0.975, n - 1))
+    return _mde_factor(n, power, level) * standard_error
 
 
 # -- the verdict rule ----------------------------------------------------------------------------------------------
@@ -210,11 +221,6 @@ class Comparison:
             return comparison_outcome(self.estimate, self.low, self.high, self.p_holm, self.claimed, self.mde)
         return comparison_outcome(-self.estimate, -self.high, -self.low, self.p_holm, self.claimed, self.mde)
 
-    def cell(self, digits: int = 3) -> str:
-        """``Δ [low, high] (p, Holm p)`` for a table."""
-        return (f"{self.estimate:+.{digits}f} [{self.low:+.{digits}f}, {self.high:+.{digits}f}] "
-                f"({self.p:.2g}, {self.p_holm:.2g})")  # fmt: skip
-
 
 def paired_comparison(label: str, a: dict[int, float], b: dict[int, float], direction: int, claimed: float
                       ) -> Comparison:  # fmt: skip
@@ -266,7 +272,7 @@ def bootstrap_median(values: Sequence[float], resamples: int = 2000, seed: int =
 
 
 __all__ = [
-    "CONTRADICTED", "INCONCLUSIVE", "MET", "NOT_MET", "NOT_REPRODUCED", "PARTLY", "POWER", "REPRODUCED", "VERDICT_RULE",
+    "CLAIMED_ACCURACY", "CLAIMED_RELATIVE", "CONTRADICTED", "DENSE_QUALITY", "INCONCLUSIVE", "MET", "NOT_MET", "NOT_REPRODUCED", "PARTLY", "POWER", "REPRODUCED", "VERDICT_RULE",
     "Comparison", "bootstrap_median", "claim_verdict", "comparison_outcome", "comparisons_table", "holm_family",
     "interval_mde", "margin_verdict", "minimum_detectable_effect", "paired_comparison", "steps_to_seed_target", "verdict_text",
     "SIGNIFICANCE", "area_under_curve", "format_interval", "gap_in_points", "holm", "mean_interval", "paired_test", "steps_to_reach",
