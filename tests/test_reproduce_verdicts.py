@@ -146,11 +146,13 @@ def test_a_page_rendered_from_a_fixture_cache_states_the_rule_s_verdict(tmp_path
 
 def test_render_refuses_missing_runs_before_writing_anything(tmp_path, capsys):
     page = tmp_path / "results.md"
-    with pytest.raises(MissingRuns, match="expert_merging"):
-        reproduce(["expert_merging"], cache_dir=tmp_path, page=page, render=True)
-    assert not page.exists()
-    code = cli.main(["reproduce", "expert_merging", "--render", "--cache", str(tmp_path), "--page", str(page)])
-    assert code == 2 and "missing runs: expert_merging" in capsys.readouterr().err and not page.exists()
+    _merging_cache(tmp_path / "full", 0.1, 0.1, 0.005)  # merging's runs are there, attentive gating's are not
+    with pytest.raises(MissingRuns, match="attentive_gating") as refused:
+        reproduce(["expert_merging", "attentive_gating"], cache_dir=tmp_path, page=page, render=True)
+    assert "expert_merging" not in str(refused.value)
+    assert not page.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["full"]  # no plots, no scratch
+    code = cli.main(["reproduce", "attentive_gating", "--render", "--cache", str(tmp_path), "--page", str(page)])
+    assert code == 2 and "missing runs: attentive_gating" in capsys.readouterr().err and not page.exists()
 
 
 def test_the_committed_page_is_rendered_byte_for_byte_from_the_committed_runs(tmp_path):

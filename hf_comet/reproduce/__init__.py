@@ -51,27 +51,30 @@ def reproduce(
     cache = Path(cache_dir) / ("quick" if quick else "full")
     page = Path(page) if page is not None else (cache / "results.md" if quick else Path("docs/results.md"))
     plots = page.parent / "results"
-    if render:  # find every missing run before writing anything
-        missing = []
-        with tempfile.TemporaryDirectory(prefix="hf_comet_render_") as scratch:
-            for name in names:
-                try:
-                    CLAIMS[name].run(cache, Path(scratch), quick, True)
-                except MissingRuns as error:
+    page.parent.mkdir(parents=True, exist_ok=True)
+    # --render draws its plots beside the page in a scratch folder (same file system; the same relative links) and
+    # moves them into place only when every asked-for claim rendered, so a missing run writes nothing
+    with tempfile.TemporaryDirectory(prefix=".render-", dir=page.parent) as scratch:
+        target = Path(scratch) / "results" if render else plots
+        results, rendered, missing = [], [], []
+        for name, claim in CLAIMS.items():
+            try:
+                result = claim.run(cache, target, quick, render or name not in names)
+            except MissingRuns as error:
+                if render and name in names:
                     missing.append(f"{name} ({error})")
+                continue  # not asked for and not finished: listed as not run yet
+            result.title = claim.title
+            rendered.append(result)
+            if name in names:
+                results.append(result)
         if missing:
             raise MissingRuns(f"cannot render from {cache} alone; missing runs: {'; '.join(missing)}. Run "
                               "`hf-comet reproduce` for them first.")  # fmt: skip
-    results, rendered = [], []
-    for name, claim in CLAIMS.items():
-        try:
-            result = claim.run(cache, plots, quick, render or name not in names)
-        except MissingRuns:
-            continue  # not asked for and not finished: listed as not run yet
-        result.title = claim.title
-        rendered.append(result)
-        if name in names:
-            results.append(result)
+        if render and target.exists():
+            plots.mkdir(parents=True, exist_ok=True)
+            for drawn in target.iterdir():
+                os.replace(drawn, plots / drawn.name)
     write_page(rendered, page, quick)
     readme = Path("README.md")
     if not quick and page.resolve() == Path("docs/results.md").resolve() and readme.exists():
