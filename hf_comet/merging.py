@@ -100,12 +100,8 @@ def merge_block_experts(
     Returns the changed tensors (block-relative names) so the caller can reset their optimizer state."""
     if not block.learned:
         routing = block.router.routing
-        why = (
-            "its experts are overlapping unit masks of one FFN with no separate expert weights"
-            if routing == "comet"
-            else "its fixed routing has no trainable gate to learn the merged expert's role and keeps no selection counts"
-        )
-        raise ValueError(f"layer {block.layer_idx} uses routing={routing!r}: {why}, so there is nothing to merge.")
+        raise ValueError(f"layer {block.layer_idx} uses routing={routing!r}: {_why_not_mergeable(routing)}, so there "
+                         "is nothing to merge.")  # fmt: skip
     if how not in MERGE_METHODS:
         raise ValueError(f"how={how!r} is not a merge method; choose one of {', '.join(MERGE_METHODS)}.")
     num_experts = block.experts_module.num_experts
@@ -159,6 +155,13 @@ def merge_experts(
     return _qualify(model, merge_block_experts(block, source_a, source_b, into, how=how))
 
 
+def _why_not_mergeable(routing: str) -> str:
+    """Why a block of a routing without a trainable gate has nothing to merge."""
+    if routing == "comet":
+        return "COMET's experts are overlapping unit masks of one FFN with no separate expert weights"
+    return "a fixed routing has no trainable gate to learn the merged expert's role and keeps no selection counts"
+
+
 def merge_most_used_into_least_used(model: nn.Module, how: str = "mean") -> list[ExpertMerge]:
     """In every learned-gating layer, merge the two most selected experts into the least selected other one
     (ties go to the lower index) and reset the counts (Park 2024, methods.md §3.4). Layers with no training
@@ -167,9 +170,10 @@ def merge_most_used_into_least_used(model: nn.Module, how: str = "mean") -> list
     every rank merges the same experts: call it on every rank at the same step."""
     learned = [block for block in _blocks(model) if block.learned]
     if not learned:
+        routings = sorted({block.router.routing for block in _blocks(model)})
         raise ValueError(
-            "this model has no learned-gating MoE layer (routing='comet' everywhere): COMET's experts are "
-            "overlapping unit masks of one FFN, so there is nothing to merge."
+            f"this model has no learned-gating MoE layer (routing {' and '.join(map(repr, routings))}): "
+            + "; ".join(f"under {r!r} {_why_not_mergeable(r)}" for r in routings) + ", so there is nothing to merge."
         )
     num_experts = learned[0].experts_module.num_experts
     if num_experts < 3:

@@ -69,6 +69,7 @@ def test_config_json_round_trip(family, tmp_path):
         ({"routing": "deep", "deep_constraint_margin": -0.5}, "deep_constraint_margin"),
         ({"routing": "topk", "similarity_beta_s": -1.0}, "similarity_beta_s"),
         ({"routing": "comet", "similarity_beta_d": 0.1}, "gate probabilities"),
+        ({"routing": "hash", "similarity_beta_s": 0.5}, r"got routing='hash'\); .*which a routing without a gate does not"),
         ({"routing": "attentive", "similarity_num_pairs": 0}, "similarity_num_pairs"),
         ({"routing": "noisy_topk", "num_experts": 3, "num_experts_per_tok": 1}, "num_experts=3"),
     ],

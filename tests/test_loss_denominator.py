@@ -78,8 +78,17 @@ def test_mean_label_loss_divides_once_by_every_scored_position(tmp_path):
     expected = float(per_position.sum() / (labels[:, 1:] != -100).sum())  # not the mean of per-batch means
     dataset = torch_dataset({"input_ids": ids, "labels": labels})
     assert mean_label_loss(model, dataset, batch_size=1) == pytest.approx(expected, rel=1e-6)
-    with pytest.raises(ValueError, match="no scored label"):
-        mean_label_loss(model, torch_dataset({"input_ids": ids, "labels": torch.full_like(ids, -100)}))
+    forwards = []
+    model.register_forward_hook(lambda *args: forwards.append(1))
+    unscored = torch.full_like(ids, -100)
+    unscored[:, 0] = 5  # a causal LM never predicts the first position: still nothing to score
+    with pytest.raises(ValueError, match="none of the 3 rows has a scored label"):
+        mean_label_loss(model, torch_dataset({"input_ids": ids, "labels": unscored}))
+    with pytest.raises(ValueError, match=r"rows have no 'labels' \(they have \['input_ids'\]\)"):
+        mean_label_loss(model, torch_dataset({"input_ids": ids}))
+    with pytest.raises(ValueError, match="no rows"):
+        mean_label_loss(model, torch_dataset({"input_ids": ids[:0], "labels": ids[:0]}))
+    assert forwards == []  # every refusal before any forward
 
 
 @pytest.mark.parametrize("stock", ["GPT2ForSequenceClassification", "GPT2LMHeadModel"])
@@ -93,9 +102,17 @@ def test_gradient_accumulation_leaves_a_stock_models_loss_as_without_it(stock, t
     for batch, accumulation in ((8, 1), (4, 2)):
         torch.manual_seed(0)
         model = getattr(transformers, stock)(transformers.GPT2Config(**TINY_GPT2, num_labels=3, pad_token_id=0))
+        if batch == 8:  # the loss the first step must log: the initial model's mean over the 8 rows, computed here
+            with torch.no_grad():
+                if stock == "GPT2LMHeadModel":
+                    expected = shifted_mean_cross_entropy(model, ids)  # over the 15 predicted positions per row
+                else:
+                    expected = float(F.cross_entropy(model.eval()(input_ids=ids).logits, labels))
+            model.train()
         trainer = _trainer(model, data, tmp_path / f"{batch}", per_device_train_batch_size=batch,
                            gradient_accumulation_steps=accumulation, max_steps=1)  # fmt: skip
         trainer.train()
         entry = next(e for e in trainer.state.log_history if "loss" in e)
         logged.append((entry["loss"], entry["grad_norm"]))
+    assert logged[0][0] == pytest.approx(expected, rel=1e-4)  # the stock head's loss over the right denominator
     assert logged[1] == pytest.approx(logged[0], rel=1e-4)

@@ -241,10 +241,15 @@ def test_merge_most_used_into_least_used_picks_per_layer_and_resets_optimizer_st
 
 def test_merging_refuses_comet_layers_and_bad_arguments():
     comet = tiny_model(*VIT, routing="comet")
-    with pytest.raises(ValueError, match="nothing to merge"):
+    with pytest.raises(ValueError, match="routing 'comet'.*overlapping unit masks.*nothing to merge"):
         merge_most_used_into_least_used(comet)
     with pytest.raises(ValueError, match="nothing to merge"):
         merge_experts(comet, 0, 0, 1, into=2)
+    hashed = tiny_model(*VIT, routing="hash")  # each refusal names the routing the model really has
+    with pytest.raises(ValueError, match="routing 'hash'.*no trainable gate.*nothing to merge"):
+        merge_most_used_into_least_used(hashed)
+    with pytest.raises(ValueError, match="routing='hash': a fixed routing has no trainable gate"):
+        merge_experts(hashed, 0, 0, 1, into=2)
     learned = tiny_model(*VIT, routing="topk")
     with pytest.raises(ValueError, match="into=4"):
         merge_experts(learned, 0, 0, 1, into=4)

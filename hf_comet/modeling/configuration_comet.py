@@ -17,7 +17,7 @@ from transformers import BertConfig, GPT2Config, ViTConfig
 
 from .routing_names import LEARNED_ROUTINGS, MIXTURE_ROUTINGS, ROUTER_CLASSES, ROUTINGS, comet_num_active
 
-_NO_GATE = "the sample-similarity regulariser needs gate probabilities, which routing='comet' does not have; leave it at 0"
+_NO_GATE = "the sample-similarity regulariser needs gate probabilities, which a routing without a gate does not have; leave it at 0"
 FIELD_HINTS = {
     "mixture_top_k": "use num_experts_per_tok for the other learned routers",
     "num_experts_per_tok": "attentive and deep use mixture_top_k",
@@ -33,7 +33,7 @@ checks at import that its registry is exactly this)."""
 SPLIT_METHODS = ("contiguous", "random", "kmeans")
 """Values of the ``split_method`` provenance field: the names of `hf_comet.convert.SPLIT_METHODS`."""
 SPARSIFY_CLUSTERS = ("none", "coactivation")
-"""Values of the ``sparsify_cluster`` provenance field: the names of `hf_comet.convert.sparsify.CLUSTERS`."""
+"""Values of the ``sparsify_cluster`` provenance field: the names of `hf_comet.convert.sparse.CLUSTERS`."""
 
 
 @dataclass(frozen=True)

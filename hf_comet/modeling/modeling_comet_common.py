@@ -242,6 +242,8 @@ def routed_forward(upstream_forward, output_class):
     def forward(self, *args, **kwargs):
         output_router_logits = kwargs.pop("output_router_logits", None)
         outer = active_collector()
+        if outer is not None and outer.from_model:  # the base model inside our head's forward: its collector is set
+            return upstream_forward(self, *args, **kwargs)
         if outer is not None:  # a caller collects (collect_routing): it gets this forward's ids and mask too
             arguments = {**dict(zip(names, args, strict=False)), **kwargs}
             ROUTER_CLASSES[self.config.routing].check_inputs(self.config, arguments)
@@ -256,6 +258,7 @@ def routed_forward(upstream_forward, output_class):
         ROUTER_CLASSES[self.config.routing].check_inputs(self.config, arguments)  # before any work (hash: input_ids)
 
         with collect_routing(arguments.get("attention_mask"), arguments.get("input_ids")) as collector:
+            collector.from_model = True
             outputs = upstream_forward(self, *args, return_dict=True, **kwargs)
         router_aux_loss = collector.router_aux_loss()
         collector.commit(self.training)

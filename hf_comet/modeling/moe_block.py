@@ -32,7 +32,7 @@ from .moe_routers import (
     ROUTER_CLASSES,
     Router,
     RoutingDecision,
-    hash31,
+    hash_token_ids,
     masked_sum,
     mix_seed,
     mixtral_load_balancing_loss,
@@ -203,8 +203,7 @@ class MoEBlock(nn.Module):
         elif self._pair_draws.device != device:
             self._pair_draws = self._pair_draws.to(device)
         index = torch.arange(2 * num_pairs, device=device, dtype=torch.long)
-        keys = (self._pair_seed % HASH_MODULUS) + (self._pair_draws * (2 * num_pairs) + index) * 2_654_435_761
-        draws = hash31(keys % HASH_MODULUS)
+        draws = hash_token_ids(self._pair_draws * (2 * num_pairs) + index, self._pair_seed, HASH_MODULUS)
         self._pair_draws += 1
         first = draws[:num_pairs] % num_tokens
         second = (first + 1 + draws[num_pairs:] % (num_tokens - 1)) % num_tokens
@@ -361,6 +360,7 @@ class RoutingCollector:
 
     def __init__(self, attention_mask: torch.Tensor | None = None, input_ids: torch.Tensor | None = None):
         self.attention_mask, self.input_ids = self._rows(attention_mask, input_ids)
+        self.from_model = False  # set by a model's own forward (its nested calls then use it as it is)
         self.records: list[tuple[MoEBlock, RoutingDecision, torch.Size, torch.Tensor]] = []
         self._layer_losses: list[tuple[MoEBlock, dict[str, torch.Tensor]]] | None = None
 

@@ -429,9 +429,20 @@ def mean_label_loss(model: torch.nn.Module, dataset, *, batch_size: int = 64) ->
     position (or example) against its own label; the summed cross-entropy is divided once by the count of scored
     positions over the whole set (not a mean of per-batch means). docs/decisions.md, "One loss denominator"."""
     causal = is_causal_lm(model)
+    rows = len(dataset)
+    if rows == 0:
+        raise ValueError("mean_label_loss: the dataset has no rows; give it the rows to score.")
+    try:
+        labels = [torch.as_tensor(dataset[i]["labels"]) for i in range(rows)]
+    except KeyError:
+        raise ValueError(f"mean_label_loss: the dataset's rows have no 'labels' (they have {sorted(dataset[0])}); "
+                         "give each row its labels, -100 where a position is not scored.") from None  # fmt: skip
+    if not any(bool(((row[..., 1:] if causal else row) != -100).any()) for row in labels):  # before any forward
+        raise ValueError(f"mean_label_loss: none of the {rows} rows has a scored label (every label is -100"
+                         f"{', or only the first position, which a causal LM does not predict' if causal else ''}).")
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=transformers.default_data_collator)
     device = next(model.parameters()).device
-    total, count = torch.zeros((), dtype=torch.float64), 0
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     was_training = model.training
     model.eval()
     try:
@@ -444,12 +455,10 @@ def mean_label_loss(model: torch.nn.Module, dataset, *, batch_size: int = 64) ->
                     logits, labels = logits[..., :-1, :], labels[..., 1:]
                 logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
                 loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
-                total += loss.double().cpu()
+                total += loss.double()
                 count += int((labels != -100).sum())
     finally:
         model.train(was_training)
-    if count == 0:
-        raise ValueError("mean_label_loss: the dataset has no scored label (every label is -100, or no rows).")
     return float(total / count)
 
 
