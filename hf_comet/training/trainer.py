@@ -182,7 +182,8 @@ class CometTrainer(Trainer):
     not count into the training window.
 
     A stock transformers model (the dense baseline) is first given our head's loss contract
-    (`align_loss_contract`), so Trainer divides its loss by the same denominator as ours, in training and evaluation.
+    (`align_loss_contract`), so Trainer divides its loss by the same denominator as ours, in training and evaluation;
+    the model object keeps those two attributes (``loss_type``, ``accepts_loss_kwargs``) afterwards.
 
     When a label smoother or ``compute_loss_func`` replaces the model's loss, the aux loss is added back (weighted
     like the model does), so label smoothing does not silently drop load balancing.
