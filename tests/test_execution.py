@@ -175,5 +175,40 @@ def test_compiled_top_k_reads_no_file_and_matches_eager(measured):
     torch._dynamo.reset()
     with torch.no_grad():
         compiled = torch.compile(model, fullgraph=True, backend="eager")(**inputs).logits
+        assert not execution._LOADED  # the compiled forward read no file (its defaults equal the file's here)
         eager = model(**inputs).logits
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_reads_the_measured_thresholds_when_it_is_built(measured):
+    # read at construction, so a process that then runs only compiled forwards uses this machine's measurements
+    measured(dense_block_fraction=0.5, slab_max_pairs_per_expert=7.0)
+    assert not execution._LOADED
+    tiny_model("comet_gpt2", "AutoModelForCausalLM", routing="topk")
+    assert execution._LOADED == [ExecutionThresholds(dense_block_fraction=0.5, slab_max_pairs_per_expert=7.0)]
+
+
+@pytest.mark.parametrize(
+    ("content", "warned"),
+    [
+        ('{"thresholds": {"dense_block_fraction": true, "slab_max_pairs_per_expert": 2.0}}', "must be a number, not bool"),
+        ('{"thresholds": {"dense_block_fraction": "0.5", "slab_max_pairs_per_expert": 2.0}}', "must be a number, not str"),
+        (None, "is not a file"),
+    ],
+)
+def test_a_bad_thresholds_file_is_named_and_the_defaults_used(content, warned, tmp_path, monkeypatch, caplog):
+    path = tmp_path / ("execution.json" if content is not None else "missing.json")
+    if content is not None:
+        path.write_text(content)
+    monkeypatch.setenv("HF_COMET_EXECUTION", str(path))
+    thresholds.cache_clear()
+    from transformers.utils import logging
+
+    logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            assert thresholds() == ExecutionThresholds()
+    finally:
+        logging.disable_propagation()
+        thresholds.cache_clear()
+    assert warned in caplog.text and str(path) in caplog.text

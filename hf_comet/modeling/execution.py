@@ -13,7 +13,7 @@ Every decision of every router runs through `hf_comet.modeling.moe_experts.run_e
   ``experts_implementation`` asks, with ``grouped_mm`` for compiled code (the bucketed kernel needs host-side counts)
   and ``eager`` where ``grouped_mm`` cannot take the weights' strides.
 
-The thresholds are measurements, not constants: ``hf-comet bench --section execution --calibrate`` measures both
+The thresholds are measurements, not constants: ``hf-comet bench execution --calibrate`` measures both
 crossovers on this machine at GPT-2-small shapes and writes them (``{"thresholds": {...}, "measured": {...}}``) to `thresholds_path` (``HF_COMET_EXECUTION``, else
 ``$HF_HOME/hf_comet/execution.json``), which `thresholds` reads once per process. Without that file the defaults are
 the values the same command measured on the reference machine (2 cores, `docs/speed.md`).
@@ -35,7 +35,7 @@ EXECUTIONS = (MIXTURE, MASKED_DENSE, SLABS, *KERNELS)
 
 @dataclasses.dataclass(frozen=True)
 class ExecutionThresholds:
-    """The crossovers `choose_execution` uses, as ``hf-comet bench --section execution`` measured them.
+    """The crossovers `choose_execution` uses, as ``hf-comet bench execution`` measured them.
 
     Attributes:
         dense_block_fraction: weight-1 block decisions keeping more than this fraction of the blocks run as masked
@@ -50,6 +50,10 @@ class ExecutionThresholds:
     slab_max_pairs_per_expert: float = 2.0
 
     def __post_init__(self) -> None:
+        for name in ("dense_block_fraction", "slab_max_pairs_per_expert"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name}={value!r} must be a number, not {type(value).__name__}.")
         if not 0 < self.dense_block_fraction <= 1:
             raise ValueError(f"dense_block_fraction={self.dense_block_fraction!r} must be in (0, 1].")
         if not self.slab_max_pairs_per_expert >= 0:
@@ -84,18 +88,22 @@ def thresholds() -> ExecutionThresholds:
 def _read_thresholds() -> ExecutionThresholds:
     path = thresholds_path()  # written by hf_comet.bench (this file is copied into checkpoints: no package imports)
     if not os.path.isfile(path):
+        if os.environ.get("HF_COMET_EXECUTION"):  # named on purpose: say it was not used
+            _warn(f"hf_comet: HF_COMET_EXECUTION={path!r} is not a file; using the default execution thresholds.")
         return ExecutionThresholds()
     try:
         with open(path, encoding="utf-8") as handle:
             return ExecutionThresholds(**json.load(handle)["thresholds"])
     except (OSError, ValueError, TypeError, KeyError) as error:
-        from transformers.utils import logging
-
-        logging.get_logger(__name__).warning(
-            f"hf_comet: ignoring the execution thresholds in {path} ({error}); using the defaults. Re-measure them "
-            "with `hf-comet bench execution --calibrate`."
-        )
+        _warn(f"hf_comet: ignoring the execution thresholds in {path} ({error}); using the defaults. Re-measure them "
+              "with `hf-comet bench execution --calibrate`.")  # fmt: skip
         return ExecutionThresholds()
+
+
+def _warn(message: str) -> None:
+    from transformers.utils import logging
+
+    logging.get_logger(__name__).warning(message)
 
 
 thresholds.cache_clear = _LOADED.clear  # the functools.lru_cache spelling, for callers that re-read the file

@@ -47,7 +47,7 @@ from transformers.utils import logging
 from transformers.utils.import_utils import is_torch_distributed_available
 
 from .configuration_comet import CometMoEConfigMixin
-from .execution import MASKED_DENSE, MIXTURE, SLABS, choose_execution, top_k_execution
+from .execution import MASKED_DENSE, MIXTURE, SLABS, choose_execution, thresholds, top_k_execution
 from .moe_kernels import FusedActivation, bucketed_experts, masked_activation, slab_experts
 from .moe_routers import RoutingDecision
 
@@ -140,6 +140,7 @@ class ExpertKernels(nn.Module):
         shared_output_bias: bool = False,
     ):
         super().__init__()
+        thresholds()  # this machine's measured thresholds, read now: a compiled forward cannot read the file
         self.num_experts = num_experts
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
