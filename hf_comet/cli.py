@@ -331,11 +331,15 @@ def _reproduce(args: argparse.Namespace) -> int:
     cache = Path(args.cache)
     if cache.exists() and not cache.is_dir():
         raise UserError(f"--cache {args.cache!r} is a file, not a folder; remove it or choose another path.")
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"--cache {args.cache!r} cannot be created ({error}).") from None
-    run_folder(cache, "--cache", folders=[], files=[])  # it takes new files: found before the runs, not after
+    if args.render and not cache.is_dir():  # rendering reads runs and creates no cache
+        raise UserError(f"--render reads finished runs from --cache {args.cache!r}, which does not exist; run "
+                        "`hf-comet reproduce` first or point --cache at the runs.")  # fmt: skip
+    if not args.render:  # runs write into the cache; rendering only reads it
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"--cache {args.cache!r} cannot be created ({error}).") from None
+        run_folder(cache, "--cache", folders=[], files=[])  # it takes new files: found before the runs, not after
     page = Path(args.page) if args.page else (Path(args.cache, "quick", "results.md") if args.quick else None)
     page = page or Path("docs/results.md")
     destination_file(page, "results page")

@@ -86,6 +86,9 @@ def test_the_cache_survives_a_half_written_line_and_ignores_runs_of_other_code(t
     assert RunCache(tmp_path, "claim", code="v1").get({"variant": "comet", "seed": 1}) == {"test": 0.75}
     assert json.loads(cache.path.read_text().splitlines()[0])["spec"] == spec
     assert RunCache(tmp_path, "claim", code="v2").get(spec) is None  # made by other code: runs again
+    with open(cache.path, "a") as handle:  # lines that parse but are no record of ours are skipped, not a crash
+        handle.write('null\n[1, 2]\n{"key": 3, "record": {}}\n{"code": "v1"}\n')
+    assert RunCache(tmp_path, "claim", code="v1").get(spec) == {"test": 0.5}
 
 
 def test_intervals_tests_and_curve_summaries_match_references():

@@ -153,6 +153,10 @@ def test_render_refuses_missing_runs_before_writing_anything(tmp_path, capsys):
     assert not page.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["full"]  # no plots, no scratch
     code = cli.main(["reproduce", "attentive_gating", "--render", "--cache", str(tmp_path), "--page", str(page)])
     assert code == 2 and "missing runs: attentive_gating" in capsys.readouterr().err and not page.exists()
+    absent = tmp_path / "no-cache"
+    code = cli.main(["reproduce", "--render", "--cache", str(absent), "--page", str(tmp_path / "out" / "page.md")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+    assert not absent.exists() and not (tmp_path / "out").exists()  # rendering creates no cache and no page folder
 
 
 def test_the_committed_page_is_rendered_byte_for_byte_from_the_committed_runs(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -51,10 +52,9 @@ def reproduce(
     cache = Path(cache_dir) / ("quick" if quick else "full")
     page = Path(page) if page is not None else (cache / "results.md" if quick else Path("docs/results.md"))
     plots = page.parent / "results"
-    page.parent.mkdir(parents=True, exist_ok=True)
-    # --render draws its plots beside the page in a scratch folder (same file system; the same relative links) and
-    # moves them into place only when every asked-for claim rendered, so a missing run writes nothing
-    with tempfile.TemporaryDirectory(prefix=".render-", dir=page.parent) as scratch:
+    # --render draws its plots in a scratch folder (laid out as beside the page, so the links are the same) and puts
+    # them in place only when every asked-for claim rendered, so a missing run writes nothing at all
+    with tempfile.TemporaryDirectory(prefix="hf_comet_render_") as scratch:
         target = Path(scratch) / "results" if render else plots
         results, rendered, missing = [], [], []
         for name, claim in CLAIMS.items():
@@ -74,7 +74,8 @@ def reproduce(
         if render and target.exists():
             plots.mkdir(parents=True, exist_ok=True)
             for drawn in target.iterdir():
-                os.replace(drawn, plots / drawn.name)
+                with staged_path(plots / drawn.name) as staging:  # a kill leaves the previous plot, never half one
+                    shutil.copyfile(drawn, staging)
     write_page(rendered, page, quick)
     readme = Path("README.md")
     if not quick and page.resolve() == Path("docs/results.md").resolve() and readme.exists():

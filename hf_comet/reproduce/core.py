@@ -81,6 +81,8 @@ class RunCache:
                     entry = json.loads(line)
                 except json.JSONDecodeError:  # the last line of an interrupted write
                     continue
+                if not isinstance(entry, dict) or not isinstance(entry.get("key"), str) or "record" not in entry:
+                    continue  # not a record this cache wrote (a damaged line): its run is done again
                 if entry.get("code", "") == code:
                     self.records[entry["key"]] = entry["record"]
 
