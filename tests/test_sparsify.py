@@ -106,13 +106,15 @@ def _top_block_recall(dense, model, held: dict[str, torch.Tensor], keep: int) ->
     return recalls
 
 
-def test_the_fitted_router_picks_the_important_blocks_better_than_the_random_one():
+@pytest.mark.parametrize("cluster", ["none", "coactivation"])  # coactivation + fitted: the defaults
+def test_the_fitted_router_picks_the_important_blocks_better_than_the_random_one(cluster):
     """COMET's random projection knows nothing of the FFN, so it finds a token's 2 most important of 8 blocks at
-    chance (about 25 %); the fitted one was fitted to exactly that importance, on other tokens."""
+    chance (about 25 %); the fitted one was fitted to exactly that importance, on other tokens (after clustering,
+    on the permuted units' blocks)."""
     dense = _gpt2(initializer_range=0.2)
     calibration, held = [_tokens(seed, batch=16, seq=32) for seed in (0, 1)], _tokens(7, batch=16, seq=32)
-    random = sparsify(dense, 0.25, 16, calibration, cluster="none", router="random")
-    fitted = sparsify(dense, 0.25, 16, calibration, cluster="none", router="fitted")
+    random = sparsify(dense, 0.25, 16, calibration, cluster=cluster, router="random")
+    fitted = sparsify(dense, 0.25, 16, calibration, cluster=cluster, router="fitted")
     random_recall, fitted_recall = (_top_block_recall(dense, m, held, keep=2) for m in (random, fitted))
     assert all(r < 0.35 for r in random_recall), random_recall
     assert all(f > r + 0.2 for f, r in zip(fitted_recall, random_recall, strict=True)), (fitted_recall, random_recall)
@@ -163,6 +165,8 @@ ERRORS = [
     (dict(calibration={"attention_mask": torch.ones(2, 4)}), r"no 'input_ids' tensor"),
     (dict(calibration={"input_ids": torch.zeros(0, 4, dtype=torch.long)}), r"'input_ids' is empty"),
     (dict(calibration=torch.zeros(2, 4, dtype=torch.long)), r"calibration must be a dict of model inputs"),
+    (dict(calibration={"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.zeros(2, 4)}),
+     r"calibration has no real token: every attention_mask is 0"),
     (dict(cluster="kmeans"), r"cluster='kmeans' is not a clustering; choose one of none, coactivation"),
     (dict(router="learned"), r"router='learned' is not a sparsify router; choose one of random, fitted"),
     (dict(comet_router="structured"), r"comet_router='structured' is set by sparsify; use its argument router"),
@@ -244,7 +248,7 @@ def test_the_command_sparsifies_saves_and_prints_deviation_and_speedup(saved_gpt
         (["--keep-rate", "0.5"], "give --calibration FILE"),
         (["--keep-rate", "0.5", "--calibration", "{c}", "--rounds", "-1"], "rounds=-1 must be 0"),
         (["--keep-rate", "1.5", "--cluster", "none", "--router", "random"], "keep_rate=1.5 must be a number in (0, 1]"),
-        (["--keep-rate", "0.5", "--calibration", "{s}/config.json"], "--calibration"),
+        (["--keep-rate", "0.5", "--calibration", "{s}/config.json"], "is not a safetensors file"),
     ],
 )
 def test_the_command_refuses_bad_input_before_writing(saved_gpt2, tmp_path, capsys, flags, message):
@@ -264,6 +268,26 @@ def test_without_calibration_the_plain_blocks_and_random_router_need_none(saved_
     argv = ["sparsify", str(source), str(tmp_path / "out"), "--keep-rate", "0.5", "--cluster", "none", "--router",
             "random", "--rounds", "0"]  # fmt: skip
     assert cli.main(argv) == 0
-    assert "blocks of 16 consecutive units, keep 0.5, COMET's random router" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "blocks of 16 consecutive units, keep 0.5, COMET's random router" in out
+    assert "deviation from the source before fine-tuning (seeded random inputs): relative output error" in out
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert (loaded.config.comet_router, loaded.config.comet_block_size) == ("full", 16)  # default block: F / 8
+
+
+@pytest.mark.parametrize(("padded_rows", "part"), [((0, 1, 2, 4, 5, 6), "fit"), ((3, 7), "held-out")])
+def test_the_command_refuses_calibration_rows_of_padding_only(saved_gpt2, tmp_path, capsys, padded_rows, part):
+    from safetensors.torch import save_file
+
+    from hf_comet import cli
+
+    source, _ = saved_gpt2
+    rows = _tokens(0)
+    rows["attention_mask"] = torch.ones_like(rows["input_ids"])
+    rows["attention_mask"][list(padded_rows)] = 0  # rows 3 and 7 are the held-out ones
+    padded = tmp_path / "padded.safetensors"
+    save_file(rows, str(padded))
+    argv = ["sparsify", str(source), str(tmp_path / "new" / "out"), "--keep-rate", "0.5", "--calibration", str(padded)]
+    assert cli.main(argv) == 2
+    assert f"marks no real token in the {part} rows" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()

@@ -340,6 +340,8 @@ class SparsifiedCheckpoint:
     destination: Path | None
     deviation: dict[str, float] = field(default_factory=dict)
     speed: dict[str, Any] | None = None
+    measured_on: str = ""
+    """What the deviation and the timing ran on (held-out calibration rows, the fit's own rows, or random inputs)."""
 
 
 def _held_out(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -432,7 +434,7 @@ def sparsify_checkpoint(
         block_size = width // 8
     _check_sizes(keep_rate, block_size, width)  # keep rate and block size, before anything is read or written
     sizes = conversion_parameters(config, "comet", {"comet_block_size": block_size, "comet_keep_rate": keep_rate})
-    if sizes is not None:  # the dense model twice (the fit, then the deviation and timing) and the result, float32
+    if sizes is not None:  # the dense model and the fit's working copy of it, the result and a save's copy, float32
         dense_parameters, moe_parameters = sizes
         check_memory(4 * (2 * dense_parameters + 2 * moe_parameters), f"sparsifying {str(source)!r} "
                      f"({dense_parameters:,} parameters)", "sparsify on a machine with more memory.")  # fmt: skip
@@ -456,19 +458,25 @@ def sparsify_checkpoint(
     if calibration is not None:
         batch = load_eval_inputs(calibration, config, family, head, what="--calibration", need_labels=False)
     fit, held_out = _held_out(batch) if batch is not None else (None, None)
+    for part, rows in (("fit", fit), ("held-out", held_out)):  # a row set of padding only: a NaN router, a crash
+        mask = rows.get("attention_mask") if rows is not None else None
+        if mask is not None and not bool(mask.bool().any()):
+            raise UserError(f"--calibration {str(calibration)!r}: its attention_mask marks no real token in the {part} "
+                            "rows (every 4th row is held out for the deviation once there are 4 or more); give rows "
+                            "with real tokens.")  # fmt: skip
+    measured_on = ("held-out calibration rows" if batch is not None and held_out is not fit
+                   else "the calibration rows the fit used (fewer than 4 rows)" if batch is not None
+                   else "seeded random inputs")  # fmt: skip
     lock = destination_lock(target, "destination") if target is not None else contextlib.nullcontext()
     with lock:
-        model = sparsify(source, keep_rate, block_size, fit if needs_data else None, cluster=cluster, router=router,
+        dense = _load_dense_model(source)  # once: the fit reads it (unchanged), then the deviation and the timing
+        model = sparsify(dense, keep_rate, block_size, fit if needs_data else None, cluster=cluster, router=router,
                          seed=seed)  # fmt: skip
-        result = SparsifiedCheckpoint(model=model, destination=target)
-        dense = None
-        if held_out is not None or rounds:
-            dense, _ = _load_dense_model(source)
-        if held_out is None and dense is not None:
+        result = SparsifiedCheckpoint(model=model, destination=target, measured_on=measured_on)
+        if held_out is None:
             held_out = _random_inputs(dense.config, family)
-        if held_out is not None and dense is not None:
-            result.deviation = deviation(dense, model, held_out)
-        if rounds and dense is not None:
+        result.deviation = deviation(dense, model, held_out)
+        if rounds:
             result.speed = measure_speedup(dense, model, held_out, rounds)
         if target is not None:
             with write_failures(target, "destination"):
@@ -480,7 +488,7 @@ def _load_dense_model(source):
     from .core import _load_dense
 
     model, _ = _load_dense(source)
-    return model.eval(), None
+    return model.eval()
 
 
 def _random_inputs(config, family) -> dict[str, torch.Tensor]:
@@ -504,7 +512,7 @@ def format_sparsified(result: SparsifiedCheckpoint) -> str:
         for metric in ("eval_loss", "accuracy"):
             if metric in d:
                 parts.append(f"{metric} {d[metric]:.4g} (dense {d['dense_' + metric]:.4g})")
-        lines.append("deviation from the source before fine-tuning (held-out calibration rows): " + ", ".join(parts))
+        lines.append(f"deviation from the source before fine-tuning ({result.measured_on}): " + ", ".join(parts))
     for name, speed in (result.speed or {}).items():
         lines.append(f"speedup over the source on this machine, {name}: {speed['speedup']:.2f}x "
                      f"(range {speed['min']:.2f}-{speed['max']:.2f})")  # fmt: skip
