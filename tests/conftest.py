@@ -8,8 +8,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# the execution thresholds are the defaults, whatever `hf-comet bench execution --calibrate` saved on this machine
-os.environ["HF_COMET_EXECUTION"] = os.path.join(tempfile.mkdtemp(prefix="hf-comet-tests-"), "none.json")
+# the execution thresholds are the defaults (written out: an HF_COMET_EXECUTION that is no file is warned about),
+# whatever `hf-comet bench execution --calibrate` saved on this machine
+os.environ["HF_COMET_EXECUTION"] = os.path.join(tempfile.mkdtemp(prefix="hf-comet-tests-"), "defaults.json")
+with open(os.environ["HF_COMET_EXECUTION"], "w") as _defaults:
+    _defaults.write('{"thresholds": {"dense_block_fraction": 0.875, "slab_max_pairs_per_expert": 2.0}, "measured": {}}')
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
