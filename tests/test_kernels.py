@@ -64,6 +64,24 @@ def test_bucketed_kernel_matches_the_reference_in_output_and_every_gradient(acti
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("uniform", [False, True])
+@pytest.mark.parametrize("shared", [False, True])
+def test_bucketed_inference_matches_the_reference_and_leaves_its_inputs_alone(activation, uniform, shared):
+    """Under no_grad the kernel reuses its buffers (activation in place, outputs over the gathered rows): the result
+    must still be the reference, and no tensor the caller passed may change."""
+    problem = [t if t is None else t.detach() for t in _problem(top_k=3, uniform=uniform, shared=shared)]
+    x, index, weights, up, up_bias, down, down_bias = problem
+    before = [None if t is None else t.clone() for t in problem]
+    act = FusedActivation(activation)
+    with torch.no_grad():
+        ours = bucketed_experts(x, index, weights, up, up_bias, down, down_bias, act)
+    torch.testing.assert_close(ours, reference_experts(x, index, weights, up, up_bias, down, down_bias, act),
+                               rtol=1e-10, atol=1e-10)  # fmt: skip
+    for a, b in zip(problem, before, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
 def test_an_expert_without_tokens_gets_an_exact_zero_gradient():
     x, index, weights, up, up_bias, down, down_bias = _problem(top_k=1, experts=4)
     assert not (index == 3).any()
