@@ -165,6 +165,8 @@ ERRORS = [
     (dict(calibration={"attention_mask": torch.ones(2, 4)}), r"no 'input_ids' tensor"),
     (dict(calibration={"input_ids": torch.zeros(0, 4, dtype=torch.long)}), r"'input_ids' is empty"),
     (dict(calibration=torch.zeros(2, 4, dtype=torch.long)), r"calibration must be a dict of model inputs"),
+    (dict(calibration={"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.zeros(2, 4)}),
+     r"calibration has no real token: every attention_mask is 0"),
     (dict(cluster="kmeans"), r"cluster='kmeans' is not a clustering; choose one of none, coactivation"),
     (dict(router="learned"), r"router='learned' is not a sparsify router; choose one of random, fitted"),
     (dict(comet_router="structured"), r"comet_router='structured' is set by sparsify; use its argument router"),

@@ -143,6 +143,12 @@ def _calibration_batches(calibration: Any, needed: bool, main_input: str) -> lis
             "calibration is empty, but cluster='coactivation' and router='fitted' need the dense model's activations; "
             "only cluster='none', router='random' needs none."
         )
+    masks = [batch.get("attention_mask") for batch in batches]
+    if needed and all(isinstance(mask, torch.Tensor) and not bool(mask.bool().any()) for mask in masks):
+        raise ConversionError(
+            "calibration has no real token: every attention_mask is 0 (padding only), and the fit reads the dense "
+            "model's activations on real tokens; give rows with real tokens."
+        )
     return batches
 
 
