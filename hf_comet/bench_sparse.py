@@ -43,6 +43,13 @@ def candidates(width: int) -> dict[str, tuple[str, dict]]:
     }
 
 
+def kept_fraction(fields: dict) -> float:
+    """The fraction of the FFN's units a candidate's token runs: the keep rate, or k of E slices."""
+    if "comet_keep_rate" in fields:
+        return fields["comet_keep_rate"]
+    return fields["num_experts_per_tok"] / fields["num_experts"]
+
+
 def _dense(workload: str, s: dict):
     import transformers
 
@@ -99,6 +106,66 @@ def _no_grad(fn: Callable[[], object]) -> None:
         fn()
 
 
+def _ffn_modules(dense) -> list:
+    """The stock model's FFN modules, found by its family's FFN weight keys (so the layout of any supported
+    transformers release works): per layer the module holding both projections (GPT-2's ``mlp``, ViT's ``mlp``),
+    or, where they sit apart (BERT), the up projection's parent (linear + activation) and the down linear alone (not
+    the LayerNorm or residual beside it, which a converted model still runs)."""
+    from .convert.core import family_of_model_type
+
+    family = family_of_model_type(dense.config.model_type)
+    paths: dict[int, dict[str, str]] = {}
+    for key in dense.state_dict():
+        where = family.ffn_key(key)
+        if where is not None and where.kind == "weight":
+            paths.setdefault(where.layer, {})[where.role] = key.rsplit(".", 1)[0]
+    modules = []
+    for layer in sorted(paths):
+        up_parent, down_parent = (paths[layer][role].rsplit(".", 1)[0] for role in ("up", "down"))
+        if up_parent == down_parent:
+            modules.append(dense.get_submodule(up_parent))
+        else:
+            modules += [dense.get_submodule(up_parent), dense.get_submodule(paths[layer]["down"])]
+    return modules
+
+
+def ffn_share(run: Callable[[], object], modules: list, rounds: int) -> float:
+    """The median fraction of ``run``'s wall time spent inside ``modules``' forwards (timed by hooks, over
+    ``rounds`` runs after one warm-up): what a conversion can save at most. Forward passes only (no backward)."""
+    import time
+
+    inside = [0.0]
+    started: list[float] = []
+
+    def before(module, args):
+        started.append(time.perf_counter())
+
+    def after(module, args, output):
+        inside[0] += time.perf_counter() - started.pop()
+
+    handles = [h for m in modules for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    try:
+        run()
+        shares = []
+        for _ in range(rounds):
+            inside[0] = 0.0
+            gc.collect()
+            start = time.perf_counter()
+            run()
+            shares.append(inside[0] / (time.perf_counter() - start))
+    finally:
+        for handle in handles:
+            handle.remove()
+    shares.sort()
+    return shares[len(shares) // 2]
+
+
+def speedup_limit(share: float, kept: float) -> float:
+    """The best speedup a conversion keeping ``kept`` of the FFN's work can reach when the FFN is ``share`` of the
+    dense model's time and everything else costs what it did: 1 / (1 - share * (1 - kept))."""
+    return 1.0 / (1.0 - share * (1.0 - kept))
+
+
 def section_sparse(quick: bool, rounds: int, workloads: tuple[str, ...] = SPARSE_WORKLOADS) -> list[dict]:
     """Each workload: the stock dense model and its conversions, timed interleaved; speedup = dense / converted."""
     from .convert import convert_to_moe
@@ -114,12 +181,16 @@ def section_sparse(quick: bool, rounds: int, workloads: tuple[str, ...] = SPARSE
             models[name] = convert_to_moe(dense, method, **fields)
         runs = {name: _runner(workload, model, s) for name, model in models.items()}
         measured = interleaved(runs, rounds=rounds)
+        kept = {name: kept_fraction(fields) for name, (_, fields) in candidates(s["width"]).items()}
         rows = []
         for name, m in measured.items():
             speeds = sorted(1 / r for r in m.ratios)
             rows.append({"name": name, "speedup": 1 / m.median_ratio, "range": f"{speeds[0]:.2f}-{speeds[-1]:.2f}",
-                         "seconds": m.median_seconds})  # fmt: skip
-        out.append({"workload": workload, "rows": rows})
+                         "seconds": m.median_seconds, "kept": kept.get(name)})  # fmt: skip
+        share = None
+        if workload != "gpt2_train":  # forward hooks do not see the backward and the optimizer step
+            share = ffn_share(runs["dense (transformers)"], _ffn_modules(dense), rounds)
+        out.append({"workload": workload, "rows": rows, "ffn_share": share})
         del models, runs, dense
         gc.collect()
     return out
@@ -135,7 +206,8 @@ WORKLOAD_TITLES = {
 
 
 def markdown_sparse(section: list[dict]) -> list[str]:
-    """The ``sparse`` section as one table: a row per workload, a column per conversion (speedup, min-max)."""
+    """The ``sparse`` section: a table with a row per workload and a column per conversion (speedup, min-max), then
+    the limits the dense model's measured FFN share sets and how close the best conversion at each width comes."""
     if not section:
         return []
     names = [row["name"] for row in section[0]["rows"][1:]]
@@ -145,6 +217,30 @@ def markdown_sparse(section: list[dict]) -> list[str]:
     for case in section:
         cells = [f"{row['speedup']:.2f} ({row['range']})" for row in case["rows"][1:]]
         lines.append(f"| {WORKLOAD_TITLES[case['workload']]} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines + _markdown_limits(section)
+
+
+def _markdown_limits(section: list[dict]) -> list[str]:
+    """Per workload whose FFN share was measured: the share, and per active width the limit it sets, the best
+    conversion's median speedup and that as a fraction of the limit."""
+    measured = [case for case in section if case.get("ffn_share") is not None]
+    widths = sorted({row["kept"] for case in measured for row in case["rows"] if row.get("kept")}, reverse=True)
+    if not measured or not widths:
+        return []
+    head = "".join(f" keep {w:g}: limit | best | of limit |" for w in widths)
+    lines = ["**What the FFN's share allows** (share = the dense model's time inside its FFN modules, timed by "
+             "forward hooks, median over the rounds; limit = 1 / (1 - share x (1 - keep)), everything else costing "
+             "what it did; best = the best conversion at that active width, median speedup)", "",
+             "| workload | FFN share of the dense time |" + head, "|---|---|" + "---|---|---|" * len(widths)]  # fmt: skip
+    for case in measured:
+        share = case["ffn_share"]
+        cells = []
+        for width in widths:
+            limit = speedup_limit(share, width)
+            best = max(row["speedup"] for row in case["rows"] if row.get("kept") == width)
+            cells.append(f" {limit:.2f} | {best:.2f} | {best / limit:.0%} |")
+        lines.append(f"| {WORKLOAD_TITLES[case['workload']]} | {share:.0%} |" + "".join(cells))
     return [*lines, ""]
 
 

@@ -41,6 +41,8 @@ def test_quick_run_reports_every_section_and_regenerates_the_readme_section(chil
     for case in report["sparse"]:  # the stock source first (the baseline), then every conversion
         assert [row["name"] for row in case["rows"]][1:] == list(bench_sparse.candidates(256))
         assert case["rows"][0]["speedup"] == 1.0 and all(row["seconds"] > 0 for row in case["rows"])
+        share = case["ffn_share"]  # measured for the forwards, not for the training step (hooks miss backward)
+        assert (share is None) if case["workload"] == "gpt2_train" else (0 < share < 1)
     thresholds = ExecutionThresholds(**report["execution"]["thresholds"])  # what --calibrate would save is valid
     assert thresholds.slab_max_pairs_per_expert in {row["pairs_per_expert"] for row in report["execution"]["slabs"]} | {0}
     targets = {t["target"] for t in report["targets"]}
@@ -51,6 +53,7 @@ def test_quick_run_reports_every_section_and_regenerates_the_readme_section(chil
     assert text.startswith("# title\n\nbefore\n") and text.endswith(f"{bench.README_END}\nafter\n")
     assert "old numbers" not in text and "**Targets of issue 12**" in text
     assert "hf-comet bench --quick" in text  # the command that made the numbers
+    assert "**What the FFN's share allows**" in text
     assert "**Targets of issue 12**" in capsys.readouterr().out
 
 
@@ -134,3 +137,36 @@ def test_a_section_without_markers_of_its_own_goes_to_the_main_region_beside_one
     main = updated[updated.index(bench.README_START) : updated.index(bench.README_END)]
     assert "**Execution thresholds**" in main and "Converted models" not in main and "main numbers" not in main
     assert "Converted models" in updated[updated.index(start) :]
+
+
+def test_ffn_share_times_the_modules_forwards_and_leaves_no_hook_behind():
+    import torch
+
+    inner, outer = torch.nn.Linear(256, 256), torch.nn.Linear(256, 256)
+    x = torch.randn(64, 256)
+
+    def run():
+        with torch.no_grad():
+            for _ in range(20):
+                inner(x)
+
+    assert bench_sparse.ffn_share(run, [inner], rounds=3) > 0.5  # all of the run is the module's forward
+    assert bench_sparse.ffn_share(run, [outer], rounds=3) == 0.0  # a module the run never calls
+    assert not inner._forward_hooks and not inner._forward_pre_hooks
+
+
+def test_the_limits_table_follows_from_the_share_and_the_best_conversion_at_each_width():
+    assert bench_sparse.speedup_limit(0.5, 0.5) == pytest.approx(1 / 0.75)
+    assert bench_sparse.speedup_limit(0.0, 0.25) == 1.0
+    rows = [{"name": "dense (transformers)", "speedup": 1.0, "range": "1.00-1.00", "seconds": 1.0, "kept": None},
+            {"name": "a", "speedup": 1.2, "range": "1.1-1.3", "seconds": 0.8, "kept": 0.5},
+            {"name": "b", "speedup": 1.3, "range": "1.2-1.4", "seconds": 0.7, "kept": 0.5},
+            {"name": "c", "speedup": 1.5, "range": "1.4-1.6", "seconds": 0.6, "kept": 0.25}]  # fmt: skip
+    section = [{"workload": "bert_forward", "rows": rows, "ffn_share": 0.6},
+               {"workload": "gpt2_train", "rows": rows, "ffn_share": None}]  # fmt: skip
+    text = "\n".join(bench_sparse.markdown_sparse(section))
+    limit_half, limit_quarter = 1 / (1 - 0.6 * 0.5), 1 / (1 - 0.6 * 0.75)
+    expected = (f"| {bench_sparse.WORKLOAD_TITLES['bert_forward']} | 60% | {limit_half:.2f} | 1.30 | "
+                f"{1.3 / limit_half:.0%} | {limit_quarter:.2f} | 1.50 | {1.5 / limit_quarter:.0%} |")  # fmt: skip
+    assert expected in text
+    assert text.count(bench_sparse.WORKLOAD_TITLES["gpt2_train"]) == 1  # speeds only: its share is not measured
