@@ -6,7 +6,8 @@ matrix per routed row (its backward is a scatter-add), multiplies by all-ones we
 next to the activation's input. Here:
 
 * `bucketed_experts`: tokens are sorted by expert once; each expert runs its two GEMMs on its contiguous slice with
-  the bias fused (``addmm``) and the activation fused (`FusedActivation`); block-COMET's all-ones weights and zero
+  the bias fused (``addmm``), and the activation (`FusedActivation`) runs once over every bucket's rows between the
+  two rounds of GEMMs (forward and backward alike); block-COMET's all-ones weights and zero
   biases are skipped; the backward is hand-written per bucket. Each token's k slot outputs (and input gradients) are
   summed in an order fixed by the plan, never by atomics: ``index_add_`` on CPU, where it runs serially over the
   index, a permutation and a sum on other devices, so results are the same bits on every run. It saves the
