@@ -15,6 +15,7 @@ Random weights time the same as trained ones (the kept blocks differ, not their 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from collections.abc import Callable
 
@@ -98,6 +99,7 @@ def _runner(workload: str, model, s: dict) -> Callable[[], object]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    step.optimizer = optimizer  # `ffn_share` keeps the FFN's update in the step it times without the FFN
     return step
 
 
@@ -106,58 +108,88 @@ def _no_grad(fn: Callable[[], object]) -> None:
         fn()
 
 
-def _ffn_modules(dense) -> list:
-    """The stock model's FFN modules, found by its family's FFN weight keys (so the layout of any supported
-    transformers release works): per layer the module holding both projections (GPT-2's ``mlp``, ViT's ``mlp``),
-    or, where they sit apart (BERT), the up projection's parent (linear + activation) and the down linear alone (not
-    the LayerNorm or residual beside it, which a converted model still runs)."""
+def _ffn_modules(dense) -> list[tuple[torch.nn.Module, int]]:
+    """The stock model's FFN modules with their output widths, found by its family's FFN weight keys (so the layout of
+    any supported transformers release works): per layer the module holding both projections (GPT-2's ``mlp``,
+    ViT's ``mlp``), or, where they sit apart (BERT), the up projection's parent (linear + activation) and the down
+    linear alone (not the LayerNorm or residual beside it, which a converted model still runs)."""
     from .convert.core import family_of_model_type
 
     family = family_of_model_type(dense.config.model_type)
+    state = dense.state_dict()
     paths: dict[int, dict[str, str]] = {}
-    for key in dense.state_dict():
+    for key in state:
         where = family.ffn_key(key)
         if where is not None and where.kind == "weight":
             paths.setdefault(where.layer, {})[where.role] = key.rsplit(".", 1)[0]
     modules = []
     for layer in sorted(paths):
-        up_parent, down_parent = (paths[layer][role].rsplit(".", 1)[0] for role in ("up", "down"))
+        up, down = paths[layer]["up"], paths[layer]["down"]
+        width = family.linear_layout(state[f"{up}.weight"], "weight").shape[0]
+        hidden = family.linear_layout(state[f"{down}.weight"], "weight").shape[0]
+        up_parent, down_parent = up.rsplit(".", 1)[0], down.rsplit(".", 1)[0]
         if up_parent == down_parent:
-            modules.append(dense.get_submodule(up_parent))
+            modules.append((dense.get_submodule(up_parent), hidden))
         else:
-            modules += [dense.get_submodule(up_parent), dense.get_submodule(paths[layer]["down"])]
+            modules += [(dense.get_submodule(up_parent), width), (dense.get_submodule(down), hidden)]
     return modules
 
 
-def ffn_share(run: Callable[[], object], modules: list, rounds: int) -> float:
-    """The median fraction of ``run``'s wall time spent inside ``modules``' forwards (timed by hooks, over
-    ``rounds`` runs after one warm-up): what a conversion can save at most. Forward passes only (no backward)."""
+@contextlib.contextmanager
+def ffn_skipped(modules: list[tuple[torch.nn.Module, int]], optimizer: torch.optim.Optimizer | None = None):
+    """Inside: each FFN module's forward returns zeros of its output's shape at once (no weight is read); an
+    ``optimizer`` still updates the FFN's parameters (on zero gradients), as a converted model's step does."""
+
+    def zeros(width):
+        return lambda hidden, *args, **kwargs: hidden.new_zeros(*hidden.shape[:-1], width)
+
+    handle = None
+    if optimizer is not None:
+        params = [p for module, _ in modules for p in module.parameters()]
+        fill = [torch.zeros_like(p) for p in params]
+
+        def zero_grads(opt, args, kwargs):
+            for param, grad in zip(params, fill, strict=True):
+                if param.grad is None:
+                    param.grad = grad
+
+        handle = optimizer.register_step_pre_hook(zero_grads)
+    for module, width in modules:
+        module.forward = zeros(width)
+    try:
+        yield
+    finally:
+        for module, _ in modules:
+            del module.forward
+        if handle is not None:
+            handle.remove()
+
+
+def ffn_share(run: Callable[[], object], modules: list[tuple[torch.nn.Module, int]], rounds: int) -> float:
+    """The dense model's share of ``run``'s time that its FFN modules take, by ablation: 1 - (time of ``run`` with
+    the FFN skipped, `ffn_skipped`) / (time of ``run``), the median of that ratio over ``rounds`` interleaved pairs
+    (after one warm-up of each). Forward, backward and the FFN's own optimizer update alike: what a conversion that
+    keeps none of the FFN's work would save."""
     import time
 
-    inside = [0.0]
-    started: list[float] = []
-
-    def before(module, args):
-        started.append(time.perf_counter())
-
-    def after(module, args, output):
-        inside[0] += time.perf_counter() - started.pop()
-
-    handles = [h for m in modules for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
-    try:
-        run()
-        shares = []
-        for _ in range(rounds):
-            inside[0] = 0.0
-            gc.collect()
+    def timed(skip: bool) -> float:
+        gc.collect()
+        context = ffn_skipped(modules, getattr(run, "optimizer", None)) if skip else contextlib.nullcontext()
+        with context:
             start = time.perf_counter()
             run()
-            shares.append(inside[0] / (time.perf_counter() - start))
-    finally:
-        for handle in handles:
-            handle.remove()
-    shares.sort()
-    return shares[len(shares) // 2]
+            return time.perf_counter() - start
+
+    timed(False), timed(True)
+    ratios = []
+    for round_index in range(rounds):
+        first = round_index % 2 == 1  # alternate which goes first
+        without = timed(True) if first else None
+        full = timed(False)
+        without = timed(True) if without is None else without
+        ratios.append(without / full)
+    ratios.sort()
+    return 1.0 - ratios[len(ratios) // 2]
 
 
 def speedup_limit(share: float, kept: float) -> float:
@@ -187,9 +219,7 @@ def section_sparse(quick: bool, rounds: int, workloads: tuple[str, ...] = SPARSE
             speeds = sorted(1 / r for r in m.ratios)
             rows.append({"name": name, "speedup": 1 / m.median_ratio, "range": f"{speeds[0]:.2f}-{speeds[-1]:.2f}",
                          "seconds": m.median_seconds, "kept": kept.get(name)})  # fmt: skip
-        share = None
-        if workload != "gpt2_train":  # forward hooks do not see the backward and the optimizer step
-            share = ffn_share(runs["dense (transformers)"], _ffn_modules(dense), rounds)
+        share = ffn_share(runs["dense (transformers)"], _ffn_modules(dense), rounds)
         out.append({"workload": workload, "rows": rows, "ffn_share": share})
         del models, runs, dense
         gc.collect()
@@ -229,9 +259,9 @@ def _markdown_limits(section: list[dict]) -> list[str]:
     if not measured or not widths:
         return []
     head = "".join(f" keep {w:g}: limit | best | of limit |" for w in widths)
-    lines = ["**What the FFN's share allows** (share = the dense model's time inside its FFN modules, timed by "
-             "forward hooks, median over the rounds; limit = 1 / (1 - share x (1 - keep)), everything else costing "
-             "what it did; best = the best conversion at that active width, median speedup)", "",
+    lines = ["**What the FFN's share allows** (share = 1 - the dense model's time with its FFN modules skipped / its "
+             "time, median over the rounds; limit = 1 / (1 - share x (1 - keep)), everything else costing what it "
+             "did; best = the best conversion at that active width, median speedup)", "",
              "| workload | FFN share of the dense time |" + head, "|---|---|" + "---|---|---|" * len(widths)]  # fmt: skip
     for case in measured:
         share = case["ffn_share"]
