@@ -5,7 +5,9 @@ run, and the crossovers `hf_comet.modeling.execution.choose_execution` uses.
   `convert_to_moe` to block-COMET (keep 0.5 and 0.25, blocks of F/8 and F/16 units) and to learned top-k from a
   ``split`` conversion at the same active FFN width (8 slices, 4 or 2 per token); speedup = the dense model's time
   divided by the converted one's, for an encoder forward (BERT 8 x 128 tokens, ViT 8 images, eval), greedy decoding
-  with the KV cache (GPT-2, batch 1 and 8) and a training step (GPT-2, AdamW, 4 x 256 tokens).
+  with the KV cache (GPT-2, batch 1 and 8) and a training step (GPT-2, AdamW, 4 x 256 tokens). Each workload also
+  runs the dense model with its FFN skipped (`ffn_share`): the FFN's share of the dense time sets the most any
+  conversion can gain on this machine (`speedup_limit`), printed beside the best conversion at each active width.
 * ``execution``: at GPT-2 small's FFN shape, per-token slabs against the bucketed kernel over decoding-sized batches
   (the slab threshold), and masked dense compute against the kernel over the kept fraction of blocks (the dense-block
   threshold, forward + backward). ``--calibrate`` writes both to `hf_comet.modeling.execution.thresholds_path`.
