@@ -156,13 +156,18 @@ def ffn_skipped(modules: list[tuple[torch.nn.Module, int]], optimizer: torch.opt
                     param.grad = grad
 
         handle = optimizer.register_step_pre_hook(zero_grads)
+    own = {}  # id -> (module, an instance-level forward it already had, or None)
     for module, width in modules:
+        own.setdefault(id(module), (module, module.__dict__.get("forward")))
         module.forward = zeros(width)
     try:
         yield
     finally:
-        for module, _ in modules:
-            del module.forward
+        for module, forward in own.values():
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
         if handle is not None:
             handle.remove()
 
@@ -170,8 +175,8 @@ def ffn_skipped(modules: list[tuple[torch.nn.Module, int]], optimizer: torch.opt
 def ffn_share(run: Callable[[], object], modules: list[tuple[torch.nn.Module, int]], rounds: int) -> float:
     """The dense model's share of ``run``'s time that its FFN modules take, by ablation: 1 - (time of ``run`` with
     the FFN skipped, `ffn_skipped`) / (time of ``run``), the median of that ratio over ``rounds`` interleaved pairs
-    (after one warm-up of each). Forward, backward and the FFN's own optimizer update alike: what a conversion that
-    keeps none of the FFN's work would save."""
+    (after one warm-up of each). The FFN's forward and backward are skipped, its optimizer update is kept (a converted
+    model still pays it): what a conversion that keeps none of the FFN's work would save."""
     import time
 
     def timed(skip: bool) -> float:

@@ -166,6 +166,17 @@ def test_skipping_the_ffn_zeroes_exactly_its_modules_and_still_updates_its_param
     assert any(out.any() for _, out in outputs)
 
 
+def test_skipping_the_ffn_restores_a_forward_the_module_already_had_and_takes_a_module_twice():
+    import torch
+
+    module = torch.nn.Linear(4, 4)
+    own = lambda hidden: hidden + 1  # noqa: E731  (an instance-level forward, as hooks of other libraries set)
+    module.forward = own
+    with bench_sparse.ffn_skipped([(module, 3), (module, 3)]):
+        assert module(torch.ones(2, 4)).shape == (2, 3)
+    assert module.forward is own
+
+
 def test_the_limits_table_follows_from_the_share_and_the_best_conversion_at_each_width():
     assert bench_sparse.speedup_limit(0.5, 0.5) == pytest.approx(1 / 0.75)
     assert bench_sparse.speedup_limit(0.0, 0.25) == 1.0

@@ -67,10 +67,11 @@ def test_bucketed_kernel_matches_the_reference_in_output_and_every_gradient(acti
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("uniform", [False, True])
 @pytest.mark.parametrize("shared", [False, True])
-def test_bucketed_inference_matches_the_reference_and_leaves_its_inputs_alone(activation, uniform, shared):
+@pytest.mark.parametrize("top_k", [1, 3])  # k=1: the last expert idles (an empty bucket)
+def test_bucketed_inference_matches_the_reference_and_leaves_its_inputs_alone(activation, uniform, shared, top_k):
     """Under no_grad the kernel reuses its buffers (activation in place, outputs over the gathered rows): the result
     must still be the reference, and no tensor the caller passed may change."""
-    problem = [t if t is None else t.detach() for t in _problem(top_k=3, uniform=uniform, shared=shared)]
+    problem = [t if t is None else t.detach() for t in _problem(top_k=top_k, uniform=uniform, shared=shared)]
     x, index, weights, up, up_bias, down, down_bias = problem
     before = [None if t is None else t.clone() for t in problem]
     act = FusedActivation(activation)
@@ -80,6 +81,19 @@ def test_bucketed_inference_matches_the_reference_and_leaves_its_inputs_alone(ac
                                rtol=1e-10, atol=1e-10)  # fmt: skip
     for a, b in zip(problem, before, strict=True):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_an_empty_batch_gives_an_empty_output_and_zero_gradients(grad, top_k):
+    x, index, weights, up, up_bias, down, down_bias = _problem(num_tokens=1, top_k=top_k)
+    x, index, weights = x[:0], index[:0], weights[:0]  # no token at all
+    with torch.set_grad_enabled(grad):
+        out = bucketed_experts(x, index, weights, up, up_bias, down, down_bias, FusedActivation("gelu"))
+    assert out.shape == (0, x.shape[1])
+    if grad:
+        for g in torch.autograd.grad(out.sum(), [up, up_bias, down, down_bias]):
+            assert torch.all(g == 0)
 
 
 def test_an_expert_without_tokens_gets_an_exact_zero_gradient():

@@ -124,9 +124,9 @@ def _bucketed_forward(hidden, up, up_bias, down, down_bias, weights, plan, activ
 
     Every bucket's first GEMM writes its rows of one (S, I) pre-activation, the activation runs once over all of it
     (one parallel region instead of one per bucket: 5-10 % of a BERT-base FFN at keep 0.25 here), then every
-    bucket's second GEMM. At inference the activation is applied in place and the outputs overwrite the gathered
-    inputs (each bucket's rows are read by its first GEMM before its second writes them), so no other (S, I) or
-    (S, d) buffer is made."""
+    bucket's second GEMM. At inference the activation is applied in place (fused activations; others make one
+    temporary) and the outputs overwrite the gathered inputs (every first GEMM has read its rows before any second
+    GEMM writes them), so the kernel itself makes no second (S, I) or (S, d) buffer."""
     slot_token, perm, counts, num_top_k = plan
     selected = hidden.index_select(0, slot_token)  # (S, d), rows grouped by expert
     buckets = _buckets(counts)
@@ -207,6 +207,7 @@ class _BucketedExperts(torch.autograd.Function):
             buckets = []
         else:
             grad_pre = activation.backward(grad_act, pre)  # once over every bucket, like the forward's activation
+            del grad_act  # one (S, I) gradient alive at a time, as with the per-bucket version
         for expert, rows in buckets:
             if grad_up is not None:
                 torch.mm(grad_pre[rows].t(), selected[rows], out=grad_up[expert])
@@ -237,7 +238,7 @@ def _combine(rows: torch.Tensor, slot_token: torch.Tensor, perm: torch.Tensor, n
     unpermuted[perm] = rows
     if num_top_k == 1:
         return unpermuted
-    return unpermuted.view(num_tokens, num_top_k, -1).sum(dim=1)
+    return unpermuted.view(num_tokens, num_top_k, rows.shape[1]).sum(dim=1)  # no -1: T may be 0
 
 
 def bucketing_plan(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, list[int], int]:
