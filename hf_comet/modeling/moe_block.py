@@ -337,8 +337,6 @@ def describe_record(record: list[int]) -> dict[str, int | str]:
     return values
 
 
-
-
 def _fresh_long(device) -> torch.Tensor:
     """A 0-d int64 zero that stays a normal tensor even when created under ``torch.inference_mode``."""
     if torch.compiler.is_compiling():

@@ -33,7 +33,6 @@ from .stats import (
 SINGLE_KEEP_VARIANTS = ("top_k", "layer_wise", "example_tied_dropout")
 
 
-
 @dataclass(frozen=True)
 class MLPSettings:
     """A sweep: every variant at every width and keep rate (dense once per width; ``single_keep_variants`` only at
