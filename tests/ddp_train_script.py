@@ -33,6 +33,11 @@ def main():
     for routing in routings.split(","):
         os.makedirs(os.path.join(out, routing), exist_ok=True)
         train_one(os.path.join(out, routing), routing, batch)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # tear the gloo group down in order; left to interpreter exit, a rank sometimes aborted ("terminate called
+        # without an active exception", SIGABRT) after writing its results
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def train_one(out, routing, batch):

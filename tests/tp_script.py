@@ -91,6 +91,7 @@ def main():
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
     dist.barrier()
+    dist.destroy_process_group()  # in order, not at interpreter exit (where a rank can abort: ddp_train_script.py)
 
 
 if __name__ == "__main__":
