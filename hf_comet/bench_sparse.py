@@ -223,9 +223,9 @@ def section_sparse(quick: bool, rounds: int, workloads: tuple[str, ...] = SPARSE
         kept = {name: kept_fraction(fields) for name, (_, fields) in candidates(s["width"]).items()}
         rows = []
         for name, m in measured.items():
-            speeds = sorted(1 / r for r in m.ratios)
-            rows.append({"name": name, "speedup": 1 / m.median_ratio, "range": f"{speeds[0]:.2f}-{speeds[-1]:.2f}",
-                         "seconds": m.median_seconds, "kept": kept.get(name)})  # fmt: skip
+            speeds = [1 / r for r in m.ratios]
+            rows.append({"name": name, "speedup": 1 / m.median_ratio, "range": f"{min(speeds):.2f}-{max(speeds):.2f}",
+                         "seconds": m.median_seconds, "kept": kept.get(name), "speedups": speeds})  # fmt: skip
         share = ffn_share(runs["dense (transformers)"], _ffn_modules(dense), rounds)
         out.append({"workload": workload, "rows": rows, "ffn_share": share})
         del models, runs, dense
@@ -255,7 +255,7 @@ def markdown_sparse(section: list[dict]) -> list[str]:
         cells = [f"{row['speedup']:.2f} ({row['range']})" for row in case["rows"][1:]]
         lines.append(f"| {WORKLOAD_TITLES[case['workload']]} | " + " | ".join(cells) + " |")
     lines.append("")
-    return lines + _markdown_limits(section)
+    return lines + _markdown_limits(section) + _markdown_goals(section)
 
 
 def _markdown_limits(section: list[dict]) -> list[str]:
@@ -278,6 +278,67 @@ def _markdown_limits(section: list[dict]) -> list[str]:
             best = max(row["speedup"] for row in case["rows"] if row.get("kept") == width)
             cells.append(f" {limit:.2f} | {best:.2f} | {best / limit:.0%} |")
         lines.append(f"| {WORKLOAD_TITLES[case['workload']]} | {share:.0%} |" + "".join(cells))
+    return [*lines, ""]
+
+
+SPARSE_GOALS: dict[str, dict[float, float]] = {
+    "bert_forward": {0.5: 1.4, 0.25: 1.85},
+    "vit_forward": {0.5: 1.4, 0.25: 1.85},
+    "gpt2_decode_1": {0.5: 1.25, 0.25: 1.45},
+    "gpt2_train": {0.5: 1.3, 0.25: 2.0},
+}
+"""Issue 20's goals: workload -> {active width: speedup over the source}, at the best block size (about 95 % of the
+limits the FFN's share of the FLOPs or weights read sets)."""
+GOAL_LEVEL = 0.95
+
+
+def goal_verdicts(section: list[dict], goals: dict[str, dict[float, float]] = SPARSE_GOALS) -> list[dict]:
+    """Per workload with goals and per active width: ``met`` when some conversion at that width has the lower bound
+    of its median speedup's interval (`median_interval` over the paired per-round speedups, at 95 % Bonferroni-
+    corrected over the conversions at that width) at or above the goal, ``not met`` when every conversion's upper
+    bound is below it, ``inconclusive`` otherwise (too few rounds for an interval included). The intervals are
+    within one run: they do not cover what moves between runs on a shared machine."""
+    from .timing import median_interval
+
+    out = []
+    for case in section:
+        for keep, goal in goals.get(case["workload"], {}).items():
+            rows = [row for row in case["rows"] if row.get("kept") == keep and row.get("speedups")]
+            if not rows:
+                continue
+            level = 1 - (1 - GOAL_LEVEL) / len(rows)
+            judged = [(row, *median_interval(row["speedups"], level)) for row in rows]
+            best = max(judged, key=lambda entry: (entry[1] if entry[1] == entry[1] else -1.0, entry[0]["speedup"]))
+            if any(low >= goal for _, low, _ in judged):
+                verdict = "met"
+            elif all(high < goal for _, _, high in judged):
+                verdict = "not met"
+            else:
+                verdict = "inconclusive"
+            row, low, high = best
+            out.append({"workload": case["workload"], "keep": keep, "goal": goal, "verdict": verdict,
+                        "name": row["name"], "speedup": row["speedup"], "low": low, "high": high, "level": level})  # fmt: skip
+    return out
+
+
+def _markdown_goals(section: list[dict]) -> list[str]:
+    """The `goal_verdicts` as a table: per workload and active width the goal, the verdict and the conversion with
+    the highest interval, with its median and interval."""
+    verdicts = goal_verdicts(section)
+    if not verdicts:
+        return []
+    lines = ["**Against issue 20's goals** (best block size: **met** when some conversion's 95 % interval for its "
+             "median speedup, order statistics of the paired per-round speedups Bonferroni-corrected over the "
+             "conversions at that width, lies at or above the goal; **not met** when every conversion's lies below "
+             "it; **inconclusive** otherwise. The intervals are within this run and do not cover the drift between "
+             "runs on a shared machine)", "",
+             "| workload | active width | goal | verdict | highest interval: conversion, median [interval] |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for entry in verdicts:
+        interval = ("[too few rounds]" if entry["low"] != entry["low"]
+                    else f"[{entry['low']:.3f}, {entry['high']:.3f}]")  # 3 digits: a bound can sit within 0.005 of the goal  # fmt: skip
+        lines.append(f"| {WORKLOAD_TITLES[entry['workload']]} | keep {entry['keep']:g} | {entry['goal']:.2f} | "
+                     f"**{entry['verdict']}** | {entry['name']}: {entry['speedup']:.2f} {interval} |")  # fmt: skip
     return [*lines, ""]
 
 
@@ -360,5 +421,5 @@ def markdown_execution(section: dict | None) -> list[str]:
     return [*lines, ""]
 
 
-__all__ = ["SPARSE_WORKLOADS", "candidates", "markdown_execution", "markdown_sparse", "section_execution",
-           "section_sparse"]  # fmt: skip
+__all__ = ["SPARSE_GOALS", "SPARSE_WORKLOADS", "candidates", "goal_verdicts", "markdown_execution", "markdown_sparse",
+           "section_execution", "section_sparse"]  # fmt: skip

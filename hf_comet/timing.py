@@ -55,4 +55,24 @@ def interleaved(
     return results
 
 
-__all__ = ["Measured", "interleaved"]
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median that ``values`` (independent draws, e.g. per-round ratios) come
+    from: the order statistics x_(j) and x_(n+1-j) for the largest j whose coverage, 1 - 2 P(Binomial(n, 1/2) < j),
+    is at least ``level``. NaN bounds when even the minimum and maximum cover less (fewer than 6 values at 95 %)."""
+    import math
+
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level={level!r}: a coverage strictly between 0 and 1 is allowed")
+    ordered, n = sorted(values), len(values)
+    chosen, below = 0, 0.0  # below: P(Binomial(n, 1/2) < j) for the j being tried
+    for j in range(1, n // 2 + 1):
+        below += math.comb(n, j - 1) / 2**n
+        if 1.0 - 2.0 * below < level:
+            break
+        chosen = j
+    if not chosen:
+        return math.nan, math.nan
+    return ordered[chosen - 1], ordered[n - chosen]
+
+
+__all__ = ["Measured", "interleaved", "median_interval"]

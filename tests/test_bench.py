@@ -53,6 +53,8 @@ def test_quick_run_reports_every_section_and_regenerates_the_readme_section(chil
     assert "old numbers" not in text and "**Targets of issue 12**" in text
     assert "hf-comet bench --quick" in text  # the command that made the numbers
     assert "**What the FFN's share allows**" in text
+    assert "**Against issue 20's goals**" in text  # one quick round decides no goal:
+    assert "| **inconclusive** | " in text and "| **met** |" not in text and "| **not met** |" not in text
     assert "**Targets of issue 12**" in capsys.readouterr().out
 
 
@@ -192,3 +194,51 @@ def test_the_limits_table_follows_from_the_share_and_the_best_conversion_at_each
                 f"{1.3 / limit_half:.0%} | {limit_quarter:.2f} | 1.50 | {1.5 / limit_quarter:.0%} |")  # fmt: skip
     assert expected in text
     assert text.count(bench_sparse.WORKLOAD_TITLES["gpt2_train"]) == 1  # speeds only: its share is not measured
+
+
+def test_the_median_interval_covers_at_least_its_level_and_needs_enough_values():
+    import math
+
+    from hf_comet.timing import median_interval
+
+    for n in range(6, 25):
+        low, high = median_interval(list(range(n)))
+        j = low + 1  # 1-based rank of the lower bound; the interval is symmetric in rank
+        assert high == n - j
+        coverage = 1 - 2 * sum(math.comb(n, i) for i in range(j)) / 2**n
+        wider_by_one_less = 1 - 2 * sum(math.comb(n, i) for i in range(j + 1)) / 2**n
+        assert coverage >= 0.95 > wider_by_one_less  # the narrowest interval of at least 95 % coverage
+    assert median_interval([3.0, 1.0, 2.0, 5.0, 4.0, 0.0, 6.0]) == (0.0, 6.0)  # order statistics of unsorted input
+    assert all(math.isnan(bound) for bound in median_interval([1.0, 2.0, 3.0, 4.0, 5.0]))  # min-max covers 94 %
+    with pytest.raises(ValueError, match="level=1.5"):
+        median_interval([1.0] * 8, level=1.5)
+
+
+def test_goal_verdicts_follow_from_the_intervals_of_every_conversion_at_the_width():
+    def row(name, kept, speedups):
+        return {"name": name, "kept": kept, "speedup": sorted(speedups)[len(speedups) // 2], "speedups": speedups,
+                "range": f"{min(speedups):.2f}-{max(speedups):.2f}"}  # fmt: skip
+
+    dense = row("dense (transformers)", None, [1.0] * 7)
+    above, below = [1.5, 1.6, 1.55, 1.7, 1.52, 1.58, 1.62], [1.1, 1.2, 1.15, 1.0, 1.18, 1.12, 1.05]
+    straddle = [1.3, 1.5, 1.45, 1.2, 1.42, 1.38, 1.6]
+    section = [{"workload": "bert_forward", "ffn_share": None,
+                "rows": [dense, row("a", 0.5, below), row("b", 0.5, above),  # one conversion clears 1.4: met
+                         row("c", 0.25, straddle), row("d", 0.25, below)]},  # 1.85 not reached by any: not met
+               {"workload": "vit_forward", "ffn_share": None,
+                "rows": [dense, row("e", 0.5, straddle), row("f", 0.25, above[:5])]},  # straddles; too few rounds
+               {"workload": "gpt2_decode_8", "ffn_share": None, "rows": [dense, row("g", 0.5, above)]}]  # no goal
+    verdicts = {(v["workload"], v["keep"]): v for v in bench_sparse.goal_verdicts(section)}
+    assert set(verdicts) == {("bert_forward", 0.5), ("bert_forward", 0.25), ("vit_forward", 0.5), ("vit_forward", 0.25)}
+    assert verdicts["bert_forward", 0.5]["verdict"] == "met" and verdicts["bert_forward", 0.5]["name"] == "b"
+    assert (verdicts["bert_forward", 0.5]["low"], verdicts["bert_forward", 0.5]["high"]) == (1.5, 1.7)
+    assert verdicts["bert_forward", 0.5]["level"] == pytest.approx(0.975)  # Bonferroni over the 2 conversions
+    assert verdicts["bert_forward", 0.25]["verdict"] == "not met"
+    assert verdicts["vit_forward", 0.5]["verdict"] == "inconclusive"  # [1.2, 1.6] holds the goal 1.4
+    assert verdicts["vit_forward", 0.25]["verdict"] == "inconclusive"  # 5 rounds: no 95 % interval, whatever the median
+    # a median above the goal is not enough when the interval reaches below it
+    lucky = [{"workload": "bert_forward", "rows": [dense, row("h", 0.5, [1.45, 1.5, 1.48, 1.1, 1.46, 1.47, 1.2])]}]
+    assert bench_sparse.goal_verdicts(lucky)[0]["verdict"] == "inconclusive"
+    text = "\n".join(bench_sparse.markdown_sparse(section))
+    assert f"| {bench_sparse.WORKLOAD_TITLES['bert_forward']} | keep 0.5 | 1.40 | **met** | b: 1.58 [1.500, 1.700] |" in text
+    assert f"| {bench_sparse.WORKLOAD_TITLES['vit_forward']} | keep 0.25 | 1.85 | **inconclusive** | f: " in text
