@@ -63,6 +63,8 @@ def median_interval(values: list[float], level: float = 0.95) -> tuple[float, fl
 
     if not 0.0 < level < 1.0:
         raise ValueError(f"level={level!r}: a coverage strictly between 0 and 1 is allowed")
+    if any(value != value for value in values):
+        raise ValueError(f"values={list(values)!r}: a NaN has no rank; only numbers are allowed")
     ordered, n = sorted(values), len(values)
     chosen, below = 0, 0.0  # below: P(Binomial(n, 1/2) < j) for the j being tried
     for j in range(1, n // 2 + 1):

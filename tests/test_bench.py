@@ -206,12 +206,19 @@ def test_the_median_interval_covers_at_least_its_level_and_needs_enough_values()
         j = low + 1  # 1-based rank of the lower bound; the interval is symmetric in rank
         assert high == n - j
         coverage = 1 - 2 * sum(math.comb(n, i) for i in range(j)) / 2**n
-        wider_by_one_less = 1 - 2 * sum(math.comb(n, i) for i in range(j + 1)) / 2**n
-        assert coverage >= 0.95 > wider_by_one_less  # the narrowest interval of at least 95 % coverage
+        next_narrower = 1 - 2 * sum(math.comb(n, i) for i in range(j + 1)) / 2**n
+        assert coverage >= 0.95 > next_narrower  # the narrowest interval of at least 95 % coverage
     assert median_interval([3.0, 1.0, 2.0, 5.0, 4.0, 0.0, 6.0]) == (0.0, 6.0)  # order statistics of unsorted input
     assert all(math.isnan(bound) for bound in median_interval([1.0, 2.0, 3.0, 4.0, 5.0]))  # min-max covers 94 %
+    assert median_interval(list(range(15)), level=0.99) == (2, 12)  # P(Bin(15, 1/2) <= 2) = 0.0037: coverage 0.993
+    assert median_interval(list(range(7)), level=1 - 0.05 / 3) == (0, 6)  # 0.984 covers a 3-way Bonferroni level
+    assert all(math.isnan(bound) for bound in median_interval(list(range(6)), level=0.975))  # 0.969 does not
+    for few in ([], [1.0]):
+        assert all(math.isnan(bound) for bound in median_interval(few))
     with pytest.raises(ValueError, match="level=1.5"):
         median_interval([1.0] * 8, level=1.5)
+    with pytest.raises(ValueError, match="NaN"):
+        median_interval([1.0, float("nan"), 2.0, 3.0, 4.0, 5.0, 6.0])
 
 
 def test_goal_verdicts_follow_from_the_intervals_of_every_conversion_at_the_width():
@@ -239,6 +246,13 @@ def test_goal_verdicts_follow_from_the_intervals_of_every_conversion_at_the_widt
     # a median above the goal is not enough when the interval reaches below it
     lucky = [{"workload": "bert_forward", "rows": [dense, row("h", 0.5, [1.45, 1.5, 1.48, 1.1, 1.46, 1.47, 1.2])]}]
     assert bench_sparse.goal_verdicts(lucky)[0]["verdict"] == "inconclusive"
+    # not met needs every conversion below: one that straddles keeps it open, and it is the one shown
+    mixed = [{"workload": "bert_forward", "rows": [dense, row("i", 0.5, below), row("j", 0.5, straddle)]}]
+    assert (bench_sparse.goal_verdicts(mixed)[0]["verdict"], bench_sparse.goal_verdicts(mixed)[0]["name"]) == (
+        "inconclusive", "j")
+    # a lower bound exactly at the goal meets it
+    exact = [{"workload": "bert_forward", "rows": [dense, row("k", 0.5, [1.4, 1.41, 1.42, 1.43, 1.44, 1.45, 1.46])]}]
+    assert bench_sparse.goal_verdicts(exact)[0]["verdict"] == "met"
     text = "\n".join(bench_sparse.markdown_sparse(section))
     assert f"| {bench_sparse.WORKLOAD_TITLES['bert_forward']} | keep 0.5 | 1.40 | **met** | b: 1.58 [1.500, 1.700] |" in text
     assert f"| {bench_sparse.WORKLOAD_TITLES['vit_forward']} | keep 0.25 | 1.85 | **inconclusive** | f: " in text

@@ -146,7 +146,7 @@ SEEDS = tuple(range(30))
 """The full claim's seeds. A seed's run does not depend on how many seeds there are, so they sit below the run code.
 Sized from the first five seeds (docs/decisions.md, "Sparsify, then fine-tune"): their paired test-accuracy gaps had a
 standard deviation of 2.4-2.9 points at keep 0.5 (2.7-5.4 at keep 0.25), so 30 seeds put the expected 95 %
-half-width within each keep rate's margin; fixed before the extra seeds ran, not extended after."""
+half-width at about each keep rate's margin; fixed before the extra seeds ran, not extended after."""
 
 
 SEEDS_NOTE = (", a number sized from the first five seeds' spread and fixed before the other 25 ran "
