@@ -336,9 +336,8 @@ def _markdown_goals(section: list[dict]) -> list[str]:
              "runs on a shared machine)", "",
              "| workload | active width | goal | verdict | deciding conversion: median [interval] |",
              "|---|---|---|---|---|"]  # fmt: skip
-    for entry in verdicts:
-        interval = ("[too few rounds]" if entry["low"] != entry["low"]
-                    else f"[{entry['low']:.3f}, {entry['high']:.3f}]")  # 3 digits: a bound can sit within 0.005 of the goal  # fmt: skip
+    for entry in verdicts:  # 3 digits: a bound can sit within 0.005 of the goal
+        interval = "[too few rounds]" if entry["low"] != entry["low"] else f"[{entry['low']:.3f}, {entry['high']:.3f}]"
         lines.append(f"| {WORKLOAD_TITLES[entry['workload']]} | keep {entry['keep']:g} | {entry['goal']:.2f} | "
                      f"**{entry['verdict']}** | {entry['name']}: {entry['speedup']:.2f} {interval} |")  # fmt: skip
     return [*lines, ""]

@@ -149,8 +149,10 @@ standard deviation of 2.4-2.9 points at keep 0.5 (2.7-5.4 at keep 0.25), so 30 s
 half-width at about each keep rate's margin; fixed before the extra seeds ran, not extended after."""
 
 
-SEEDS_NOTE = (", a number sized from the first five seeds' spread and fixed before the other 25 ran "
-              "(docs/decisions.md, \"Sparsify, then fine-tune\")")
+PILOT_SEEDS = 5
+"""How many of `SEEDS` ran first, to size the rest."""
+SEEDS_NOTE = (f", a number sized from the first {PILOT_SEEDS} seeds' spread and fixed before the other "
+              f"{len(SEEDS) - PILOT_SEEDS} ran (docs/decisions.md, \"Sparsify, then fine-tune\")")
 
 
 def _seeds_text(seeds: tuple[int, ...]) -> str:
