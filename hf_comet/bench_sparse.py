@@ -348,7 +348,7 @@ def section_execution(quick: bool, rounds: int) -> dict:
     """Slabs vs the bucketed kernel over decoding-sized batches, masked dense vs the kernel over the kept fraction;
     the thresholds they imply (`ExecutionThresholds`)."""
     from .modeling.execution import ExecutionThresholds
-    from .modeling.moe_kernels import FusedActivation, bucketed_experts, masked_activation, slab_experts
+    from .modeling.moe_kernels import FusedActivation, bucketed_experts, masked_activation, slab_experts, unit_major
     from .timing import interleaved
 
     hidden, width = (64, 256) if quick else (768, 3072)
@@ -359,7 +359,7 @@ def section_execution(quick: bool, rounds: int) -> dict:
         block = width // experts
         up = torch.randn(experts, block, hidden, generator=generator) * 0.02
         up_bias = torch.zeros(experts, block)
-        down = torch.randn(experts, hidden, block, generator=generator) * 0.02
+        down = unit_major(torch.randn(experts, hidden, block, generator=generator) * 0.02)  # as a decoding model's
         for top_k in (experts // 4, experts // 2):
             for tokens in (1, 2, 4, 8, 16):
                 x = torch.randn(tokens, hidden, generator=generator)

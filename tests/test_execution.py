@@ -222,3 +222,108 @@ def test_the_suite_runs_on_the_default_thresholds_without_a_warning(caplog):
     finally:
         thresholds.cache_clear()
     assert "HF_COMET_EXECUTION" not in caplog.text
+
+
+def down_projections(model) -> list[torch.nn.Parameter]:
+    return [block.experts.down_proj for block in model.moe_blocks()]
+
+
+def test_the_first_decode_lays_down_proj_out_unit_major_in_place_and_every_saver_gets_the_checkpoint_layout(
+    tmp_path, measured
+):
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from hf_comet.modeling.moe_kernels import is_unit_major
+
+    measured(slab_max_pairs_per_expert=3.0)
+    model = tiny_model("comet_gpt2", "AutoModelForCausalLM", **BLOCKS).eval()
+    ids = tiny_inputs("comet_gpt2", "AutoModelForCausalLM", batch=1, seq=4, with_labels=False)["input_ids"]
+    params = down_projections(model)
+    before = [p.detach().clone() for p in params]
+    assert params and all(p.is_contiguous() for p in params)
+    measured(slab_max_pairs_per_expert=0.0)  # the kernel on the checkpoint layout: the reference
+    reference = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, output_scores=True,
+                               return_dict_in_generate=True)  # fmt: skip
+    assert all(p.is_contiguous() for p in params)  # only slabs reorder
+    measured(slab_max_pairs_per_expert=3.0)
+    with torch.inference_mode():  # the strictest mode a user decodes in
+        decoded = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True)  # fmt: skip
+    assert torch.equal(decoded.sequences, reference.sequences)
+    torch.testing.assert_close(torch.stack(decoded.scores), torch.stack(reference.scores), rtol=1e-5, atol=1e-5)
+    for param, old, now in zip(params, before, down_projections(model), strict=True):
+        assert now is param  # the same Parameter: optimizers and hooks that hold it still do
+        assert is_unit_major(param) and not param.is_contiguous() and not param.is_inference()
+        assert torch.equal(param, old)
+    # every saver gets the checkpoint layout: safetensors' save_file refuses strided tensors
+    state = model.state_dict()
+    assert all(value.is_contiguous() for value in state.values())
+    save_file({k: v for k, v in state.items() if k != "lm_head.weight"}, tmp_path / "state.safetensors")  # (tied)
+    assert torch.equal(load_file(tmp_path / "state.safetensors")["transformer.h.0.mlp.experts.down_proj"], before[0])
+    assert model.state_dict(keep_vars=True)["transformer.h.0.mlp.experts.down_proj"] is params[0]
+    model.save_pretrained(tmp_path / "saved")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    assert all(p.is_contiguous() for p in down_projections(loaded))
+    again = loaded.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert torch.equal(again, reference.sequences)
+
+
+def test_train_lays_down_proj_back_out_and_training_after_a_decode_equals_training_a_model_never_decoded(measured):
+    measured(slab_max_pairs_per_expert=3.0)
+    decoded, fresh = (tiny_model("comet_gpt2", "AutoModelForCausalLM", **BLOCKS) for _ in range(2))
+    ids = tiny_inputs("comet_gpt2", "AutoModelForCausalLM", batch=1, seq=4, with_labels=False)["input_ids"]
+    with torch.inference_mode():
+        decoded.eval().generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert not down_projections(decoded)[0].is_contiguous()
+    inputs = tiny_inputs("comet_gpt2", "AutoModelForCausalLM", batch=3, seq=7)
+    params = down_projections(decoded)
+    before = [p.detach().clone() for p in params]
+    decoded.train()  # FSDP (fully_shard) refuses non-contiguous parameters: training starts from the checkpoint layout
+    assert all(p.is_contiguous() and now is p for p, now in zip(params, down_projections(decoded), strict=True))
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    steps = []
+    for model in (decoded, fresh):
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # (Adam would magnify rounding in tiny gradients)
+        model(**inputs).loss.backward()
+        grads = [p.grad.clone() for p in down_projections(model)]
+        optimizer.step()
+        steps.append((grads, [p.detach().clone() for p in model.parameters()]))
+    for got, want in zip(steps[0][0], steps[1][0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for got, want in zip(steps[0][1], steps[1][1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_slabs_leave_memory_that_is_not_the_module_s_own_in_its_layout():
+    """A Parameter viewing a larger storage (tied, FSDP-flattened), a parametrized weight (PEFT's LoRA) and weights
+    Accelerate's hooks swap in per forward keep their layout; the slabs still give the same values."""
+    from torch.nn.utils import parametrize
+
+    class Identity(torch.nn.Module):
+        def forward(self, weight):
+            return weight
+
+    def experts():
+        return tiny_model("comet_gpt2", "AutoModelForCausalLM", **BLOCKS).moe_blocks()[0].experts
+
+    viewed = experts()
+    storage = torch.zeros(2 * viewed.down_proj.numel())
+    storage[: viewed.down_proj.numel()] = viewed.down_proj.detach().reshape(-1)
+    viewed.down_proj = torch.nn.Parameter(storage[: viewed.down_proj.numel()].view_as(viewed.down_proj))
+    hooked = experts()
+    hooked._hf_hook = object()
+    wrapped = experts()
+    parametrize.register_parametrization(wrapped, "down_proj", Identity())
+    for module in (viewed, hooked, wrapped):
+        assert module.lay_out_for_slabs() is False
+        assert module.down_proj.is_contiguous()
+    own = experts()
+    assert own.lay_out_for_slabs() is True and not own.down_proj.is_contiguous()
+    assert own.lay_out_for_slabs() is True  # once: a second call is a no-op
+    x = torch.randn(2, own.hidden_size)
+    index = torch.tensor([[0, 3], [5, 1]])
+    with torch.no_grad():
+        for module in (viewed, hooked, wrapped):
+            torch.testing.assert_close(module.sparse_forward(x, index, None, "slabs"), own.sparse_forward(x, index, None, "slabs"))

@@ -2,7 +2,9 @@
 
 Layout is ``nn.Linear``'s (out, in) for every family: ``up_proj`` (E, I, d), ``up_proj_bias`` (E, I),
 ``down_proj`` (E, d, I), ``down_proj_bias`` (E, d). GPT-2's ``Conv1D`` (in, out) weights are transposed by the
-family adapter when converting.
+family adapter when converting. Checkpoints always hold these shapes contiguous; in memory, the first decode on
+slabs lays ``down_proj`` out unit-major (same shape and values, strides (d I, 1, d): `PackedExperts.
+lay_out_for_slabs`), which reads 1.6x faster one token at a time, and ``state_dict()`` hands out a contiguous copy of it.
 
 How a routing decision runs, and on which kernel, is chosen in one function, `hf_comet.modeling.execution.
 choose_execution` (run by `run_experts`; MegaBlocks' "kernel choice is one function"): masked dense compute for unit
@@ -48,7 +50,7 @@ from transformers.utils.import_utils import is_torch_distributed_available
 
 from .configuration_comet import CometMoEConfigMixin
 from .execution import MASKED_DENSE, MIXTURE, SLABS, choose_execution, thresholds, top_k_execution
-from .moe_kernels import FusedActivation, bucketed_experts, masked_activation, slab_experts
+from .moe_kernels import FusedActivation, bucketed_experts, is_unit_major, masked_activation, slab_experts, unit_major
 from .moe_routers import RoutingDecision
 
 logger = logging.get_logger(__name__)
@@ -155,6 +157,46 @@ class ExpertKernels(nn.Module):
             self.output_bias = None
         self.act_fn = FusedActivation(activation)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """``nn.Module``'s, with ``down_proj`` contiguous when `lay_out_for_slabs` made it unit-major: every saver
+        gets the checkpoint layout (safetensors' ``save_file`` refuses strided tensors; Accelerate's ``save_state``
+        calls it)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        key = prefix + "down_proj"
+        if not keep_vars and key in destination and not destination[key].is_contiguous():
+            destination[key] = destination[key].contiguous()
+
+    def lay_out_for_slabs(self) -> bool:
+        """Lay ``down_proj`` out `unit_major` in place (same Parameter, shape and values; only its memory order), so
+        a decoded token's slabs read it at the speed of ``up_proj``; True when it is so laid out afterwards.
+
+        Done by the first slab call (`sparse_forward`), so only models that decode pay the copy, and undone by
+        ``train()``, so training (FSDP and DeepSpeed refuse non-contiguous parameters) starts from transformers'
+        contiguous layout. Never done where the memory is not this module's own to reorder: a Parameter that views
+        a larger storage (tied, flattened by FSDP), a DTensor, a parametrized weight (PEFT's LoRA on
+        ``down_proj``), or one that Accelerate's hooks swap in per forward (offloading). A decision of ours,
+        recorded in ``docs/decisions.md`` (Decoding): the checkpoint format and the (E, d, I) shape stay.
+        """
+        param = self._parameters.get("down_proj")
+        if type(param) is not nn.Parameter or param.device.type != "cpu" or hasattr(self, "_hf_hook"):
+            return False
+        if is_unit_major(param):
+            return True
+        if param.storage_offset() or param.untyped_storage().nbytes() != param.numel() * param.element_size():
+            return False
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor: training may follow a decode
+            param.data = unit_major(param.data)
+        return True
+
+    def train(self, mode: bool = True) -> ExpertKernels:
+        """``nn.Module``'s; ``train()`` also lays a ``down_proj`` that `lay_out_for_slabs` made unit-major back
+        out contiguous (same Parameter and values), the layout that FSDP, DeepSpeed and DDP's buckets expect."""
+        param = self._parameters.get("down_proj")
+        if mode and type(param) is nn.Parameter and not param.is_contiguous() and is_unit_major(param):
+            with torch.inference_mode(False), torch.no_grad():
+                param.data = param.data.contiguous()
+        return super().train(mode)
+
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
@@ -214,6 +256,7 @@ class PackedExperts(ExpertKernels):
         if execution is None or execution == MASKED_DENSE:  # a direct call: a top-k kernel, never masked compute
             execution = top_k_execution(self, top_k_index.shape, False, hidden_states, top_k_weights)
         if execution == SLABS:
+            self.lay_out_for_slabs()
             down_bias = None if self.output_bias is not None else self.down_proj_bias
             return slab_experts(
                 hidden_states, top_k_index, top_k_weights, self.up_proj, self.up_proj_bias, self.down_proj, down_bias,
