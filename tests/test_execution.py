@@ -298,7 +298,7 @@ def test_train_lays_down_proj_back_out_and_training_after_a_decode_equals_traini
 
 def test_slabs_leave_memory_that_is_not_the_module_s_own_in_its_layout():
     """A Parameter viewing a larger storage (tied, FSDP-flattened), a parametrized weight (PEFT's LoRA) and weights
-    Accelerate's hooks swap in per forward keep their layout; the slabs still give the same values."""
+    swapped in per forward (Accelerate's offloading hooks) keep their layout; the slabs still give the same values."""
     from torch.nn.utils import parametrize
 
     class Identity(torch.nn.Module):
@@ -319,9 +319,16 @@ def test_slabs_leave_memory_that_is_not_the_module_s_own_in_its_layout():
     for module in (viewed, hooked, wrapped):
         assert module.lay_out_for_slabs() is False
         assert module.down_proj.is_contiguous()
+    swapped = experts()  # a new Parameter each forward, as offloading hooks on a parent module set them
+    assert swapped.lay_out_for_slabs() is True
+    for _ in range(2):
+        swapped.down_proj = torch.nn.Parameter(swapped.down_proj.detach().contiguous())
+        assert swapped.lay_out_for_slabs() is False and swapped.down_proj.is_contiguous()  # stopped for good
     own = experts()
     assert own.lay_out_for_slabs() is True and not own.down_proj.is_contiguous()
     assert own.lay_out_for_slabs() is True  # once: a second call is a no-op
+    own.train()
+    assert own.down_proj.is_contiguous() and own.lay_out_for_slabs() is True  # the same Parameter: laid out again
     x = torch.randn(2, own.hidden_size)
     index = torch.tensor([[0, 3], [5, 1]])
     with torch.no_grad():

@@ -171,30 +171,40 @@ class ExpertKernels(nn.Module):
         a decoded token's slabs read it at the speed of ``up_proj``; True when it is so laid out afterwards.
 
         Done by the first slab call (`sparse_forward`), so only models that decode pay the copy, and undone by
-        ``train()``, so training (FSDP and DeepSpeed refuse non-contiguous parameters) starts from transformers'
-        contiguous layout. Never done where the memory is not this module's own to reorder: a Parameter that views
+        ``train()``, so training (FSDP's ``fully_shard`` refuses non-contiguous parameters) starts from
+        transformers' contiguous layout. Never done where the memory is not this module's own to reorder: a Parameter that views
         a larger storage (tied, flattened by FSDP), a DTensor, a parametrized weight (PEFT's LoRA on
-        ``down_proj``), or one that Accelerate's hooks swap in per forward (offloading). A decision of ours,
-        recorded in ``docs/decisions.md`` (Decoding): the checkpoint format and the (E, d, I) shape stay.
+        ``down_proj``), or weights swapped in per forward (Accelerate's offloading hooks: one on this module, or a
+        Parameter other than the one laid out before, after which this module stops reordering). A decision of
+        ours, recorded in ``docs/decisions.md`` (Decoding): the checkpoint format and the (E, d, I) shape stay.
         """
         param = self._parameters.get("down_proj")
         if type(param) is not nn.Parameter or param.device.type != "cpu" or hasattr(self, "_hf_hook"):
             return False
         if is_unit_major(param):
             return True
-        if param.storage_offset() or param.untyped_storage().nbytes() != param.numel() * param.element_size():
+        laid_out = self.__dict__.get("_laid_out_for_slabs")  # id of the Parameter laid out before; False: stopped
+        if laid_out is False or param.storage_offset():
+            return False
+        if laid_out is not None and laid_out != id(param):  # swapped in since: copying it every forward would cost
+            self._laid_out_for_slabs = False  # more than the slower reads
+            return False
+        if param.untyped_storage().nbytes() != param.numel() * param.element_size():
             return False
         with torch.inference_mode(False), torch.no_grad():  # a normal tensor: training may follow a decode
             param.data = unit_major(param.data)
+        self._laid_out_for_slabs = id(param)
         return True
 
     def train(self, mode: bool = True) -> ExpertKernels:
         """``nn.Module``'s; ``train()`` also lays a ``down_proj`` that `lay_out_for_slabs` made unit-major back
-        out contiguous (same Parameter and values), the layout that FSDP, DeepSpeed and DDP's buckets expect."""
+        out contiguous (same Parameter and values), the layout that FSDP and DDP's gradient buckets expect."""
         param = self._parameters.get("down_proj")
         if mode and type(param) is nn.Parameter and not param.is_contiguous() and is_unit_major(param):
             with torch.inference_mode(False), torch.no_grad():
                 param.data = param.data.contiguous()
+        if mode:
+            self.__dict__.pop("_laid_out_for_slabs", None)  # a fresh start for the next stretch of inference
         return super().train(mode)
 
     def forward(

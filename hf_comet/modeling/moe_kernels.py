@@ -282,7 +282,7 @@ def unit_major(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` (E, d, I) with the same values laid out unit-major: strides (d I, 1, d), each expert's slab I rows
     of d, as ``up_proj[e]`` is. MKL's fp32 matrix-vector product reads a (d, I) slab with I = 384 at about 9 GB/s
     here and the same bytes in rows of d = 768 at about 15 GB/s (`slab_experts`' down projection, the larger half of
-    a decoded token's FFN time); the GEMMs of the other kernels take either layout at the same speed."""
+    a decoded token's FFN time); the other kernels take either layout (their GEMMs read it transposed)."""
     return weight.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
