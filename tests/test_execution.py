@@ -297,8 +297,11 @@ def test_train_lays_down_proj_back_out_and_training_after_a_decode_equals_traini
 
 
 def test_slabs_leave_memory_that_is_not_the_module_s_own_in_its_layout():
-    """A Parameter viewing a larger storage (tied, FSDP-flattened), a parametrized weight (PEFT's LoRA) and weights
-    swapped in per forward (Accelerate's offloading hooks) keep their layout; the slabs still give the same values."""
+    """A Parameter viewing part of a storage (FSDP-flattened, or at an offset), one in shared memory, a parametrized
+    weight (PEFT's LoRA), weights swapped in per forward (Accelerate's offloading hooks) and a module in training
+    mode keep their layout; the slabs still give the same values."""
+    import gc
+
     from torch.nn.utils import parametrize
 
     class Identity(torch.nn.Module):
@@ -306,31 +309,75 @@ def test_slabs_leave_memory_that_is_not_the_module_s_own_in_its_layout():
             return weight
 
     def experts():
-        return tiny_model("comet_gpt2", "AutoModelForCausalLM", **BLOCKS).moe_blocks()[0].experts
+        return tiny_model("comet_gpt2", "AutoModelForCausalLM", **BLOCKS).moe_blocks()[0].experts.eval()
 
-    viewed = experts()
-    storage = torch.zeros(2 * viewed.down_proj.numel())
-    storage[: viewed.down_proj.numel()] = viewed.down_proj.detach().reshape(-1)
-    viewed.down_proj = torch.nn.Parameter(storage[: viewed.down_proj.numel()].view_as(viewed.down_proj))
+    def viewing(module, offset):
+        size = module.down_proj.numel()
+        storage = torch.zeros(size + 7)
+        storage[offset : offset + size] = module.down_proj.detach().reshape(-1)
+        module.down_proj = torch.nn.Parameter(storage[offset : offset + size].view_as(module.down_proj))
+        return module
+
+    head, offset = viewing(experts(), 0), viewing(experts(), 7)
+    shared = experts()
+    shared.down_proj.data.share_memory_()
     hooked = experts()
     hooked._hf_hook = object()
     wrapped = experts()
     parametrize.register_parametrization(wrapped, "down_proj", Identity())
-    for module in (viewed, hooked, wrapped):
+    training = experts().train()
+    for module in (head, offset, shared, hooked, wrapped, training):
         assert module.lay_out_for_slabs() is False
         assert module.down_proj.is_contiguous()
-    swapped = experts()  # a new Parameter each forward, as offloading hooks on a parent module set them
-    assert swapped.lay_out_for_slabs() is True
-    for _ in range(2):
-        swapped.down_proj = torch.nn.Parameter(swapped.down_proj.detach().contiguous())
-        assert swapped.lay_out_for_slabs() is False and swapped.down_proj.is_contiguous()  # stopped for good
+
+    swapped = experts()  # a new Parameter each forward, the old one freed (its id free for reuse), as offloading does
+    laid_out = []
+    for _ in range(5):
+        laid_out.append(swapped.lay_out_for_slabs())
+        swapped.down_proj = torch.nn.Parameter(swapped.down_proj.detach().contiguous().clone())
+        gc.collect()
+    assert laid_out == [True, True, False, False, False]  # one swap is allowed (a deepcopy drops the mark), not two
+    assert swapped.down_proj.is_contiguous()
+
     own = experts()
     assert own.lay_out_for_slabs() is True and not own.down_proj.is_contiguous()
     assert own.lay_out_for_slabs() is True  # once: a second call is a no-op
     own.train()
-    assert own.down_proj.is_contiguous() and own.lay_out_for_slabs() is True  # the same Parameter: laid out again
+    assert own.down_proj.is_contiguous() and own.lay_out_for_slabs() is False  # training: left alone
+    own.eval()
+    assert own.lay_out_for_slabs() is True  # the same Parameter: laid out again
     x = torch.randn(2, own.hidden_size)
     index = torch.tensor([[0, 3], [5, 1]])
     with torch.no_grad():
-        for module in (viewed, hooked, wrapped):
-            torch.testing.assert_close(module.sparse_forward(x, index, None, "slabs"), own.sparse_forward(x, index, None, "slabs"))
+        expected = own.sparse_forward(x, index, None, "slabs")
+        for module in (head, offset, shared, hooked, wrapped, training, swapped):
+            torch.testing.assert_close(module.sparse_forward(x, index, None, "slabs"), expected)
+
+
+def test_state_dict_lays_down_proj_back_out_so_its_tensors_write_through_to_the_model(measured):
+    """EMA updates and in-place loads write through ``state_dict()``'s tensors; a decode then lays it out again."""
+    measured(slab_max_pairs_per_expert=3.0)
+    model = tiny_model("comet_gpt2", "AutoModelForCausalLM", **BLOCKS).eval()
+    ids = tiny_inputs("comet_gpt2", "AutoModelForCausalLM", batch=1, seq=4, with_labels=False)["input_ids"]
+    params = down_projections(model)
+    model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    assert not params[0].is_contiguous()
+    state = model.state_dict()
+    assert all(p.is_contiguous() for p in params)
+    with torch.no_grad():
+        state["transformer.h.0.mlp.experts.down_proj"].mul_(2.0)
+    torch.testing.assert_close(params[0], state["transformer.h.0.mlp.experts.down_proj"], rtol=0, atol=0)
+    assert params[0].data_ptr() == state["transformer.h.0.mlp.experts.down_proj"].data_ptr()
+    model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    assert not params[0].is_contiguous()
+
+
+def test_a_decode_in_training_mode_leaves_the_layout_alone(measured):
+    """RL-style rollouts (``train()`` then ``generate`` under no_grad) keep the contiguous layout training expects."""
+    measured(slab_max_pairs_per_expert=3.0)
+    model = tiny_model("comet_gpt2", "AutoModelForCausalLM", **BLOCKS).train()
+    ids = tiny_inputs("comet_gpt2", "AutoModelForCausalLM", batch=1, seq=4, with_labels=False)["input_ids"]
+    with torch.no_grad():
+        assert set(executions_of(model, {"input_ids": ids[:, :1]})) == {"slabs"}
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    assert all(p.is_contiguous() for p in down_projections(model))

@@ -3,8 +3,8 @@
 Layout is ``nn.Linear``'s (out, in) for every family: ``up_proj`` (E, I, d), ``up_proj_bias`` (E, I),
 ``down_proj`` (E, d, I), ``down_proj_bias`` (E, d). GPT-2's ``Conv1D`` (in, out) weights are transposed by the
 family adapter when converting. Checkpoints always hold these shapes contiguous; in memory, the first decode on
-slabs lays ``down_proj`` out unit-major (same shape and values, strides (d I, 1, d): `PackedExperts.
-lay_out_for_slabs`), which reads 1.6x faster one token at a time, and ``state_dict()`` hands out a contiguous copy of it.
+slabs in eval mode lays ``down_proj`` out unit-major (same shape and values, strides (d I, 1, d): `PackedExperts.
+lay_out_for_slabs`), which reads 1.6x faster one token at a time; ``train()`` and ``state_dict()`` lay it back out.
 
 How a routing decision runs, and on which kernel, is chosen in one function, `hf_comet.modeling.execution.
 choose_execution` (run by `run_experts`; MegaBlocks' "kernel choice is one function"): masked dense compute for unit
@@ -123,6 +123,10 @@ EXPERTS_FUNCTIONS["grouped_mm"] = deterministic_grouped_mm_experts_forward
 EXPERTS_FUNCTIONS[BUCKETED] = bucketed_experts_forward
 
 
+_SLAB_MARK = "_hf_comet_laid_out_for_slabs"
+"""Set on a ``down_proj`` Parameter that `ExpertKernels.lay_out_for_slabs` laid out."""
+
+
 @use_experts_implementation(experts_interface=EXPERTS_FUNCTIONS, has_gate=False, has_bias=True, is_transposed=False)
 class ExpertKernels(nn.Module):
     """The packed parameters and the sparse top-k kernel ``(T, d), (T, k), (T, k) -> (T, d)``.
@@ -158,53 +162,62 @@ class ExpertKernels(nn.Module):
         self.act_fn = FusedActivation(activation)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        """``nn.Module``'s, with ``down_proj`` contiguous when `lay_out_for_slabs` made it unit-major: every saver
-        gets the checkpoint layout (safetensors' ``save_file`` refuses strided tensors; Accelerate's ``save_state``
-        calls it)."""
+        """``nn.Module``'s, after laying ``down_proj`` back out contiguous (`lay_out_for_slabs`), so the state
+        dict's tensors share memory with the parameters as usual (EMA updates and in-place loads write through them)
+        and every saver gets the checkpoint layout (safetensors' ``save_file``, which Accelerate's ``save_state``
+        calls, refuses strided tensors). The next decode lays it out again."""
+        self._lay_out_contiguous()
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        key = prefix + "down_proj"
-        if not keep_vars and key in destination and not destination[key].is_contiguous():
-            destination[key] = destination[key].contiguous()
+
+    def _lay_out_contiguous(self) -> None:
+        param = self._parameters.get("down_proj")
+        if type(param) is nn.Parameter and not param.is_contiguous() and is_unit_major(param):
+            with torch.inference_mode(False), torch.no_grad():
+                param.data = param.data.contiguous()
 
     def lay_out_for_slabs(self) -> bool:
         """Lay ``down_proj`` out `unit_major` in place (same Parameter, shape and values; only its memory order), so
-        a decoded token's slabs read it at the speed of ``up_proj``; True when it is so laid out afterwards.
+        a decoded token's down slabs are read in rows of d, as the up slabs are; True when it is so laid out.
 
-        Done by the first slab call (`sparse_forward`), so only models that decode pay the copy, and undone by
-        ``train()``, so training (FSDP's ``fully_shard`` refuses non-contiguous parameters) starts from
-        transformers' contiguous layout. Never done where the memory is not this module's own to reorder: a Parameter that views
-        a larger storage (tied, flattened by FSDP), a DTensor, a parametrized weight (PEFT's LoRA on
-        ``down_proj``), or weights swapped in per forward (Accelerate's offloading hooks: one on this module, or a
-        Parameter other than the one laid out before, after which this module stops reordering). A decision of
-        ours, recorded in ``docs/decisions.md`` (Decoding): the checkpoint format and the (E, d, I) shape stay.
+        Done by the first slab call in eval mode (`sparse_forward`), so only models that decode pay the copy, and
+        undone by ``train()`` (FSDP's ``fully_shard`` refuses non-contiguous parameters) and by ``state_dict()``.
+        Never done where the memory is not this module's own to reorder: a Parameter that views part of a storage
+        (flattened by FSDP) or lives in shared memory (``share_memory_()``: other processes would stop seeing its
+        updates), a DTensor, a parametrized weight (PEFT's LoRA on ``down_proj``), or weights swapped in per forward
+        (Accelerate's offloading hooks: one on this module, or a second Parameter other than those laid out
+        before, after which this module stops reordering; ``deepcopy`` drops the mark that tells them apart, so one
+        is allowed). Two Parameters over one storage of exactly their size are not
+        detected: laying one out unties them. The swap is not synchronised: a model shared by threads should decode
+        once (or call this on each experts module) before serving. A decision of ours (``docs/decisions.md``,
+        Decoding): the checkpoint format and the (E, d, I) shape stay.
         """
         param = self._parameters.get("down_proj")
-        if type(param) is not nn.Parameter or param.device.type != "cpu" or hasattr(self, "_hf_hook"):
+        if self.training or type(param) is not nn.Parameter or param.device.type != "cpu" or hasattr(self, "_hf_hook"):
             return False
         if is_unit_major(param):
             return True
-        laid_out = self.__dict__.get("_laid_out_for_slabs")  # id of the Parameter laid out before; False: stopped
-        if laid_out is False or param.storage_offset():
+        # None: never laid out; n: laid out, n unmarked Parameters laid out since; False: stopped
+        state = self.__dict__.get("_slab_layout")
+        own = param.storage_offset() == 0 and param.untyped_storage().nbytes() == param.numel() * param.element_size()
+        if state is False or not own or param.is_shared():
             return False
-        if laid_out is not None and laid_out != id(param):  # swapped in since: copying it every forward would cost
-            self._laid_out_for_slabs = False  # more than the slower reads
-            return False
-        if param.untyped_storage().nbytes() != param.numel() * param.element_size():
-            return False
+        if state is not None and not getattr(param, _SLAB_MARK, False):  # swapped in since, or a deepcopy's
+            if state >= 1:  # a second one: a new Parameter per forward, whose copy would cost more than it saves
+                self._slab_layout = False
+                return False
+            state += 1
         with torch.inference_mode(False), torch.no_grad():  # a normal tensor: training may follow a decode
             param.data = unit_major(param.data)
-        self._laid_out_for_slabs = id(param)
+        setattr(param, _SLAB_MARK, True)
+        self._slab_layout = 0 if state is None else state
         return True
 
     def train(self, mode: bool = True) -> ExpertKernels:
         """``nn.Module``'s; ``train()`` also lays a ``down_proj`` that `lay_out_for_slabs` made unit-major back
         out contiguous (same Parameter and values), the layout that FSDP and DDP's gradient buckets expect."""
-        param = self._parameters.get("down_proj")
-        if mode and type(param) is nn.Parameter and not param.is_contiguous() and is_unit_major(param):
-            with torch.inference_mode(False), torch.no_grad():
-                param.data = param.data.contiguous()
         if mode:
-            self.__dict__.pop("_laid_out_for_slabs", None)  # a fresh start for the next stretch of inference
+            self._lay_out_contiguous()
+            self.__dict__.pop("_slab_layout", None)  # a fresh start for the next stretch of inference
         return super().train(mode)
 
     def forward(
