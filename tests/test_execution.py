@@ -334,8 +334,10 @@ def test_slabs_leave_memory_that_is_not_the_module_s_own_in_its_layout():
     laid_out = []
     for _ in range(5):
         laid_out.append(swapped.lay_out_for_slabs())
-        swapped.down_proj = torch.nn.Parameter(swapped.down_proj.detach().contiguous().clone())
+        values = swapped.down_proj.detach().contiguous().clone()
+        swapped.down_proj = None  # the old Parameter freed before the new one exists: Python may reuse its id
         gc.collect()
+        swapped.down_proj = torch.nn.Parameter(values)
     assert laid_out == [True, True, False, False, False]  # one swap is allowed (a deepcopy drops the mark), not two
     assert swapped.down_proj.is_contiguous()
 
@@ -368,8 +370,28 @@ def test_state_dict_lays_down_proj_back_out_so_its_tensors_write_through_to_the_
         state["transformer.h.0.mlp.experts.down_proj"].mul_(2.0)
     torch.testing.assert_close(params[0], state["transformer.h.0.mlp.experts.down_proj"], rtol=0, atol=0)
     assert params[0].data_ptr() == state["transformer.h.0.mlp.experts.down_proj"].data_ptr()
+    for _ in range(2):  # a state dict, then a decode, again: laying the same Parameter out again is not a swap
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+        assert not params[0].is_contiguous()
+        model.state_dict()
+        assert params[0].is_contiguous()
+
+
+def test_a_parameter_shared_after_a_decode_stays_in_its_shared_memory(measured):
+    """``share_memory()`` after a decode: train() and state_dict() must not move it to a private storage, which
+    would stop the other processes seeing its updates; the state dict gets a contiguous copy."""
+    measured(slab_max_pairs_per_expert=3.0)
+    model = tiny_model("comet_gpt2", "AutoModelForCausalLM", **BLOCKS).eval()
+    ids = tiny_inputs("comet_gpt2", "AutoModelForCausalLM", batch=1, seq=4, with_labels=False)["input_ids"]
     model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)
-    assert not params[0].is_contiguous()
+    model.share_memory()
+    param = down_projections(model)[0]
+    pointer = param.data_ptr()
+    assert param.is_shared() and not param.is_contiguous()
+    entry = model.state_dict()["transformer.h.0.mlp.experts.down_proj"]
+    assert entry.is_contiguous() and torch.equal(entry, param)
+    model.train()
+    assert param.is_shared() and param.data_ptr() == pointer
 
 
 def test_a_decode_in_training_mode_leaves_the_layout_alone(measured):

@@ -165,13 +165,19 @@ class ExpertKernels(nn.Module):
         """``nn.Module``'s, after laying ``down_proj`` back out contiguous (`lay_out_for_slabs`), so the state
         dict's tensors share memory with the parameters as usual (EMA updates and in-place loads write through them)
         and every saver gets the checkpoint layout (safetensors' ``save_file``, which Accelerate's ``save_state``
-        calls, refuses strided tensors). The next decode lays it out again."""
+        calls, refuses strided tensors). The next decode lays it out again, after which a state dict kept from
+        before writes nowhere for that key. A parameter in shared memory is left in place and copied."""
         self._lay_out_contiguous()
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        key = prefix + "down_proj"
+        if not keep_vars and key in destination and not destination[key].is_contiguous():  # shared since its layout
+            destination[key] = destination[key].contiguous()
 
     def _lay_out_contiguous(self) -> None:
+        """Lay a unit-major ``down_proj`` back out contiguous in place, unless it was moved to shared memory since
+        (``share_memory()`` after a decode): a new storage would stop the other processes seeing its updates."""
         param = self._parameters.get("down_proj")
-        if type(param) is nn.Parameter and not param.is_contiguous() and is_unit_major(param):
+        if type(param) is nn.Parameter and not param.is_contiguous() and is_unit_major(param) and not param.is_shared():
             with torch.inference_mode(False), torch.no_grad():
                 param.data = param.data.contiguous()
 
@@ -188,7 +194,7 @@ class ExpertKernels(nn.Module):
         before, after which this module stops reordering; ``deepcopy`` drops the mark that tells them apart, so one
         is allowed). Two Parameters over one storage of exactly their size are not
         detected: laying one out unties them. The swap is not synchronised: a model shared by threads should decode
-        once (or call this on each experts module) before serving. A decision of ours (``docs/decisions.md``,
+        once (or call this on each experts module) before serving, and not call ``state_dict()`` while serving. A decision of ours (``docs/decisions.md``,
         Decoding): the checkpoint format and the (E, d, I) shape stay.
         """
         param = self._parameters.get("down_proj")
