@@ -192,10 +192,10 @@ class ExpertKernels(nn.Module):
         updates), a DTensor, a parametrized weight (PEFT's LoRA on ``down_proj``), or weights swapped in per forward
         (Accelerate's offloading hooks: one on this module, or a second Parameter other than those laid out
         before, after which this module stops reordering; ``deepcopy`` drops the mark that tells them apart, so one
-        is allowed). Two Parameters over one storage of exactly their size are not
-        detected: laying one out unties them. The swap is not synchronised: a model shared by threads should decode
-        once (or call this on each experts module) before serving, and not call ``state_dict()`` while serving. A decision of ours (``docs/decisions.md``,
-        Decoding): the checkpoint format and the (E, d, I) shape stay.
+        is allowed). Two Parameters over one storage of exactly their size are not detected: laying one out unties
+        them. The swap is not synchronised: a model shared by threads should decode once (or call this on each
+        experts module) before serving, and not call ``state_dict()`` while serving. A decision of ours
+        (``docs/decisions.md``, Decoding): the checkpoint format and the (E, d, I) shape stay.
         """
         param = self._parameters.get("down_proj")
         if self.training or type(param) is not nn.Parameter or param.device.type != "cpu" or hasattr(self, "_hf_hook"):
