@@ -344,16 +344,25 @@ def _markdown_goals(section: list[dict]) -> list[str]:
 
 
 # -- execution thresholds -------------------------------------------------------------------------------------------
+def _slab_crossover(rows: list[dict], key: str) -> float:
+    """The most pairs per expert below which slabs always beat the bucketed kernel (``key``: their time ratio)."""
+    losing = [r["pairs_per_expert"] for r in rows if r[key] >= 1.0]
+    winning = [r["pairs_per_expert"] for r in rows if r[key] < 1.0]
+    return max((p for p in winning if not losing or p < min(losing)), default=0.0)
+
+
 def section_execution(quick: bool, rounds: int) -> dict:
     """Slabs vs the bucketed kernel over decoding-sized batches, masked dense vs the kernel over the kept fraction;
     the thresholds they imply (`ExecutionThresholds`)."""
     from .modeling.execution import ExecutionThresholds
     from .modeling.moe_kernels import FusedActivation, bucketed_experts, masked_activation, slab_experts, unit_major
+    from .modeling.slab_kernel import native_library
     from .timing import interleaved
 
     hidden, width = (64, 256) if quick else (768, 3072)
     activation = FusedActivation("gelu_new")
     generator = torch.Generator().manual_seed(0)
+    compiled = native_library() is not None
     slab_rows = []
     for experts in (8, 16):
         block = width // experts
@@ -361,19 +370,22 @@ def section_execution(quick: bool, rounds: int) -> dict:
         up_bias = torch.zeros(experts, block)
         down = unit_major(torch.randn(experts, hidden, block, generator=generator) * 0.02)  # as a decoding model's
         for top_k in (experts // 4, experts // 2):
-            for tokens in (1, 2, 4, 8, 16):
+            for tokens in (1, 2, 4, 8, 16, 32, 64):
                 x = torch.randn(tokens, hidden, generator=generator)
                 index = torch.randn(tokens, experts, generator=generator).topk(top_k, dim=-1).indices
                 args = (x, index, None, up, up_bias, down, None, activation)
+                runs = {"bucketed": lambda a=args: bucketed_experts(*a),
+                        "loop": lambda a=args: slab_experts(*a, compiled=False)}  # fmt: skip
+                if compiled:
+                    runs["compiled"] = lambda a=args: slab_experts(*a)
                 with torch.no_grad():
-                    m = interleaved({"bucketed": lambda a=args: bucketed_experts(*a),
-                                     "slabs": lambda a=args: slab_experts(*a)}, rounds=rounds, repeat=5)  # fmt: skip
+                    m = interleaved(runs, rounds=rounds, repeat=5)
                 slab_rows.append({"experts": experts, "top_k": top_k, "tokens": tokens,
                                   "pairs_per_expert": tokens * top_k / experts,
-                                  "slabs_vs_bucketed": m["slabs"].median_ratio})  # fmt: skip
-    losing = [r["pairs_per_expert"] for r in slab_rows if r["slabs_vs_bucketed"] >= 1.0]
-    winning = [r["pairs_per_expert"] for r in slab_rows if r["slabs_vs_bucketed"] < 1.0]
-    slab_max = max((p for p in winning if not losing or p < min(losing)), default=0.0)
+                                  "slabs_vs_bucketed": m["compiled"].median_ratio if compiled else None,
+                                  "loop_vs_bucketed": m["loop"].median_ratio})  # fmt: skip
+    loop_max = _slab_crossover(slab_rows, "loop_vs_bucketed")
+    slab_max = _slab_crossover(slab_rows, "slabs_vs_bucketed") if compiled else loop_max
 
     tokens = 64 if quick else 1024
     experts = 8
@@ -401,7 +413,8 @@ def section_execution(quick: bool, rounds: int) -> dict:
     kernel_wins = [r["fraction"] for r in fraction_rows if r["masked_vs_kernel"] >= 1.0]
     # the largest kept fraction below which the kernel wins: blocks above it run masked
     fraction = max((f for f in kernel_wins if not masked_wins or f < min(masked_wins)), default=1.0 / experts)
-    measured = ExecutionThresholds(dense_block_fraction=min(fraction, 1.0), slab_max_pairs_per_expert=slab_max)
+    measured = ExecutionThresholds(dense_block_fraction=min(fraction, 1.0), slab_max_pairs_per_expert=slab_max,
+                                   loop_slab_max_pairs_per_expert=loop_max)  # fmt: skip
     return {"slabs": slab_rows, "fractions": fraction_rows, "thresholds": measured.__dict__.copy(),
             "shape": {"hidden": hidden, "width": width}}  # fmt: skip
 
@@ -412,11 +425,18 @@ def markdown_execution(section: dict | None) -> list[str]:
     t = section["thresholds"]
     lines = [f"**Execution thresholds** (`hf-comet bench execution`; FFN {section['shape']['hidden']} -> "
              f"{section['shape']['width']}): per-token slabs win while the routed (token, expert) pairs are at most "
-             f"{t['slab_max_pairs_per_expert']:g} x the experts; weight-1 blocks keeping more than "
-             f"{t['dense_block_fraction']:g} of the blocks run as masked dense compute.", "",
-             "| experts | k | tokens | pairs / expert | slabs / bucketed time |", "|---|---|---|---|---|"]  # fmt: skip
+             f"{t['slab_max_pairs_per_expert']:g} x the experts on the compiled kernel "
+             f"({t.get('loop_slab_max_pairs_per_expert', t['slab_max_pairs_per_expert']):g} x on the torch loop); "
+             f"weight-1 blocks keeping more than {t['dense_block_fraction']:g} of the blocks run as masked dense "
+             "compute.", "",
+             "| experts | k | tokens | pairs / expert | compiled slabs / bucketed time | torch-loop slabs / bucketed |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+
+    def ratio(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.2f}"
+
     lines += [f"| {r['experts']} | {r['top_k']} | {r['tokens']} | {r['pairs_per_expert']:g} | "
-              f"{r['slabs_vs_bucketed']:.2f} |" for r in section["slabs"]]  # fmt: skip
+              f"{ratio(r['slabs_vs_bucketed'])} | {ratio(r.get('loop_vs_bucketed'))} |" for r in section["slabs"]]  # fmt: skip
     lines += ["", "| kept fraction of 8 blocks | masked dense / kernel time (fwd+bwd) |", "|---|---|"]
     lines += [f"| {r['fraction']:g} | {r['masked_vs_kernel']:.2f} |" for r in section["fractions"]]
     return [*lines, ""]

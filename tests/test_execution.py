@@ -9,6 +9,7 @@ from conftest import main_output, tiny_inputs, tiny_model
 
 from hf_comet.modeling import execution
 from hf_comet.modeling.execution import ExecutionThresholds, choose_execution, thresholds
+from hf_comet.modeling.slab_kernel import native_library
 
 FAMILIES = [
     ("comet_gpt2", "AutoModelForCausalLM"),
@@ -26,6 +27,8 @@ def measured(tmp_path, monkeypatch):
     thresholds.cache_clear()
 
     def write(**fields):
+        if "slab_max_pairs_per_expert" in fields:  # both slab kernels: a test's slabs run on whichever this one is
+            fields.setdefault("loop_slab_max_pairs_per_expert", fields["slab_max_pairs_per_expert"])
         path.write_text(json.dumps({"thresholds": fields, "measured": {}}))
         thresholds.cache_clear()
 
@@ -53,8 +56,20 @@ def executions_of(model, inputs) -> list[str]:
     return picked
 
 
+@pytest.fixture(params=["compiled", "loop"])
+def slab_kernel(request, monkeypatch):
+    """Each slab test twice: on the compiled kernel (skipped where this machine cannot build it) and on the torch
+    loop (``HF_COMET_NATIVE_SLABS=0``)."""
+    monkeypatch.setenv("HF_COMET_NATIVE_SLABS", "1" if request.param == "compiled" else "0")
+    native_library.cache_clear()
+    if request.param == "compiled" and native_library() is None:
+        pytest.skip("no C compiler could build the slab kernel here")
+    yield request.param
+    native_library.cache_clear()
+
+
 @pytest.mark.parametrize("family, head", FAMILIES)
-def test_decoding_sized_batches_run_on_slabs_and_equal_the_masked_reference(family, head, measured):
+def test_decoding_sized_batches_run_on_slabs_and_equal_the_masked_reference(family, head, measured, slab_kernel):
     model = tiny_model(family, head, **BLOCKS).eval()
     inputs = tiny_inputs(family, head, batch=1, seq=5, with_labels=False)
     measured(slab_max_pairs_per_expert=3.0)
@@ -73,7 +88,7 @@ def test_decoding_sized_batches_run_on_slabs_and_equal_the_masked_reference(fami
     torch.testing.assert_close(kernel, masked, rtol=1e-5, atol=1e-5)
 
 
-def test_greedy_decoding_with_the_cache_is_the_same_on_slabs_and_on_the_kernel(measured):
+def test_greedy_decoding_with_the_cache_is_the_same_on_slabs_and_on_the_kernel(measured, slab_kernel):
     model = tiny_model("comet_gpt2", "AutoModelForCausalLM", **BLOCKS).eval()
     ids = tiny_inputs("comet_gpt2", "AutoModelForCausalLM", batch=1, seq=4, with_labels=False)["input_ids"]
 
@@ -91,7 +106,7 @@ def test_greedy_decoding_with_the_cache_is_the_same_on_slabs_and_on_the_kernel(m
 
 
 @pytest.mark.parametrize("routing", ["topk", "switch"])
-def test_learned_top_k_on_slabs_keeps_its_weights_biases_and_dropped_tokens(routing, measured):
+def test_learned_top_k_on_slabs_keeps_its_weights_biases_and_dropped_tokens(routing, measured, slab_kernel):
     extra = {"capacity_factor": 0.5} if routing == "switch" else {}  # Switch drops tokens over capacity
     model = tiny_model("comet_bert", "AutoModel", routing=routing, **extra).eval()
     inputs = tiny_inputs("comet_bert", "AutoModel", batch=1, seq=6, with_labels=False)
@@ -125,8 +140,11 @@ def test_training_an_explicit_kernel_and_autocast_never_run_on_slabs(measured):
 
 def test_the_thresholds_come_from_their_file_and_a_damaged_file_falls_back_to_the_defaults(measured, tmp_path):
     assert thresholds() == ExecutionThresholds()  # no file yet
-    measured(dense_block_fraction=0.75, slab_max_pairs_per_expert=2.0)
-    assert thresholds() == ExecutionThresholds(dense_block_fraction=0.75, slab_max_pairs_per_expert=2.0)
+    measured(dense_block_fraction=0.75, slab_max_pairs_per_expert=3.0, loop_slab_max_pairs_per_expert=1.0)
+    assert thresholds() == ExecutionThresholds(0.75, slab_max_pairs_per_expert=3.0, loop_slab_max_pairs_per_expert=1.0)
+    (tmp_path / "execution.json").write_text(json.dumps({"thresholds": {"slab_max_pairs_per_expert": 3.0}}))
+    thresholds.cache_clear()  # a file from before the loop's own threshold: the loop keeps its default
+    assert thresholds() == ExecutionThresholds(slab_max_pairs_per_expert=3.0)
     for damaged in ("{", json.dumps({"thresholds": {"dense_block_fraction": 3}}), json.dumps({"other": 1})):
         (tmp_path / "execution.json").write_text(damaged)
         thresholds.cache_clear()
@@ -135,6 +153,8 @@ def test_the_thresholds_come_from_their_file_and_a_damaged_file_falls_back_to_th
         ExecutionThresholds(dense_block_fraction=0)
     with pytest.raises(ValueError, match="slab_max_pairs_per_expert=-1 must be 0 or more"):
         ExecutionThresholds(slab_max_pairs_per_expert=-1)
+    with pytest.raises(ValueError, match="loop_slab_max_pairs_per_expert=-0.5 must be 0 or more"):
+        ExecutionThresholds(loop_slab_max_pairs_per_expert=-0.5)
 
 
 def test_generate_leaves_the_statistics_windows_alone_unless_asked():
@@ -185,7 +205,7 @@ def test_a_model_reads_the_measured_thresholds_when_it_is_built(measured):
     measured(dense_block_fraction=0.5, slab_max_pairs_per_expert=7.0)
     assert not execution._LOADED
     tiny_model("comet_gpt2", "AutoModelForCausalLM", routing="topk")
-    assert execution._LOADED == [ExecutionThresholds(dense_block_fraction=0.5, slab_max_pairs_per_expert=7.0)]
+    assert execution._LOADED == [ExecutionThresholds(0.5, slab_max_pairs_per_expert=7.0, loop_slab_max_pairs_per_expert=7.0)]
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,8 @@ import os
 
 import torch
 
+from .slab_kernel import native_library
+
 MIXTURE, MASKED_DENSE, SLABS = "mixture", "masked_dense", "slabs"
 KERNELS = ("bucketed", "grouped_mm", "eager")
 """The experts kernels a top-k decision may run on (``experts_implementation`` names)."""
@@ -42,22 +44,27 @@ class ExecutionThresholds:
             dense compute (the kernels copy each token once per kept block, which costs more than the FLOPs saved
             once most blocks are on).
         slab_max_pairs_per_expert: at inference on CPU, a top-k decision whose routed (token, expert) pairs number
-            at most this many times the experts runs on per-token slabs; above it the bucketed kernel, which reads
-            each kept expert's weights once for all its tokens, wins.
+            at most this many times the experts runs on per-token slabs by the compiled kernel
+            (`hf_comet.modeling.slab_kernel`); above it the bucketed kernel, which reads each kept expert's weights
+            once for all its tokens, wins.
+        loop_slab_max_pairs_per_expert: the same crossover for slabs on the torch loop, which runs where the
+            compiled kernel does not (no C compiler, ``HF_COMET_NATIVE_SLABS=0``, weights other than fp32).
     """
 
     dense_block_fraction: float = 0.875
     slab_max_pairs_per_expert: float = 2.0
+    loop_slab_max_pairs_per_expert: float = 2.0
 
     def __post_init__(self) -> None:
-        for name in ("dense_block_fraction", "slab_max_pairs_per_expert"):
+        for name in ("dense_block_fraction", "slab_max_pairs_per_expert", "loop_slab_max_pairs_per_expert"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{name}={value!r} must be a number, not {type(value).__name__}.")
         if not 0 < self.dense_block_fraction <= 1:
             raise ValueError(f"dense_block_fraction={self.dense_block_fraction!r} must be in (0, 1].")
-        if not self.slab_max_pairs_per_expert >= 0:
-            raise ValueError(f"slab_max_pairs_per_expert={self.slab_max_pairs_per_expert!r} must be 0 or more.")
+        for name in ("slab_max_pairs_per_expert", "loop_slab_max_pairs_per_expert"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be 0 or more.")
 
 
 def thresholds_path() -> str:
@@ -138,7 +145,9 @@ def top_k_execution(
         return MASKED_DENSE
     implementation = getattr(experts.config, "_experts_implementation", None) or "bucketed"
     if implementation == "bucketed" and hidden_states is not None and _slab_ready(experts, hidden_states, weights):
-        if num_tokens * top_k <= limits.slab_max_pairs_per_expert * experts.num_experts:
+        native = slab_kernel_runs(experts, hidden_states)
+        limit = limits.slab_max_pairs_per_expert if native else limits.loop_slab_max_pairs_per_expert
+        if num_tokens * top_k <= limit * experts.num_experts:
             return SLABS  # ours, like the default kernel: an explicitly requested kernel is always the one that runs
     if implementation == "bucketed" and not torch.compiler.is_compiling():
         return "bucketed"
@@ -146,6 +155,14 @@ def top_k_execution(
     if implementation in ("bucketed", "grouped_mm") and not experts.grouped_mm_fits(dtype):
         return "eager"
     return "grouped_mm" if implementation == "bucketed" else implementation
+
+
+def slab_kernel_runs(experts, hidden_states: torch.Tensor) -> bool:
+    """Whether slabs would run on the compiled kernel (fp32 weights and inputs, the kernel built on this machine;
+    `hf_comet.modeling.slab_kernel.slab_products` says which layouts it takes) rather than on the torch loop."""
+    if hidden_states.dtype != torch.float32 or experts.up_proj.dtype != torch.float32:
+        return False
+    return native_library() is not None
 
 
 def _slab_ready(experts, hidden_states: torch.Tensor, weights: torch.Tensor | None = None) -> bool:
@@ -173,6 +190,7 @@ __all__ = [
     "KERNELS",
     "ExecutionThresholds",
     "choose_execution",
+    "slab_kernel_runs",
     "top_k_execution",
     "thresholds",
     "thresholds_path",

@@ -30,6 +30,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from transformers.activations import ACT2FN
 
+from .slab_kernel import slab_products
+
 FUSED_ACTIVATIONS = {
     "gelu": "none",
     "gelu_new": "tanh",
@@ -300,6 +302,7 @@ def slab_experts(
     down: torch.Tensor,
     down_bias: torch.Tensor | None,
     activation: FusedActivation,
+    compiled: bool = True,
 ) -> torch.Tensor:
     """`bucketed_experts`' function for a few tokens at inference (decoding): every kept expert of every token runs
     as two matrix-vector products on its own contiguous slabs, ``up[e]`` (I, d) and ``down[e]`` (d, I), so only the
@@ -311,7 +314,16 @@ def slab_experts(
     ``addmv`` each; the indices come to the host once, free on CPU, where `choose_execution` runs it). The output
     rows accumulate in slot order, so the result does not depend on the thread count. No autograd node: callers use it
     under ``no_grad`` only.
+
+    fp32 on CPU runs the compiled kernel (`hf_comet.modeling.slab_kernel`: each slab read as one sequential stream,
+    about twice MKL's rate) where the machine could build it; the loop below (``compiled=False``) is the fallback
+    and the reference.
     """
+    if compiled:
+        native = slab_products(hidden, top_k_index, top_k_weights, up, up_bias, down, is_unit_major(down), down_bias,
+                               activation)  # fmt: skip
+        if native is not None:
+            return native
     output = hidden.new_zeros(hidden.shape)
     indices = top_k_index.tolist()
     weights = None if top_k_weights is None else top_k_weights.to(hidden.dtype).tolist()
