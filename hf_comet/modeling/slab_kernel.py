@@ -32,9 +32,11 @@ import torch
 
 SOURCE = r"""
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 typedef float vf __attribute__((vector_size(64), aligned(4), may_alias));
 #define VW 16
+#define ROWS 8
 
 static float dot(const float* a, const float* b, int64_t n) {
   vf s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
@@ -60,47 +62,82 @@ static void axpy(float* y, float a, const float* x, int64_t n) {
   for (; j < n; j++) y[j] += a * x[j];
 }
 
-static int check(const int64_t* idx, int64_t count, int64_t experts) {
-  for (int64_t i = 0; i < count; i++) if (idx[i] < 0 || idx[i] >= experts) return -1;
+/* The routed (token, slot) pairs grouped by expert (counting sort, slot order kept within an expert); pairs of
+   weight 0 are left out. Returns -1 for an index outside [0, experts), -2 when out of memory; else 0. */
+static int group(const int64_t* idx, const float* w, int64_t pairs, int64_t experts, int64_t** start,
+                 int64_t** order) {
+  for (int64_t p = 0; p < pairs; p++) if (idx[p] < 0 || idx[p] >= experts) return -1;
+  *start = calloc(experts + 1, sizeof(int64_t));
+  *order = malloc((pairs ? pairs : 1) * sizeof(int64_t));
+  if (!*start || !*order) { free(*start); free(*order); return -2; }
+  for (int64_t p = 0; p < pairs; p++) if (!w || w[p] != 0.0f) (*start)[idx[p] + 1]++;
+  for (int64_t e = 0; e < experts; e++) (*start)[e + 1] += (*start)[e];
+  int64_t* fill = malloc((experts ? experts : 1) * sizeof(int64_t));
+  if (!fill) { free(*start); free(*order); return -2; }
+  memcpy(fill, *start, experts * sizeof(int64_t));
+  for (int64_t p = 0; p < pairs; p++) if (!w || w[p] != 0.0f) (*order)[fill[idx[p]]++] = p;
+  free(fill);
   return 0;
 }
 
-/* pre[t, s, :] = up[idx[t, s]] @ x[t] + up_bias[idx[t, s]]; up (E, n, d), a slot of weight 0 gets zeros. */
+/* pre[p, :] = up[idx[p]] @ x[p / k] + up_bias[idx[p]] for every pair p = (token, slot); up (E, n, d). Each kept
+   expert's slab is read once, row by row, for all its tokens; a pair of weight 0 gets zeros. */
 int hf_comet_slab_up(const float* x, int64_t tokens, int64_t d, const int64_t* idx, int64_t k, int64_t experts,
                      const float* w, const float* up, const float* up_bias, int64_t n, float* pre) {
-  if (check(idx, tokens * k, experts)) return -1;
-  for (int64_t t = 0; t < tokens; t++)
-    for (int64_t s = 0; s < k; s++) {
-      float* p = pre + (t * k + s) * n;
-      if (w && w[t * k + s] == 0.0f) { memset(p, 0, n * sizeof(float)); continue; }
-      const float* slab = up + idx[t * k + s] * n * d;
-      const float* bias = up_bias + idx[t * k + s] * n;
-      for (int64_t r = 0; r < n; r++) p[r] = dot(slab + r * d, x + t * d, d) + bias[r];
-    }
+  int64_t *start, *order;
+  int status = group(idx, w, tokens * k, experts, &start, &order);
+  if (status) return status;
+  if (w) for (int64_t p = 0; p < tokens * k; p++) if (w[p] == 0.0f) memset(pre + p * n, 0, n * sizeof(float));
+  for (int64_t e = 0; e < experts; e++) {
+    if (start[e] == start[e + 1]) continue;
+    const float* slab = up + e * n * d;
+    const float* bias = up_bias + e * n;
+    for (int64_t chunk = 0; chunk < n; chunk += ROWS)  /* a few rows stay in L1 while every pair reads them */
+      for (int64_t q = start[e]; q < start[e + 1]; q++) {
+        int64_t p = order[q];
+        const float* xp = x + (p / k) * d;
+        float* out = pre + p * n;
+        int64_t end = chunk + ROWS < n ? chunk + ROWS : n;
+        for (int64_t r = chunk; r < end; r++) out[r] = dot(slab + r * d, xp, d) + bias[r];
+      }
+  }
+  free(start);
+  free(order);
   return 0;
 }
 
-/* out[t] += w[t, s] * (act[t, s] @ down[idx[t, s]] + down_bias[idx[t, s]]); down (E, d, n) in memory order
-   (E, n, d) when unit_major, else (E, d, n); out zeroed by the caller. */
+/* out[t] += w[p] * (act[p] @ down[idx[p]] + down_bias[idx[p]]) over the pairs p of token t; down (E, d, n) in
+   memory order (E, n, d) when unit_major, else (E, d, n); out zeroed by the caller. Experts in index order. */
 int hf_comet_slab_down(const float* act, int64_t tokens, int64_t d, const int64_t* idx, int64_t k, int64_t experts,
                        const float* w, const float* down, int unit_major, const float* down_bias, int64_t n,
                        float* out) {
-  if (check(idx, tokens * k, experts)) return -1;
-  for (int64_t t = 0; t < tokens; t++) {
-    float* y = out + t * d;
-    for (int64_t s = 0; s < k; s++) {
-      float weight = w ? w[t * k + s] : 1.0f;
-      if (weight == 0.0f) continue;
-      const float* a = act + (t * k + s) * n;
-      const float* slab = down + idx[t * k + s] * n * d;
-      if (unit_major) {
-        for (int64_t i = 0; i < n; i++) axpy(y, weight * a[i], slab + i * d, d);
-      } else {
-        for (int64_t j = 0; j < d; j++) y[j] += weight * dot(slab + j * n, a, n);
-      }
-      if (down_bias) axpy(y, weight, down_bias + idx[t * k + s] * d, d);
+  int64_t *start, *order;
+  int status = group(idx, w, tokens * k, experts, &start, &order);
+  if (status) return status;
+  for (int64_t e = 0; e < experts; e++) {
+    if (start[e] == start[e + 1]) continue;
+    const float* slab = down + e * n * d;
+    if (unit_major) {  /* one row at a time: a single sequential stream (several at once read slower here) */
+      for (int64_t i = 0; i < n; i++)
+        for (int64_t q = start[e]; q < start[e + 1]; q++) {
+          int64_t p = order[q];
+          axpy(out + (p / k) * d, (w ? w[p] : 1.0f) * act[p * n + i], slab + i * d, d);
+        }
+    } else {
+      for (int64_t j = 0; j < d; j++)
+        for (int64_t q = start[e]; q < start[e + 1]; q++) {
+          int64_t p = order[q];
+          out[(p / k) * d + j] += (w ? w[p] : 1.0f) * dot(slab + j * n, act + p * n, n);
+        }
     }
+    if (down_bias)
+      for (int64_t q = start[e]; q < start[e + 1]; q++) {
+        int64_t p = order[q];
+        axpy(out + (p / k) * d, w ? w[p] : 1.0f, down_bias + e * d, d);
+      }
   }
+  free(start);
+  free(order);
   return 0;
 }
 """
@@ -220,12 +257,16 @@ def slab_products(
     pre = hidden.new_empty(tokens * top_k, width)
     status = library.hf_comet_slab_up(hidden.data_ptr(), tokens, size, index.data_ptr(), top_k, experts,
                                       _pointer(weights), up.data_ptr(), up_bias.data_ptr(), width, pre.data_ptr())  # fmt: skip
-    if status != 0:
+    if status == -1:
         raise IndexError(f"expert indices must lie in [0, {experts}); got {top_k_index.tolist()}.")
+    if status != 0:
+        raise MemoryError(f"the slab kernel could not allocate its plan for {tokens * top_k} routed pairs.")
     activation.forward_into(pre, pre)
     output = hidden.new_zeros(tokens, size)
-    library.hf_comet_slab_down(pre.data_ptr(), tokens, size, index.data_ptr(), top_k, experts, _pointer(weights),
+    status = library.hf_comet_slab_down(pre.data_ptr(), tokens, size, index.data_ptr(), top_k, experts, _pointer(weights),
                                down.data_ptr(), int(down_unit_major), _pointer(down_bias), width, output.data_ptr())  # fmt: skip
+    if status != 0:
+        raise MemoryError(f"the slab kernel could not allocate its plan for {tokens * top_k} routed pairs.")
     return output
 
 
