@@ -12,7 +12,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # whatever `hf-comet bench execution --calibrate` saved on this machine
 os.environ["HF_COMET_EXECUTION"] = os.path.join(tempfile.mkdtemp(prefix="hf-comet-tests-"), "defaults.json")
 with open(os.environ["HF_COMET_EXECUTION"], "w") as _defaults:
-    _defaults.write('{"thresholds": {"dense_block_fraction": 0.875, "slab_max_pairs_per_expert": 2.0}, "measured": {}}')
+    _defaults.write('{"thresholds": {"dense_block_fraction": 0.875, "slab_max_pairs_per_expert": 8.0, '
+                    '"loop_slab_max_pairs_per_expert": 2.0}, "measured": {}}')
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

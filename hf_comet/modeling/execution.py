@@ -52,7 +52,7 @@ class ExecutionThresholds:
     """
 
     dense_block_fraction: float = 0.875
-    slab_max_pairs_per_expert: float = 2.0
+    slab_max_pairs_per_expert: float = 8.0
     loop_slab_max_pairs_per_expert: float = 2.0
 
     def __post_init__(self) -> None:
