@@ -163,3 +163,22 @@ def test_decoding_a_model_runs_the_compiled_kernel_and_gives_the_loop_s_tokens(f
     assert ran and not any(ran)
     assert torch.equal(compiled.sequences, loop.sequences)
     torch.testing.assert_close(torch.stack(compiled.scores), torch.stack(loop.scores), rtol=1e-5, atol=1e-5)
+
+
+def test_inconsistent_shapes_never_reach_the_compiled_kernel(fresh):
+    generator = torch.Generator().manual_seed(0)
+    up, up_bias, down, down_bias = random_experts(4, 8, 16, True, True, generator)
+    index = torch.tensor([[0, 1], [2, 3]])
+    act = FusedActivation("gelu")
+    cases = [  # (inputs, whether the torch loop raises for them)
+        ((torch.randn(2, 12), index, None, down, down_bias), True),  # hidden size 12, experts take 16
+        ((torch.randn(3, 16), index, None, down, down_bias), False),  # 3 tokens, 2 rows of indices
+        ((torch.randn(2, 16), index, torch.ones(2, 3), down, down_bias), False),  # 3 weights per token for 2 slots
+        ((torch.randn(2, 16), index, None, down[:, :12], down_bias), True),  # down of another hidden size
+        ((torch.randn(2, 16), index, None, down, down_bias[:, :8]), True),
+    ]
+    for (x, idx, weights, d, db), loop_raises in cases:
+        assert slab_products(x, idx, weights, up, up_bias, d, True, db, act) is None
+        if loop_raises:
+            with pytest.raises(RuntimeError):  # the torch loop's own error
+                slab_experts(x, idx, weights, up, up_bias, d, db, act)

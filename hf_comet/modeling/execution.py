@@ -6,14 +6,15 @@ Every decision of every router runs through `hf_comet.modeling.moe_experts.run_e
 * ``"mixture"``: dense mixture weights (attentive, deep): every expert's activations, mixed;
 * ``"masked_dense"``: a unit mask (unit-level COMET), or weight-1 blocks (block-COMET) keeping more than
   ``dense_block_fraction`` of the blocks: one FFN over every unit, the dropped ones masked;
-* ``"slabs"``: few tokens at inference on CPU (decoding) under the default ``experts_implementation``: each kept expert of each token as two matrix-vector
-  products on its own contiguous weight slabs (`hf_comet.modeling.moe_kernels.slab_experts`), while the routed
-  (token, expert) pairs number at most ``slab_max_pairs_per_expert`` times the experts;
+* ``"slabs"``: few tokens at inference on CPU (decoding) under the default ``experts_implementation``: each kept
+  expert's two contiguous weight slabs read in place (`hf_comet.modeling.moe_kernels.slab_experts`: the compiled
+  kernel of `hf_comet.modeling.slab_kernel` on fp32, else a torch loop), while the routed (token, expert) pairs
+  number at most ``slab_max_pairs_per_expert`` times the experts (``loop_slab_max_pairs_per_expert`` on the loop);
 * otherwise an experts kernel: ``"bucketed"`` (ours, the default), ``"grouped_mm"`` or ``"eager"`` as the config's
   ``experts_implementation`` asks, with ``grouped_mm`` for compiled code (the bucketed kernel needs host-side counts)
   and ``eager`` where ``grouped_mm`` cannot take the weights' strides.
 
-The thresholds are measurements, not constants: ``hf-comet bench execution --calibrate`` measures both
+The thresholds are measurements, not constants: ``hf-comet bench execution --calibrate`` measures the
 crossovers on this machine at GPT-2-small shapes and writes them (``{"thresholds": {...}, "measured": {...}}``) to `thresholds_path` (``HF_COMET_EXECUTION``, else
 ``$HF_HOME/hf_comet/execution.json``), which `thresholds` reads once per process. Without that file the defaults are
 the values the same command measured on the reference machine (2 cores, `docs/speed.md`).

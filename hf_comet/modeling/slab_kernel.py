@@ -1,19 +1,21 @@
-"""A compiled kernel for the slab execution (decoding on CPU, fp32): each kept expert's two weight slabs read in one
+"""A compiled kernel for the slab execution (decoding on CPU, fp32): each kept expert's two weight slabs read as one
 sequential stream each, about twice as fast as MKL's matrix-vector product on this machine.
 
-Why (issue 20, measured): a decoded token is memory-bound, and MKL's fp32 ``addmv`` reads a (384, 768) slab at
-12-16 GB/s whatever its form, while one core streams memory at ~28 GB/s. Reading a slab row after row with a few
-vector accumulators (``up``: one dot product per row; ``down``, laid out unit-major: ``y += a_i * row_i``, ``y`` held in
-L1) reaches 28-32 GB/s, so the FFN of a decoded GPT-2-small token at keep 0.5 reads its weights in about half the
-time. The kernel is 60 lines of C with GCC vector extensions (AVX-512, AVX2 or NEON, whatever ``-march=native``
-gives), compiled on first use by the machine's C compiler into ``$HF_HOME/hf_comet/kernels`` (keyed by the source,
-the flags, the compiler and the CPU, written to a temporary name, then renamed) and loaded with ``ctypes``: no build
-step at install, no torch headers, under a second to compile, nothing at import.
+Why (issue 20, measured; `docs/decisions.md#the-compiled-slab-kernel`): a decoded token is memory-bound, and MKL's
+fp32 ``addmv`` reads a (384, 768) slab at 12-16 GB/s whatever its memory order, while one core streams memory at
+~28 GB/s. Reading a slab row after row with a few vector accumulators (``up``: one dot product per row; ``down``,
+laid out unit-major: ``y += a_i * row_i``, ``y`` held in L1) reaches 28-32 GB/s. The routed (token, expert) pairs
+are grouped by expert, so each kept expert's slabs are read once for all the tokens routed to it.
 
-Where there is no C compiler, the compile fails, or ``HF_COMET_NATIVE_SLABS=0``, `slab_products` returns None and
-`hf_comet.modeling.moe_kernels.slab_experts` runs its torch loop (same values to rounding; a failed compile is said
-once). Only the products and biases are compiled: the activation runs in torch, between the two calls, on every kept
-slot at once, so every activation a model names gives the torch path's values.
+The C (GCC vector extensions: AVX-512, AVX2 or NEON, whatever ``-march=native`` gives) is compiled on first use by
+the machine's C compiler into ``$HF_HOME/hf_comet/kernels`` (keyed by the source, the flags, the compiler and the
+CPU; written to a temporary name, then renamed) and loaded with ``ctypes``: no build step at install, no torch
+headers, a fraction of a second once per machine, nothing at import.
+
+Where there is no C compiler, the build fails, or ``HF_COMET_NATIVE_SLABS=0``, `native_library` is None and
+`hf_comet.modeling.moe_kernels.slab_experts` runs its torch loop (same values up to summation order; a failed build
+is said once). Only the products and biases are compiled: the activation runs in torch, between the two calls, on
+every kept slot at once, so every activation a model names gives the torch loop's values.
 
 This file travels with checkpoints (``trust_remote_code=True``): it imports only the standard library and torch.
 """
@@ -249,11 +251,20 @@ def slab_products(
         return None
     if down_bias is not None and not down_bias.is_contiguous():
         return None
+    experts, width, size = up.shape
+    tokens = hidden.shape[0]
+    shapes = [(hidden.shape, (tokens, size)), (top_k_index.shape, (tokens, top_k_index.shape[-1])),
+              (up_bias.shape, (experts, width)), (down.shape, (experts, size, width))]  # fmt: skip
+    if down_bias is not None:
+        shapes.append((down_bias.shape, (experts, size)))
+    if top_k_weights is not None:
+        shapes.append((top_k_weights.shape, top_k_index.shape))
+    if any(tuple(shape) != tuple(expected) for shape, expected in shapes):
+        return None  # the torch loop raises torch's own error for inconsistent shapes; C would read out of bounds
     hidden = hidden.contiguous()
     index = top_k_index.to(torch.int64).contiguous()
     weights = None if top_k_weights is None else top_k_weights.to(torch.float32).contiguous()
-    tokens, top_k = index.shape
-    experts, width, size = up.shape
+    top_k = index.shape[1]
     pre = hidden.new_empty(tokens * top_k, width)
     status = library.hf_comet_slab_up(hidden.data_ptr(), tokens, size, index.data_ptr(), top_k, experts,
                                       _pointer(weights), up.data_ptr(), up_bias.data_ptr(), width, pre.data_ptr())  # fmt: skip
@@ -263,8 +274,9 @@ def slab_products(
         raise MemoryError(f"the slab kernel could not allocate its plan for {tokens * top_k} routed pairs.")
     activation.forward_into(pre, pre)
     output = hidden.new_zeros(tokens, size)
-    status = library.hf_comet_slab_down(pre.data_ptr(), tokens, size, index.data_ptr(), top_k, experts, _pointer(weights),
-                               down.data_ptr(), int(down_unit_major), _pointer(down_bias), width, output.data_ptr())  # fmt: skip
+    status = library.hf_comet_slab_down(pre.data_ptr(), tokens, size, index.data_ptr(), top_k, experts,
+                                        _pointer(weights), down.data_ptr(), int(down_unit_major), _pointer(down_bias),
+                                        width, output.data_ptr())  # fmt: skip
     if status != 0:
         raise MemoryError(f"the slab kernel could not allocate its plan for {tokens * top_k} routed pairs.")
     return output
