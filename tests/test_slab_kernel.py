@@ -55,7 +55,7 @@ def test_the_compiled_kernel_gives_the_torch_loop_s_values(shape, activation, un
             if weights is not None:
                 weights[0, 0] = 0.0  # a slot a capacity limit dropped
             args = (x, index, weights, up, up_bias, down, down_bias, act)
-            compiled = slab_products(*args[:6], unit_major_down, down_bias, act)
+            compiled = slab_products(*args)
             assert compiled is not None
             reference = slab_experts(*args, compiled=False)
             torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
@@ -95,6 +95,7 @@ def test_an_expert_index_outside_the_experts_is_refused_before_anything_is_writt
 
 def test_a_failed_build_is_said_once_and_slabs_run_on_the_loop(fresh, monkeypatch, caplog):
     monkeypatch.setenv("CC", shutil.which("false"))  # a "compiler" that fails
+    run = slab_kernel.subprocess.run
     generator = torch.Generator().manual_seed(0)
     up, up_bias, down, down_bias = random_experts(4, 8, 16, True, True, generator)
     args = (torch.randn(2, 16, generator=generator), torch.tensor([[0, 3], [2, 1]]), None, up, up_bias, down,
@@ -104,7 +105,14 @@ def test_a_failed_build_is_said_once_and_slabs_run_on_the_loop(fresh, monkeypatc
         second = slab_experts(*args)
     said = [r.getMessage() for r in caplog.records if "could not build the native slab kernel" in r.getMessage()]
     assert len(said) == 1 and "false exited 1" in said[0] and "HF_COMET_NATIVE_SLABS=0" in said[0]
-    assert native_library() is None and not os.listdir(kernel_cache_dir())  # nothing half-written left behind
+    assert native_library() is None
+    left = os.listdir(kernel_cache_dir())  # nothing half-written: only the record of the failure
+    assert len(left) == 1 and left[0].endswith(".failed")
+    caplog.clear()
+    native_library.cache_clear()  # a later process on the machine: no second attempt, no second warning
+    monkeypatch.setattr(slab_kernel.subprocess, "run", lambda command, **k: pytest.fail(f"ran {command}")
+                        if "-shared" in command else run(command, **k))  # fmt: skip
+    assert native_library() is None and "could not build" not in caplog.text
     torch.testing.assert_close(first, slab_experts(*args, compiled=False), rtol=0, atol=0)
     torch.testing.assert_close(second, first, rtol=0, atol=0)
 
@@ -178,7 +186,59 @@ def test_inconsistent_shapes_never_reach_the_compiled_kernel(fresh):
         ((torch.randn(2, 16), index, None, down, down_bias[:, :8]), True),
     ]
     for (x, idx, weights, d, db), loop_raises in cases:
-        assert slab_products(x, idx, weights, up, up_bias, d, True, db, act) is None
+        assert slab_products(x, idx, weights, up, up_bias, d, db, act) is None
         if loop_raises:
             with pytest.raises(RuntimeError):  # the torch loop's own error
                 slab_experts(x, idx, weights, up, up_bias, d, db, act)
+
+
+def test_a_compiler_command_with_arguments_is_split_like_a_shell(fresh, monkeypatch):
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    monkeypatch.setenv("CC", f"env LC_ALL=C {compiler}")  # as CC="ccache gcc" is
+    assert native_library() is not None
+
+
+def test_inputs_the_kernel_cannot_read_go_to_the_loop(fresh):
+    generator = torch.Generator().manual_seed(0)
+    up, up_bias, down, _ = random_experts(4, 8, 16, True, False, generator)
+    x = torch.randn(2, 16, generator=generator)
+    index = torch.tensor([[0, 1], [2, 3]])
+    act = FusedActivation("gelu")
+    assert slab_products(x, index, None, up, up_bias, down, None, act) is not None
+    expanded = torch.randn(1, 16, 8, generator=generator).expand(4, 16, 8)  # one expert's storage for four
+    rejected = [
+        (x, index.to("meta"), None, down),  # indices on another device (a null pointer to C)
+        (x, index.float(), None, down),  # float indices
+        (x, index, torch.ones(2, 2, device="meta"), down),  # weights on another device
+        (x.double(), index, None, down),
+        (x, index, None, expanded),  # neither contiguous nor unit-major memory: never taken on trust
+        (x, index, None, down.transpose(-1, -2).contiguous().transpose(-1, -2)[:, :, :4]),  # a strided view
+    ]
+    for hidden, idx, weights, d in rejected:
+        assert slab_products(hidden, idx, weights, up, up_bias, d, None, act) is None
+
+
+def test_duplicate_experts_and_strided_inputs_give_the_loop_s_values(fresh):
+    generator = torch.Generator().manual_seed(1)
+    up, up_bias, down, down_bias = random_experts(4, 24, 40, True, True, generator)
+    x = torch.randn(40, 6, generator=generator).t()  # (6, 40), not contiguous
+    index = torch.tensor([[1, 1], [0, 3], [3, 3], [2, 0], [1, 2], [0, 0]])  # an expert twice in a token
+    weights = torch.rand(6, 2, generator=generator)
+    act = FusedActivation("gelu_new")
+    compiled = slab_products(x, index, weights, up, up_bias, down, down_bias, act)
+    assert compiled is not None
+    reference = slab_experts(x, index, weights, up, up_bias, down, down_bias, act, compiled=False)
+    torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_a_traced_forward_never_runs_on_slabs(fresh, tmp_path, monkeypatch):
+    model = tiny_model("comet_gpt2", "AutoModelForCausalLM", routing="comet", comet_block_size=16,
+                       comet_keep_rate=0.25).eval().requires_grad_(False)  # fmt: skip
+    experts = model.transformer.h[0].mlp.experts
+    hidden = torch.zeros(1, experts.hidden_size)
+    with torch.no_grad():
+        assert top_k_execution(experts, (1, 2), True, hidden) == SLABS
+        traced = []
+        monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+        traced.append(top_k_execution(experts, (1, 2), True, hidden))
+    assert traced == ["bucketed"]

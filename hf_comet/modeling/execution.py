@@ -28,7 +28,7 @@ import os
 
 import torch
 
-from .slab_kernel import native_library
+from .slab_kernel import kernel_takes
 
 MIXTURE, MASKED_DENSE, SLABS = "mixture", "masked_dense", "slabs"
 KERNELS = ("bucketed", "grouped_mm", "eager")
@@ -159,11 +159,10 @@ def top_k_execution(
 
 
 def slab_kernel_runs(experts, hidden_states: torch.Tensor) -> bool:
-    """Whether slabs would run on the compiled kernel (fp32 weights and inputs, the kernel built on this machine;
-    `hf_comet.modeling.slab_kernel.slab_products` says which layouts it takes) rather than on the torch loop."""
-    if hidden_states.dtype != torch.float32 or experts.up_proj.dtype != torch.float32:
-        return False
-    return native_library() is not None
+    """Whether slabs would run on the compiled kernel (`hf_comet.modeling.slab_kernel.kernel_takes`: fp32, the
+    layouts it reads, the kernel built on this machine) rather than on the torch loop."""
+    down_bias = None if experts.output_bias is not None else experts.down_proj_bias
+    return kernel_takes(hidden_states, experts.up_proj, experts.up_proj_bias, experts.down_proj, down_bias)
 
 
 def _slab_ready(experts, hidden_states: torch.Tensor, weights: torch.Tensor | None = None) -> bool:
@@ -183,6 +182,7 @@ def _slab_ready(experts, hidden_states: torch.Tensor, weights: torch.Tensor | No
         and hidden_states.dtype == weight.dtype
         and type(weight) in (torch.Tensor, torch.nn.Parameter)  # not a DTensor
         and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()  # a trace would record neither the kernel's calls nor the loop's
     )
 
 

@@ -320,8 +320,7 @@ def slab_experts(
     and the reference.
     """
     if compiled:
-        native = slab_products(hidden, top_k_index, top_k_weights, up, up_bias, down, is_unit_major(down), down_bias,
-                               activation)  # fmt: skip
+        native = slab_products(hidden, top_k_index, top_k_weights, up, up_bias, down, down_bias, activation)
         if native is not None:
             return native
     output = hidden.new_zeros(hidden.shape)

@@ -26,6 +26,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -162,26 +163,43 @@ def kernel_cache_dir() -> str:
 
 
 def _cpu_identity() -> str:
-    """What ``-march=native`` depends on: the CPU's model and feature flags (Linux), else the platform's words, so a
-    cache shared by two machines never hands one the other's instructions."""
+    """What ``-march=native`` depends on: the CPU's model and feature flags on Linux (``/proc/cpuinfo``), elsewhere
+    the platform's description, which does not tell every CPU of one architecture apart (a cache shared between
+    such machines should not be)."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
             lines = [line for line in handle if line.startswith(("model name", "flags", "Features", "CPU part"))]
         return "".join(sorted(set(lines)))
     except OSError:
-        return f"{platform.machine()} {platform.processor()}"
+        return f"{platform.platform()} {platform.machine()} {platform.processor()}"
+
+
+def _compiler() -> list[str] | None:
+    """The C compiler's command: ``$CC`` (split like a shell: ``ccache gcc`` works), else ``cc``, ``gcc`` or
+    ``clang`` on the PATH."""
+    if os.environ.get("CC", "").strip():
+        return shlex.split(os.environ["CC"])
+    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    return [found] if found else None
 
 
 def _build() -> ctypes.CDLL | None:
-    """Compile (or find in the cache) and load the kernel; None, said once, where that cannot be done."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    """Compile (or find in the cache) and load the kernel; None where that cannot be done. A failed build is said
+    once and recorded beside where the library would be (``.failed``), so later processes on the machine skip it
+    quietly until the compiler, the source or the CPU changes (delete the file to try again)."""
+    compiler = _compiler()
     if not compiler:
         return None  # no compiler: the torch loop, silently (nothing the user asked for failed)
+    run = dict(capture_output=True, text=True, encoding="utf-8", errors="replace")
+    failed = None
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256("\0".join([SOURCE, *FLAGS, compiler, version, _cpu_identity()]).encode()).hexdigest()
+        version = subprocess.run([*compiler, "--version"], timeout=30, **run).stdout
+        key = hashlib.sha256("\0".join([SOURCE, *FLAGS, *compiler, version, _cpu_identity()]).encode()).hexdigest()
         directory = kernel_cache_dir()
         path = os.path.join(directory, f"slabs-{key[:20]}.so")
+        failed = path[: -len(".so")] + ".failed"
+        if os.path.exists(failed):
+            return None  # said when it failed
         if not os.path.exists(path):
             os.makedirs(directory, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=directory) as work:
@@ -189,16 +207,22 @@ def _build() -> ctypes.CDLL | None:
                 with open(source, "w", encoding="utf-8") as handle:
                     handle.write(SOURCE)
                 built = os.path.join(work, "slabs.so")
-                result = subprocess.run(
-                    [compiler, *FLAGS, source, "-o", built], capture_output=True, text=True, timeout=300
-                )
+                result = subprocess.run([*compiler, *FLAGS, source, "-o", built], timeout=300, **run)
                 if result.returncode != 0:
-                    raise RuntimeError(f"{compiler} exited {result.returncode}: {result.stderr.strip()[-800:]}")
+                    raise RuntimeError(
+                        f"{shlex.join(compiler)} exited {result.returncode}: {result.stderr.strip()[-800:]}"
+                    )
                 os.replace(built, path)  # atomic: a concurrent process sees the old state or a whole library
         library = ctypes.CDLL(path)
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         from transformers.utils import logging
 
+        if failed is not None and isinstance(error, RuntimeError):  # the compiler itself refused: remember it
+            try:
+                with open(failed, "w", encoding="utf-8") as handle:
+                    handle.write(f"{error}\n")
+            except OSError:
+                pass
         logging.get_logger(__name__).warning(
             f"hf_comet: could not build the native slab kernel ({error}); decoding uses the torch loop instead "
             f"(same results, slower). Set {ENVIRONMENT_SWITCH}=0 to skip the attempt."
@@ -227,6 +251,30 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
+def _unit_major(down: torch.Tensor) -> bool:
+    return down.transpose(-1, -2).is_contiguous()
+
+
+def kernel_takes(
+    hidden: torch.Tensor,
+    up: torch.Tensor,
+    up_bias: torch.Tensor,
+    down: torch.Tensor,
+    down_bias: torch.Tensor | None = None,
+) -> bool:
+    """Whether the compiled kernel takes these tensors: fp32 on CPU, ``up`` and the biases contiguous, ``down``
+    contiguous or unit-major (memory order (E, I, d) for its (E, d, I) shape), the library built. `slab_products`
+    and the execution choice (`hf_comet.modeling.execution.slab_kernel_runs`) both ask it."""
+    tensors = (hidden, up, up_bias, down) + (() if down_bias is None else (down_bias,))
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        return False
+    if not (up.is_contiguous() and up_bias.is_contiguous() and (down_bias is None or down_bias.is_contiguous())):
+        return False
+    if not (down.is_contiguous() or _unit_major(down)):
+        return False
+    return native_library() is not None
+
+
 def slab_products(
     hidden: torch.Tensor,
     top_k_index: torch.Tensor,
@@ -234,22 +282,20 @@ def slab_products(
     up: torch.Tensor,
     up_bias: torch.Tensor,
     down: torch.Tensor,
-    down_unit_major: bool,
     down_bias: torch.Tensor | None,
     activation,
 ) -> torch.Tensor | None:
-    """`slab_experts`' result by the compiled kernel, or None where it does not apply (no library, not fp32 on CPU,
-    or a weight in another layout than contiguous, ``down`` contiguous or unit-major). ``activation``: a callable
-    ``forward_into(pre, pre)`` runs on the (T * k, I) pre-activations between the two products.
+    """`slab_experts`' result by the compiled kernel, or None where it does not apply (`kernel_takes`; indices or
+    weights not on CPU, indices not integers, shapes that do not fit the weights: the torch loop then runs, and
+    raises its own error for those). ``activation``: a callable ``forward_into(pre, pre)`` runs on the (T * k, I)
+    pre-activations between the two products.
 
     An expert index outside ``[0, E)`` raises IndexError before anything is written."""
-    library = native_library()
-    tensors = (hidden, up, up_bias, down) + (() if down_bias is None else (down_bias,))
-    if library is None or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+    if not kernel_takes(hidden, up, up_bias, down, down_bias):
         return None
-    if not (up.is_contiguous() and up_bias.is_contiguous() and (down_unit_major or down.is_contiguous())):
+    if top_k_index.device.type != "cpu" or top_k_index.dtype.is_floating_point or top_k_index.dtype == torch.bool:
         return None
-    if down_bias is not None and not down_bias.is_contiguous():
+    if top_k_weights is not None and (top_k_weights.device.type != "cpu" or not top_k_weights.dtype.is_floating_point):
         return None
     experts, width, size = up.shape
     tokens = hidden.shape[0]
@@ -261,10 +307,12 @@ def slab_products(
         shapes.append((top_k_weights.shape, top_k_index.shape))
     if any(tuple(shape) != tuple(expected) for shape, expected in shapes):
         return None  # the torch loop raises torch's own error for inconsistent shapes; C would read out of bounds
+    down_unit_major = _unit_major(down)  # checked here, never taken on trust: C reads the memory in this order
     hidden = hidden.contiguous()
     index = top_k_index.to(torch.int64).contiguous()
     weights = None if top_k_weights is None else top_k_weights.to(torch.float32).contiguous()
     top_k = index.shape[1]
+    library = native_library()
     pre = hidden.new_empty(tokens * top_k, width)
     status = library.hf_comet_slab_up(hidden.data_ptr(), tokens, size, index.data_ptr(), top_k, experts,
                                       _pointer(weights), up.data_ptr(), up_bias.data_ptr(), width, pre.data_ptr())  # fmt: skip
@@ -282,4 +330,4 @@ def slab_products(
     return output
 
 
-__all__ = ["ENVIRONMENT_SWITCH", "kernel_cache_dir", "native_library", "slab_products"]
+__all__ = ["ENVIRONMENT_SWITCH", "kernel_cache_dir", "kernel_takes", "native_library", "slab_products"]
