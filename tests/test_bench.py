@@ -4,6 +4,7 @@ argument errors."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -41,9 +42,11 @@ def test_quick_run_reports_every_section_and_regenerates_the_readme_section(chil
     for case in report["sparse"]:  # the stock source first (the baseline), then every conversion
         assert [row["name"] for row in case["rows"]][1:] == list(bench_sparse.candidates(256))
         assert case["rows"][0]["speedup"] == 1.0 and all(row["seconds"] > 0 for row in case["rows"])
-        assert -1 < case["ffn_share"] < 1  # tiny models: a timing, not a check of its size
+        # a timing of tiny models, one round: any value below 1 (both times are positive), however loaded the machine
+        assert math.isfinite(case["ffn_share"]) and case["ffn_share"] < 1
     thresholds = ExecutionThresholds(**report["execution"]["thresholds"])  # what --calibrate would save is valid
-    assert thresholds.slab_max_pairs_per_expert in {row["pairs_per_expert"] for row in report["execution"]["slabs"]} | {0}
+    measured_pairs = {row["pairs_per_expert"] for row in report["execution"]["slabs"]} | {0}
+    assert {thresholds.slab_max_pairs_per_expert, thresholds.loop_slab_max_pairs_per_expert} <= measured_pairs
     targets = {t["target"] for t in report["targets"]}
     assert any("unit COMET" in t for t in targets) and any("training" in t for t in targets)
     for target in report["targets"]:
